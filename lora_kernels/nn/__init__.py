@@ -1,0 +1,5 @@
+"""Modules built on the ops: :class:`LoRALinear`."""
+
+from .lora_linear import LoRALinear
+
+__all__ = ["LoRALinear"]

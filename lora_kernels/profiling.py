@@ -1,0 +1,63 @@
+"""NVTX ranges around every op, off by default.
+
+Switch on with ``LORA_KERNELS_NVTX=1`` in the environment or the :func:`nvtx` context/function. Ranges are
+pushed inside the custom ops' implementations (opaque to torch.compile), so turning them on never changes a
+compiled graph. Uses the ``nvtx`` package when installed, else ``torch.cuda.nvtx``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+_enabled: Optional[bool] = None  # None: follow the environment
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("LORA_KERNELS_NVTX", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def nvtx(on: bool = True) -> Iterator[None]:
+    """Enable (or disable) NVTX ranges inside the block."""
+    global _enabled
+    prev = _enabled
+    _enabled = on
+    try:
+        yield
+    finally:
+        _enabled = prev
+
+
+def set_nvtx(on: Optional[bool]) -> None:
+    """Enable/disable NVTX ranges globally (None: follow ``LORA_KERNELS_NVTX``)."""
+    global _enabled
+    _enabled = on
+
+
+def _push_pop():
+    try:
+        import nvtx as _nv  # the NVIDIA package: works without a GPU
+
+        return (lambda name: _nv.push_range(name, domain="lora_kernels")), (lambda: _nv.pop_range(domain="lora_kernels"))
+    except Exception:  # pragma: no cover - nvtx is a dependency, torch's binding is the fallback
+        import torch
+
+        return torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """An NVTX range named ``name`` when ranges are enabled; free otherwise."""
+    if not enabled():
+        yield
+        return
+    push, pop = _push_pop()
+    push(name)
+    try:
+        yield
+    finally:
+        pop()
