@@ -20,6 +20,8 @@ import threading
 from typing import Dict, Iterator, Optional
 
 BACKENDS = ("reference", "triton", "cuda")
+# Op families that have a kernel in the compiled extension (csrc/). Forcing "cuda" for another family raises.
+CUDA_FAMILIES = frozenset({"batch"})
 _local = threading.local()
 
 
@@ -84,6 +86,9 @@ def select(family: str, device_type: str) -> str:
             raise RuntimeError(f"LORA_KERNELS_BACKEND=triton cannot run: {why}")
         return "triton"
     if name == "cuda":
+        if family not in CUDA_FAMILIES:
+            raise RuntimeError(f"LORA_KERNELS_BACKEND=cuda cannot run: no CUDA C++ kernel for the {family!r} ops yet "
+                               f"(families with one: {sorted(CUDA_FAMILIES)})")
         if device_type != "cuda":
             raise RuntimeError("LORA_KERNELS_BACKEND=cuda needs CUDA tensors")
         from . import _ext

@@ -101,3 +101,14 @@ def test_meta_layout_roundtrip():
     b = lk.LoRABatch(10, 3)
     lay = lk.batch.MetaLayout.from_meta(b.meta, 10)
     assert lay == b.layout and b.max_active == 3
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(st.just(n), st.lists(st.integers(-3, n + 2), max_size=70))))
+def test_build_property(case):
+    N, ids = case
+    b = lk.LoRABatch(max(len(ids), 1), N).build(torch.tensor(ids, dtype=torch.int32), validate=False)
+    assert b.to_dict() == expected(ids, N)

@@ -211,3 +211,23 @@ def test_forced_backend_errors_are_clear(monkeypatch):
     monkeypatch.delenv("LORA_KERNELS_BACKEND")
     with lk.backends.use_backend("reference"):
         lk.add_lora_(y, x, w, batch)
+
+
+@pytest.mark.parametrize("outs", [(20,), (16, 8, 8)])
+def test_public_ops_on_the_triton_backend(outs):
+    """The same public calls routed to the Triton kernels (the CPU interpreter here, the GPU under -m cuda)."""
+    pytest.importorskip("triton")
+    if not lk.backends.interpreting() and not torch.cuda.is_available():
+        pytest.skip("Triton needs TRITON_INTERPRET=1 or a GPU")
+    w, batch, ids, x, y = setup(outs, T=17, dtype=torch.float16)
+    with lk.backends.use_backend("reference"):
+        want = lk.add_lora_(y.clone(), x, w, batch)
+    with lk.backends.use_backend("triton"):
+        got = lk.add_lora_(y.clone(), x, w, batch)
+        h = lk.shrink(x, w, batch)
+        got2 = lk.expand_(y.clone(), h, w, batch)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got2, want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(h, reference.shrink(x, w.a, w.offsets, w.ranks, ids.clamp(min=-1), w.max_rank),
+                               rtol=1e-3, atol=1e-3)
+    assert torch.equal(got[ids < 0], y[ids < 0])

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh: every check that needs a GPU, in one call. The first thing a session with a GPU runs.
+#
+# With the device tool (one call; the script keeps itself under GPU_CHECK_BUDGET=560 s):
+#     run(command="LORA_KERNELS_COMMIT=<sha> bash bench/gpu_check.sh", timeout_s=600)
+# with <sha> the output of `git rev-parse HEAD` pasted in on this side (the copy the GPU machine receives may
+# have no .git; without it the JSON says "unknown"). Or in two calls, the second within 30 s so the warm
+# machine keeps the build and Triton's cache:
+#     GPU_CHECK_STEPS="nvidia-smi build env pytest sanitize memcheck racecheck" bash bench/gpu_check.sh
+#     GPU_CHECK_STEPS="build sgmv tune" bash bench/gpu_check.sh
+#
+# Steps (each logs to logs/<step>.log, runs under its own time cap, and the script goes on past failures):
+#     nvidia-smi  the GPU, driver, clocks (read only: never changes the card's settings)
+#     build       pip install --no-build-isolation --no-deps -e .  (the CUDA extension; timed)
+#     env         lora-bench env (versions, backends and why not)
+#     pytest      pytest -m cuda (junit XML: junit.xml)
+#     sanitize    bench/sanitize_ops.py without the sanitizer: correctness, and it fills Triton's cache
+#     memcheck    compute-sanitizer --tool memcheck  on bench/sanitize_ops.py
+#     racecheck   compute-sanitizer --tool racecheck on bench/sanitize_ops.py
+#     sgmv        lora-bench sgmv over every case (sgmv.json; also copied to bench/results/<gpu>/)
+#     tune        lora-bench tune (tune.json report, and the table itself: tuning-<gpu>.json)
+#
+# What comes back in $OUT (at most 8 files may come back from the device machine): summary.txt, logs.tar.gz
+# (every step's log), junit.xml, sgmv.json, tune.json, tuning-<gpu>.json. Afterwards, on this side: copy
+# sgmv.json to bench/results/<gpu>/sgmv-<date>.json and tuning-<gpu>.json to lora_kernels/tuning/<gpu>.json
+# (the name `lora-bench env` prints), then commit. The summary and the sgmv table are printed last.
+#
+# Environment: OUT (default ./out/gpu_check), PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default
+# 560), GPU_CHECK_STEPS (default: all, in the order above), CAP_<step> (a step's cap in seconds, e.g.
+# CAP_tune=200), MAX_JOBS (compile jobs, default nproc), LORA_KERNELS_COMMIT (recorded in the JSON),
+# TUNE_MAX_CONFIGS (candidates per bucket, default 8: each costs a Triton compile).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+OUT=${OUT:-$REPO/out/gpu_check}
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-560}
+RESERVE=15 # seconds kept for packing the results
+START=$(date +%s)
+STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck sgmv tune"}
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
+export OUT REPO PY LOGS
+
+# Default caps (seconds): maxima; a step that ends early leaves its time to the later ones.
+declare -A CAP=([nvidia-smi]=15 [build]=180 [env]=40 [pytest]=150 [sanitize]=60 [memcheck]=60 [racecheck]=60
+                [sgmv]=130 [tune]=150)
+SUMMARY=()
+FAILED=()
+
+sanitizer() {
+  command -v compute-sanitizer 2>/dev/null && return
+  for p in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+  echo compute-sanitizer
+}
+
+do_nvidia_smi() {
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,pstate --format=csv
+}
+do_build() {
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+  "$PY" -m pip install --no-build-isolation --no-deps -v -e . || return 1
+  "$PY" -c 'import lora_kernels._C, lora_kernels._ext as e; print("extension:", e.get() is not None, e.origin())'
+}
+do_env() { "$PY" -m lora_kernels env && "$PY" -m lora_kernels env --json; }
+do_pytest() { "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/junit.xml" tests; }
+do_sanitize() { "$PY" bench/sanitize_ops.py; }
+do_memcheck() {
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool memcheck --error-exitcode 1 --print-limit 50 \
+    "$PY" bench/sanitize_ops.py
+}
+do_racecheck() {
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool racecheck --error-exitcode 1 --print-limit 50 \
+    "$PY" bench/sanitize_ops.py
+}
+do_sgmv() {
+  local rc
+  "$PY" -m lora_kernels sgmv --out "$OUT/sgmv.json" --no-progress --time-budget $(( STEP_LIMIT - 40 > 10 ? STEP_LIMIT - 40 : 10 ))
+  rc=$?
+  if [ -f "$OUT/sgmv.json" ]; then  # a GPU run only: no CPU smoke results under bench/results/
+    local gpu
+    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$OUT/sgmv.json")
+    if [ -n "$gpu" ]; then
+      mkdir -p "bench/results/$gpu" && cp "$OUT/sgmv.json" "bench/results/$gpu/sgmv-$(date +%Y%m%d-%H%M%S).json"
+    fi
+  fi
+  return $rc
+}
+do_tune() {
+  local rc
+  "$PY" -m lora_kernels tune --out "$OUT/tune.json" --no-progress --max-configs "${TUNE_MAX_CONFIGS:-8}" \
+    --time-budget $(( STEP_LIMIT - 30 > 10 ? STEP_LIMIT - 30 : 10 ))
+  rc=$?
+  local table
+  table=$("$PY" -c 'import torch; from lora_kernels import tuning; print(tuning.table_path(torch.cuda.get_device_name()))' 2>/dev/null)
+  if [ -n "$table" ] && [ -f "$table" ]; then cp "$table" "$OUT/tuning-$(basename "$table")"; fi
+  return $rc
+}
+export -f sanitizer do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_sgmv do_tune
+
+run_step() {
+  local name=$1 fn=$2
+  if [[ " $STEPS " != *" $name "* ]]; then
+    SUMMARY+=("$(printf '%-11s %-8s %5s  %s' "$name" "skipped" "-" "not in GPU_CHECK_STEPS")")
+    return
+  fi
+  local var="CAP_${name//-/_}"
+  local cap=${!var:-${CAP[$name]}}
+  local left=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 5 )); then
+    SUMMARY+=("$(printf '%-11s %-8s %5s  %s' "$name" "SKIPPED" "-" "budget of ${BUDGET}s spent")")
+    FAILED+=("$name")
+    return
+  fi
+  echo "== $name (limit ${limit}s, $(( $(date +%s) - START ))s elapsed)"
+  local t0
+  t0=$(date +%s)
+  STEP_LIMIT=$limit timeout -k 5 "$limit" bash -c "$fn" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  local status="ok"
+  if (( rc == 124 || rc == 137 )); then status="TIMEOUT"; elif (( rc != 0 )); then status="FAIL($rc)"; fi
+  [ "$status" != ok ] && FAILED+=("$name")
+  SUMMARY+=("$(printf '%-11s %-8s %4ss  %s' "$name" "$status" "$dt" "logs/$name.log")")
+  echo "   $status in ${dt}s"
+}
+
+echo "gpu_check: $(date -u +%FT%TZ) budget ${BUDGET}s, steps: $STEPS, OUT=$OUT"
+run_step nvidia-smi do_nvidia_smi
+run_step build do_build
+run_step env do_env
+run_step pytest do_pytest
+run_step sanitize do_sanitize
+run_step memcheck do_memcheck
+run_step racecheck do_racecheck
+run_step sgmv do_sgmv
+run_step tune do_tune
+
+# ---- report --------------------------------------------------------------------------------------------------
+{
+  echo "gpu_check summary ($(date -u +%FT%TZ), $(( $(date +%s) - START ))s of ${BUDGET}s, commit ${LORA_KERNELS_COMMIT:-unknown})"
+  head -n 1 "$LOGS/env.log" 2>/dev/null
+  grep -m1 '^GPU:' "$LOGS/env.log" 2>/dev/null
+  grep -E '^(ok|FAIL)|checks passed' "$LOGS/sanitize.log" 2>/dev/null | grep -v '^ok' | tail -n 20
+  grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|========= (Invalid|Race|Error)' "$LOGS/memcheck.log" "$LOGS/racecheck.log" 2>/dev/null | head -n 20
+  grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOGS/pytest.log" 2>/dev/null | tail -n 3
+  printf '%-11s %-8s %5s  %s\n' step status time log
+  printf '%s\n' "${SUMMARY[@]}"
+  for f in "${FAILED[@]}"; do
+    if [ -f "$LOGS/$f.log" ]; then
+      echo "---- last lines of logs/$f.log"
+      tail -n 25 "$LOGS/$f.log"
+    fi
+  done
+} >"$OUT/summary.txt" 2>&1
+
+tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
+
+if [ -f "$OUT/sgmv.json" ]; then
+  echo "---- lora-bench sgmv (full rows: sgmv.json)"
+  "$PY" - "$OUT/sgmv.json" <<'EOF' 2>/dev/null
+import json, sys
+from lora_kernels.bench.sgmv import format_table
+d = json.load(open(sys.argv[1]))
+print(format_table(d["rows"]))
+EOF
+fi
+cat "$OUT/summary.txt"
+(( ${#FAILED[@]} == 0 ))

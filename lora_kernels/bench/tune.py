@@ -1,0 +1,343 @@
+"""``lora-bench tune``: pick the fastest correct Triton config per shape bucket on this GPU and write the table.
+
+For every benchmark case (one per :func:`lora_kernels.tuning.bucket_key`: the first case of a bucket stands
+for it) and every op asked for (``add_lora`` by default; ``shrink`` and ``expand`` too with ``--ops``), each of
+:func:`lora_kernels.tuning.candidate_configs` (an evenly spaced subset when ``--max-configs`` is smaller,
+always including the default, which comes first) is run through the raw Triton launcher
+(:mod:`lora_kernels.triton.sgmv`), checked against the fp32 reference with the rule of ``lora-bench sgmv``
+(a config that fails, or does not compile, is dropped), then timed by CUDA-graph replay with an L2 flush.
+The fastest passing config of each bucket is written with :func:`lora_kernels.tuning.write_table` (merged
+over the GPU's existing table unless ``--replace``), so the ops pick it up from then on.
+
+Refuses (exit status 2) without a CUDA GPU or without Triton.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import cases as C
+from . import envinfo, measure
+from .baselines import NaiveLoop
+
+__all__ = ["add_arguments", "run"]
+
+NO_GPU_MSG = ("lora-bench tune: needs a CUDA GPU to time kernels on (torch.cuda.is_available() is False here); "
+              "run it on the GPU machine, e.g. through bench/gpu_check.sh")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--cases", help="comma-separated names or globs of the benchmark cases whose shapes to tune "
+                                   "(default: all of lora-bench sgmv's named cases)")
+    p.add_argument("--ops", default="add_lora", help="comma-separated ops: add_lora, shrink, expand (default add_lora)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--max-configs", type=int, default=24, help="candidates timed per bucket (default 24)")
+    p.add_argument("--reps", type=int, default=30, help="timed replays per candidate (default 30)")
+    p.add_argument("--time-budget", type=float, help="stop starting new candidates after this many seconds")
+    p.add_argument("--replace", action="store_true", help="write only the buckets tuned now (default: merge)")
+    p.add_argument("--no-write", action="store_true", help="report only; leave the tuning table alone")
+    p.add_argument("--out", help="also write a report JSON (the table and every candidate's timing) here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _subset(cands: List[dict], k: int) -> List[dict]:
+    """``k`` evenly spaced candidates, the first (the default) always included."""
+    if k >= len(cands):
+        return list(cands)
+    if k <= 1:
+        return cands[:1]
+    idx = sorted({round(i * (len(cands) - 1) / (k - 1)) for i in range(k)})
+    return [cands[i] for i in idx]
+
+
+def _torch_shrink(prob: C.Problem, r_cap: int) -> torch.Tensor:
+    """h in the activations' dtype via PyTorch (the precision the correctness rule compares with), as fp32."""
+    w = prob.weights
+    h = torch.zeros(w.num_slices, prob.x.shape[0], r_cap, dtype=torch.float32, device=prob.x.device)
+    for idx, slices in NaiveLoop(w, prob.ids).groups:
+        xi = prob.x.index_select(0, idx)
+        for s, (_, _, A, _, _) in enumerate(slices):
+            h[s, idx, : A.shape[0]] = (xi @ A.t()).float()
+    return h
+
+
+def _torch_expand(prob: C.Problem, h: torch.Tensor) -> torch.Tensor:
+    w = prob.weights
+    y = prob.y0.clone()
+    for idx, slices in NaiveLoop(w, prob.ids).groups:
+        for s, (c0, n, A, Bt, scale) in enumerate(slices):
+            hi = h[s].index_select(0, idx)[:, : A.shape[0]].to(y.dtype)
+            y[:, c0 : c0 + n].index_add_(0, idx, (hi @ Bt).mul_(scale))
+    return y
+
+
+class _OpBench:
+    """Reference, tolerance and a launcher factory for one op on one problem."""
+
+    def __init__(self, op: str, prob: C.Problem, batch, dtype: torch.dtype):
+        import lora_kernels as lk
+
+        from ..triton import sgmv as tsgmv
+
+        self.op, self.prob, self.batch = op, prob, batch
+        w, x = prob.weights, prob.x
+        self.r_cap = w.max_rank
+        T, in_f, out_f = x.shape[0], w.in_features, w.out_features
+        tok = prob.ids.to(torch.int32)
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            if op == "shrink":
+                self.key = lk.tuning.bucket_key("shrink", dtype, T, in_f, 0, self.r_cap)
+                self.shape = (T, in_f, 0, self.r_cap)
+                self.ref = lk.reference.shrink(x, w.a, w.offsets, w.ranks, tok, self.r_cap)
+                torch_out = _torch_shrink(prob, self.r_cap)
+                self.base = torch.zeros_like(self.ref)
+            else:
+                self.h_ref = lk.reference.shrink(x, w.a, w.offsets, w.ranks, tok, self.r_cap)
+                yref = prob.y0.float().clone()
+                lk.reference.expand_(yref, self.h_ref, w.b, w.offsets, w.ranks, w.scales, tok, w.slice_cols,
+                                     w.slice_outs)
+                self.ref = yref if op == "expand" else prob.y0.float() + lk.reference.lora_delta(x, w, prob.ids)
+                if op == "expand":
+                    self.key = lk.tuning.bucket_key("expand", dtype, T, 0, out_f, self.r_cap)
+                    self.shape = (T, 0, out_f, self.r_cap)
+                    torch_out = _torch_expand(prob, self.h_ref)
+                else:
+                    self.key = lk.tuning.bucket_key("add_lora", dtype, T, in_f, out_f, self.r_cap)
+                    self.shape = (T, in_f, out_f, self.r_cap)
+                    torch_out = NaiveLoop(w, prob.ids)(prob.y0.clone(), x)
+                self.base = prob.y0
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        self.tol = measure.tolerance(self.ref, torch_out, dtype)
+        self.none_mask = prob.ids < 0
+        self.out = self.base.clone()
+        self._tsgmv = tsgmv
+
+    def make(self, cfg: dict) -> Callable[[], None]:
+        w, x, b, out, t = self.prob.weights, self.prob.x, self.batch, self.out, self._tsgmv
+        if self.op == "shrink":
+            return lambda: t.shrink(x, w.a, w.offsets, w.ranks, b.meta, b.max_tokens, out, config=cfg)
+        if self.op == "expand":
+            h = self.h_ref
+            return lambda: t.expand_(out, h, w.b, w.offsets, w.ranks, w.scales, b.meta, b.max_tokens, w.slice_info,
+                                     config=cfg)
+        return lambda: t.add_lora_(out, x, w.a, w.b, w.offsets, w.ranks, w.scales, b.meta, b.max_tokens,
+                                   w.slice_info, self.r_cap, config=cfg)
+
+    def check(self) -> dict:
+        if self.op == "shrink":
+            o = self.out
+            finite = bool(torch.isfinite(o).all())
+            err = float((o - self.ref).abs().max()) if o.numel() else 0.0
+            ok = finite and err <= self.tol["allowed"]
+            return {"ok": ok, "err_max": err, "err_allowed": self.tol["allowed"],
+                    "why": "" if ok else f"max abs error {err:.3g} > allowed {self.tol['allowed']:.3g} or non-finite"}
+        return measure.check_output(self.out, self.base, self.ref, self.none_mask, self.tol["allowed"])
+
+    def reset(self) -> None:
+        self.out.copy_(self.base)
+
+
+def _bench_config(ob: _OpBench, cfg: dict, timer: measure.GpuTimer) -> Tuple[Optional[float], str]:
+    """(median us, "") for a passing config, (None, why) otherwise."""
+    dev = ob.out.device
+    ob.reset()
+    try:
+        fn = ob.make(cfg)
+        fn()
+        _sync(dev)
+    except Exception as e:
+        return None, f"launch: {_err(e)}"
+    chk = ob.check()
+    if not chk["ok"]:
+        return None, "check: " + chk["why"]
+    try:
+        run, graphed, gerr = timer.capture(fn)
+        if graphed:
+            ob.reset()
+            run()
+            _sync(dev)
+            chk = ob.check()
+            if not chk["ok"]:
+                return None, "graph replay check: " + chk["why"]
+        q = measure.quantiles(timer.time(run))
+    except Exception as e:
+        return None, f"timing: {_err(e)}"
+    return q["median"], ""
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def _case_keys(case: C.Case, ops: List[str], dtype: torch.dtype) -> List[str]:
+    """The bucket keys a case tunes, from its sizes alone (the same arguments the launchers look up)."""
+    from .. import tuning
+
+    T, i, o, r = case.tokens, case.hidden_in, case.hidden_out, max(C.ranks_of(case))
+    shape = {"shrink": (T, i, 0, r), "expand": (T, 0, o, r), "add_lora": (T, i, o, r)}
+    return [tuning.bucket_key(op, dtype, *shape[op]) for op in ops]
+
+
+def _device_healthy(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return True
+    except Exception:
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tune_cases(
+    cases: List[C.Case], ops: List[str], dtype: torch.dtype, device: torch.device, timer, max_configs: int,
+    time_budget: Optional[float] = None, progress: bool = False, seed: int = 0,
+) -> Tuple[Dict[str, dict], List[dict], Optional[str]]:
+    """Time the candidates of every (case bucket, op); returns ``(entries, report, aborted)``: the fastest
+    passing config per bucket key, a record per bucket (every candidate's median or why it was dropped), and
+    why the sweep stopped early (None if it did not). ``timer`` is a :class:`~lora_kernels.bench.measure.GpuTimer`
+    (or a ``CpuTimer`` with the Triton interpreter, for tests)."""
+    import lora_kernels as lk
+
+    t0 = time.perf_counter()
+    entries: Dict[str, dict] = {}
+    report: List[dict] = []
+    aborted: Optional[str] = None
+    try:
+        from tqdm import tqdm
+    except Exception:  # pragma: no cover
+        tqdm = None
+    seen = set()
+    for case in cases:
+        if aborted:
+            break
+        if all(k in seen for k in _case_keys(case, ops, dtype)):
+            continue  # every bucket of this case was tuned on an earlier case
+        prob = C.make_problem(case, dtype, device, seed=seed)
+        w = prob.weights
+        batch = lk.LoRABatch(max(1, case.tokens), w.max_adapters, device).build(prob.ids, ranks=w.ranks)
+        for op in ops:
+            if aborted:
+                break
+            ob = _OpBench(op, prob, batch, dtype)
+            if ob.key in seen:
+                continue
+            seen.add(ob.key)
+            cands = _subset(lk.tuning.candidate_configs(op, dtype, *ob.shape), max_configs)
+            rec = {"bucket": ob.key, "case": case.name, "op": op,
+                   "shape": dict(zip(("T", "in", "out", "r_cap"), ob.shape)), "tolerance": ob.tol, "candidates": []}
+            it = cands
+            if tqdm is not None and progress:
+                it = tqdm(cands, desc=f"{case.name}/{op}", unit="cfg", file=sys.stderr, mininterval=1.0, leave=False)
+            for cfg in it:
+                if time_budget is not None and time.perf_counter() - t0 > time_budget:
+                    aborted = aborted or f"time budget of {time_budget:.0f} s spent"
+                    break
+                us, why = _bench_config(ob, cfg, timer)
+                rec["candidates"].append({"config": cfg, "us_median": us, "why": why})
+                if us is None and not _device_healthy(device):
+                    aborted = f"CUDA context broken after config {cfg}: {why}"
+                    break
+            ok = [c for c in rec["candidates"] if c["us_median"] is not None]
+            if ok:
+                best = min(ok, key=lambda c: c["us_median"])
+                rec["best"] = best
+                first = rec["candidates"][0]
+                rec["default_us"] = first["us_median"] if first["config"] == cands[0] else None
+                entries[ob.key] = best["config"]
+                sp = (rec["default_us"] / best["us_median"]) if rec["default_us"] else None
+                print(f"{ob.key:48s} best {best['us_median']:9.2f} us"
+                      f"{'' if sp is None else f'  ({sp:.2f}x the default)'}  "
+                      f"[{len(ok)}/{len(rec['candidates'])} passed]")
+            else:
+                print(f"{ob.key:48s} no passing config among {len(rec['candidates'])} timed")
+            report.append(rec)
+            del ob
+            gc.collect()
+        del prob, batch, w
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return entries, report, aborted
+
+
+def run(args) -> int:
+    import lora_kernels as lk
+
+    if not torch.cuda.is_available():
+        print(NO_GPU_MSG, file=sys.stderr)
+        return 2
+    why = lk.backends.triton_can_run("cuda")
+    if why:
+        print(f"lora-bench tune: needs Triton on the GPU: {why}", file=sys.stderr)
+        return 2
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in lk.tuning.OPS]
+    if bad or not ops:
+        print(f"lora-bench tune: --ops: expected names from {lk.tuning.OPS}, got {args.ops!r}", file=sys.stderr)
+        return 2
+    try:
+        cases = C.select_cases(args.cases, C.NAMED_CASES + C.SMOKE_CASES) if args.cases else list(C.NAMED_CASES)
+    except ValueError as e:
+        print(f"lora-bench tune: {e}", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device = torch.device("cuda")
+    gpu_name = torch.cuda.get_device_name(device)
+    env = envinfo.collect(device)
+    timer = measure.GpuTimer(device, reps=args.reps, warmup=3)
+    print(f"lora-bench tune: {gpu_name}, {args.dtype}, ops {ops}, {len(cases)} case(s), "
+          f"<= {args.max_configs} candidates per bucket")
+    t0 = time.perf_counter()
+    entries, report, aborted = tune_cases(cases, ops, dtype, device, timer, args.max_configs, args.time_budget,
+                                          progress=not args.no_progress, seed=args.seed)
+    meta = {
+        "commit": env["git"]["commit"],
+        "tuned_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "tuned_by": "lora-bench tune",
+        "dtype_tuned": args.dtype,
+        "method": timer.describe()["method"] + f"; {args.reps} replays per candidate, median",
+        "driver": env["gpu"]["driver"] if env["gpu"] else None,
+        "aborted": aborted,
+    }
+    path = None
+    table = None
+    if not args.no_write and entries:
+        merged = {} if args.replace else lk.tuning.load_table(gpu_name)
+        merged.update(entries)
+        path = lk.tuning.write_table(gpu_name, merged, meta)
+        with open(path) as f:
+            table = json.load(f)
+        print(f"wrote {len(entries)} tuned bucket(s) ({len(merged)} in all) to {path}")
+    elif not entries:
+        print("lora-bench tune: nothing passed; the table is unchanged")
+    if args.out:
+        d = os.path.dirname(args.out)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        doc = {"schema": "lora_kernels.bench.tune/1", "gpu": env["gpu"], "versions": env["versions"],
+               "git_commit": env["git"]["commit"], "meta": meta, "table_path": path, "table": table,
+               "entries": entries, "buckets": report, "elapsed_s": time.perf_counter() - t0}
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+            f.write("\n")
+        print(f"wrote {args.out}")
+    if aborted:
+        print(f"lora-bench tune: stopped early: {aborted}")
+    return 0 if entries else 1

@@ -1,0 +1,150 @@
+"""``lora-bench``: the command-line entry point (also ``python -m lora_kernels``).
+
+Subcommands:
+    demo   a mixed-adapter batch through a small LoRALinear model, checked against the fp32 reference
+           (GPU if present, else CPU); exit status 1 if the check fails.
+    sgmv   time ``add_lora_`` (and shrink + expand_, and the batch build) against the PyTorch baselines on
+           BENCHMARKS.md's cases or a shape given on the command line; table + JSON. Without a GPU: a CPU smoke
+           sweep on tiny shapes, labelled as such.
+    env    GPU, driver, torch / Triton / CUDA versions, compute capability, and which backends can run.
+    tune   time the Triton configs of each shape bucket on this GPU and write the tuning table (exit 2 without
+           a GPU).
+
+See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import demo, sgmv, tune
+
+    p = argparse.ArgumentParser(
+        prog="lora-bench",
+        description="Benchmarks, checks and tuning for lora_kernels (batched heterogeneous LoRA).",
+        epilog="Examples: lora-bench demo | lora-bench env | lora-bench sgmv --cases 't256-*' | "
+               "lora-bench sgmv --tokens 1,64,4096 --ranks 8,16,32,64,128 --dist zipf | lora-bench tune",
+    )
+    sub = p.add_subparsers(dest="command", metavar="{demo,sgmv,env,tune}")
+    d = sub.add_parser("demo", help="run a mixed-adapter batch through a small model and check it",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(d)
+    s = sub.add_parser("sgmv", help="time the batched LoRA delta against the baselines",
+                       description=sgmv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sgmv.add_arguments(s)
+    e = sub.add_parser("env", help="GPU, versions and available backends")
+    e.add_argument("--json", action="store_true", help="print JSON instead of text")
+    t = sub.add_parser("tune", help="tune the Triton configs on this GPU and write the table",
+                       description=tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune.add_arguments(t)
+    return p
+
+
+def env_report() -> dict:
+    """Everything ``lora-bench env`` prints, as a dict. Never raises for a missing GPU or extension."""
+    import torch
+
+    from .bench import envinfo
+
+    out: dict = {**envinfo.collect(None)}
+    try:
+        import lora_kernels as lk
+
+        out["backends"] = lk.backends.report()
+    except Exception as e:
+        out["backends"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        import lora_kernels as lk
+
+        out["dispatch"] = {
+            "sgmv_cpu": lk.backends.select("sgmv", "cpu"),
+            "sgmv_cuda": lk.backends.select("sgmv", "cuda") if torch.cuda.is_available() else None,
+            "batch_cuda": lk.backends.select("batch", "cuda") if torch.cuda.is_available() else None,
+            "forced": lk.backends.forced(),
+            "triton_interpreter": lk.backends.interpreting(),
+        }
+    except Exception as e:
+        out["dispatch"] = {"error": f"{type(e).__name__}: {e}"}
+    out["cuda_available"] = torch.cuda.is_available()
+    if out["gpu"]:
+        try:
+            from . import tuning
+
+            path = tuning.table_path(out["gpu"]["name"])
+            import os
+
+            out["tuning_table"] = path if os.path.exists(path) else f"none for this GPU (would be {path}); defaults"
+        except Exception as e:
+            out["tuning_table"] = f"error: {type(e).__name__}: {e}"
+    return out
+
+
+def _print_env(rep: dict) -> None:
+    v = rep["versions"]
+    print(f"lora_kernels {v['lora_kernels']}  python {v['python']}  torch {v['torch']} "
+          f"(CUDA build {v['torch_cuda'] or 'none'})  triton {v['triton']}")
+    print(f"platform: {v['platform']}")
+    g = rep["gpu"]
+    if g:
+        mem = g["memory_bytes"] / 2**30
+        l2 = f"{g['l2_bytes'] / 2**20:.0f} MiB L2" if g.get("l2_bytes") else "L2 unknown"
+        print(f"GPU: {g['name']}  compute capability {g['capability']}  {g['sm_count']} SMs  {l2}  {mem:.0f} GiB")
+        print(f"driver {g['driver']}  CUDA runtime (torch) {g['cuda_runtime']}")
+        print(f"tuning table: {rep.get('tuning_table')}")
+    else:
+        print("GPU: none (torch.cuda.is_available() is False): ops run the CPU reference path")
+    print("backends:")
+    for k, val in rep["backends"].items():
+        print(f"  {k:10s} {val}")
+    d = rep.get("dispatch", {})
+    if "error" in d:
+        print(f"dispatch: {d['error']}")
+    else:
+        print(f"dispatch: CPU tensors -> {d['sgmv_cpu']}; CUDA tensors -> sgmv {d['sgmv_cuda'] or '-'}, "
+              f"batch build {d['batch_cuda'] or '-'}; forced: {d['forced'] or 'no'}; "
+              f"TRITON_INTERPRET: {'on' if d['triton_interpreter'] else 'off'}")
+    git = rep["git"]
+    print(f"git commit: {git['commit']}" + (" (dirty)" if git.get("dirty") else ""))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``lora-bench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv_list: List[str] = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv_list)
+    args.argv = argv_list[1:]
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "env":
+        rep = env_report()
+        if args.json:
+            print(json.dumps(rep, indent=1, default=str))
+        else:
+            _print_env(rep)
+        return 0
+    if args.command == "demo":
+        from .bench import demo
+
+        return demo.run(args)
+    if args.command == "sgmv":
+        from .bench import sgmv
+
+        return sgmv.run(args)
+    if args.command == "tune":
+        from .bench import tune
+
+        return tune.run(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,564 @@
+"""Segmented gather matrix-vector kernels (SGMV) for batched heterogeneous LoRA, in Triton.
+
+Three kernels, one op each, and their launchers:
+
+* ``_sgmv_shrink_kernel`` / :func:`shrink`: ``h[s, t, :r] = x[t] @ A_{s,i}^T`` (fp32 out), optionally split
+  over ``in`` (split-K, fp32 atomics into a zeroed h) for batches with few tokens.
+* ``_sgmv_expand_kernel`` / :func:`expand_`: ``y[t, cols_s] += scale * h[s, t, :r] @ B_{s,i}^T``.
+* ``_sgmv_fused_kernel`` / :func:`add_lora_` with ``strategy="fused"``: both in one launch, the h tile kept
+  in registers between the two halves.
+
+Work decomposition (all three kernels):
+    Tokens are served per *segment* (all tokens of one adapter, from :class:`~lora_kernels.LoRABatch`'s
+    ``sorted_token_ids`` / ``seg_start`` / ``seg_len``). Grid axis 0 enumerates *segment tiles* (BLOCK_M
+    tokens of one segment): a program finds its (segment, tile) by a prefix sum over the per-segment tile
+    counts read from ``meta`` (``_segment_tile``), so the grid is ``(T + n_seg * (BLOCK_M - 1)) // BLOCK_M``
+    programs, an upper bound on the number of tiles that needs no host read, instead of ``cdiv(T, BLOCK_M) *
+    n_seg`` (vLLM's/Punica's 2-D grid, mostly idle programs when many adapters are active). Programs past the
+    last tile exit at once. Above ``_FLAT_SEGMENT_LIMIT`` segments the per-program prefix sum would cost more
+    than it saves and the 2-D grid is used instead. Grid axis 1 carries the slice and the split of the
+    other dimension (rank blocks and K splits for shrink, column blocks for expand, column groups for fused).
+
+    Tokens with adapter -1 belong to no segment: no program reads or writes their rows.
+    Work per program follows *its* adapter's rank: shrink skips rank blocks past it, expand loops over the
+    rank in BLOCK_R chunks up to it, and every load of A/B rows is masked at it (so a rank-8 adapter moves
+    8 rows even in a layout padded to 128).
+
+Numerics: loads in the storage dtypes; the weight tile is cast to the activation dtype before ``tl.dot``
+(tensor cores for fp16/bf16; ``input_precision="ieee"`` for fp32, since TF32 would break the 2x-of-PyTorch
+rule); accumulation in fp32; h stored in fp32; the expand rounds h to y's dtype for its dot (what PyTorch in
+that dtype does), scales and adds to y in fp32 and rounds once. Split-K sums via atomics in a run-dependent
+order (not bitwise reproducible; use SPLIT_K=1 for that).
+
+CPU interpreter (``TRITON_INTERPRET=1``): ``tl.dot`` on bf16 operands returns garbage in triton 3.8/3.9's
+interpreter, so the launchers pass ``UPCAST_*=True`` there for bf16 and the kernels widen bf16 tiles to fp32
+*after* rounding to the compute dtype (bf16 products are exact in fp32, so results match the GPU's bf16 dot
+up to summation order). Never set on a GPU.
+
+Launchers do no host sync and no allocation (except add_lora_'s documented two-pass workspace), so they can
+be captured in CUDA graphs. Configs come from :mod:`lora_kernels.tuning`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import tuning
+from ..backends import interpreting
+from ..batch import MetaLayout
+
+__all__ = ["add_lora_", "expand_", "shrink"]
+
+# Above this many segments, the 2-D (tile, segment) grid replaces the per-program prefix sum: the prefix
+# sum loads and scans next_pow2(n_seg) ints per program, which stops paying for itself around here.
+_FLAT_SEGMENT_LIMIT = 2048
+
+
+# ---- shared device helpers ---------------------------------------------------------------------------------
+@triton.jit
+def _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M: tl.constexpr, SEG_P2: tl.constexpr):
+    """(segment, tile within segment) of program ``pid``; segment >= n_seg means no work."""
+    if SEG_P2 > 0:
+        # Flat mapping: tiles of segment k are [cum[k] - tiles[k], cum[k]); inactive segments have length 0.
+        offs = tl.arange(0, SEG_P2)
+        lens = tl.load(meta_ptr + SLEN_OFF + offs, mask=offs < n_seg, other=0)
+        tiles = (lens + (BLOCK_M - 1)) // BLOCK_M
+        cum = tl.cumsum(tiles, 0)
+        seg = tl.sum((cum <= pid).to(tl.int32), 0)
+        first = tl.sum(tl.where(offs == seg, cum - tiles, 0), 0)
+        m = pid - first
+    else:
+        seg = pid // m_tiles
+        m = pid - seg * m_tiles
+    return seg, m
+
+
+@triton.jit
+def _slice_of_block(sinfo_ptr, stride_si, pid_n, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Map a flat column-block index over all slices to (slice, first column, width, block in slice).
+
+    Slices are laid end to end, each taking cdiv(width_s, BLOCK_N) blocks, so the grid wastes at most
+    NUM_SLICES - 1 programs instead of padding every slice to the widest one. slice < 0: past the end.
+    """
+    s = pid_n * 0 - 1
+    col0 = tl.load(sinfo_ptr) * 0
+    width = col0
+    blk = pid_n * 0
+    base = pid_n * 0
+    for si in tl.static_range(NUM_SLICES):
+        c = tl.load(sinfo_ptr + si * stride_si)
+        w = tl.load(sinfo_ptr + si * stride_si + 1)
+        nb = ((w + (BLOCK_N - 1)) // BLOCK_N).to(tl.int32)
+        hit = (pid_n >= base) & (pid_n < base + nb)
+        s = tl.where(hit, si, s)
+        col0 = tl.where(hit, c, col0)
+        width = tl.where(hit, w, width)
+        blk = tl.where(hit, pid_n - base, blk)
+        base += nb
+    return s, col0, width, blk
+
+
+# ---- kernels -----------------------------------------------------------------------------------------------
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr, a_ptr, h_ptr, off_ptr, rank_ptr, meta_ptr,
+    K, n_seg, m_tiles, k_per_split,
+    stride_xm, stride_xk,
+    stride_as, stride_ar, stride_ak,
+    stride_hs, stride_hm, stride_hr,
+    stride_rs,
+    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF,
+    N_RB: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SEG_P2: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_z = tl.program_id(1)
+    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M, SEG_P2)
+    if seg >= n_seg:
+        return
+    seg_len = tl.load(meta_ptr + SLEN_OFF + seg)
+    if m * BLOCK_M >= seg_len:
+        return
+    s = pid_z // (SPLIT_K * N_RB)
+    kid = (pid_z // N_RB) % SPLIT_K
+    rb = pid_z % N_RB
+    adapter = tl.load(meta_ptr + ACT_OFF + seg)
+    rank = tl.load(rank_ptr + s * stride_rs + adapter)
+    if rb * BLOCK_R >= rank:  # this adapter's rank ends before this block: no work, no store
+        return
+    seg_start = tl.load(meta_ptr + SSTART_OFF + seg)
+    off = tl.load(off_ptr + adapter)  # int64 first storage row
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < seg_len
+    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+
+    k_lo = kid * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
+    # A^T tile [BLOCK_K, BLOCK_R]: a[s, off + r, k]
+    a_ptrs = (a_ptr + s.to(tl.int64) * stride_as + (off + offs_r)[None, :] * stride_ar
+              + (k_lo + offs_k)[:, None] * stride_ak)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < k_hi
+            xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        at = at.to(xt.dtype)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision="ieee")
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+
+    h_ptrs = h_ptr + s.to(tl.int64) * stride_hs + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr
+    mask = row_mask[:, None] & r_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(h_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(h_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    y_ptr, h_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr,
+    n_seg, m_tiles,
+    stride_ym, stride_yn,
+    stride_hs, stride_hm, stride_hr,
+    stride_bk, stride_bn,
+    stride_rs, stride_ss, stride_si,
+    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    SEG_P2: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M, SEG_P2)
+    if seg >= n_seg:
+        return
+    seg_len = tl.load(meta_ptr + SLEN_OFF + seg)
+    if m * BLOCK_M >= seg_len:
+        return
+    s, col0, width, blk = _slice_of_block(sinfo_ptr, stride_si, pid_n, NUM_SLICES, BLOCK_N)
+    if s < 0:
+        return
+    adapter = tl.load(meta_ptr + ACT_OFF + seg)
+    rank = tl.load(rank_ptr + s * stride_rs + adapter)
+    if rank == 0:  # spec: rank-0 slots leave y untouched (even -0.0 stays -0.0)
+        return
+    seg_start = tl.load(meta_ptr + SSTART_OFF + seg)
+    off = tl.load(off_ptr + adapter)
+    scale = tl.load(scale_ptr + s * stride_ss + adapter)
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < seg_len
+    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < width
+    offs_r = tl.arange(0, BLOCK_R)
+
+    h_ptrs = h_ptr + s.to(tl.int64) * stride_hs + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr
+    b_ptrs = b_ptr + (off + offs_r)[:, None] * stride_bk + (col0 + offs_n)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        rr_mask = (r0 + offs_r) < rank
+        # h is fp32; rounding it to y's dtype is what PyTorch in that dtype does, and feeds the tensor cores.
+        ht = tl.load(h_ptrs, mask=row_mask[:, None] & rr_mask[None, :], other=0.0).to(y_ptr.dtype.element_ty)
+        bt = tl.load(b_ptrs, mask=rr_mask[:, None] & n_mask[None, :], other=0.0).to(y_ptr.dtype.element_ty)
+        if UPCAST:
+            ht = ht.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(ht, bt, acc, input_precision="ieee")
+        h_ptrs += BLOCK_R * stride_hr
+        b_ptrs += BLOCK_R * stride_bk
+
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
+    mask = row_mask[:, None] & n_mask[None, :]
+    yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (yt + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sgmv_fused_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr,
+    K, n_seg, m_tiles,
+    stride_xm, stride_xk,
+    stride_ym, stride_yn,
+    stride_as, stride_ar, stride_ak,
+    stride_bk, stride_bn,
+    stride_rs, stride_ss, stride_si,
+    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF,
+    N_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    SEG_P2: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_X: tl.constexpr, UPCAST_Y: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_z = tl.program_id(1)
+    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M, SEG_P2)
+    if seg >= n_seg:
+        return
+    seg_len = tl.load(meta_ptr + SLEN_OFF + seg)
+    if m * BLOCK_M >= seg_len:
+        return
+    s = pid_z // N_SPLIT
+    g = pid_z % N_SPLIT
+    col0 = tl.load(sinfo_ptr + s * stride_si)
+    width = tl.load(sinfo_ptr + s * stride_si + 1)
+    n_blocks = ((width + (BLOCK_N - 1)) // BLOCK_N).to(tl.int32)
+    if g >= n_blocks:  # a narrow slice has fewer column blocks than groups: skip the shrink too
+        return
+    adapter = tl.load(meta_ptr + ACT_OFF + seg)
+    rank = tl.load(rank_ptr + s * stride_rs + adapter)
+    if rank == 0:
+        return
+    seg_start = tl.load(meta_ptr + SSTART_OFF + seg)
+    off = tl.load(off_ptr + adapter)
+    scale = tl.load(scale_ptr + s * stride_ss + adapter)
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < seg_len
+    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # Phase 1: h = x_tile @ A^T over the whole of `in`, [BLOCK_M, R_PAD] in registers. The MMA is R_PAD wide
+    # whatever the rank (register tiles are static), but loads stop at the rank, and the fused path is for
+    # small T where the bytes, not the MMAs, set the time.
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    a_ptrs = (a_ptr + s.to(tl.int64) * stride_as + (off + offs_r)[None, :] * stride_ar
+              + offs_k[:, None] * stride_ak)
+    acc_h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < K
+            xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        at = at.to(xt.dtype)
+        if UPCAST_X:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc_h = tl.dot(xt, at, acc_h, input_precision="ieee")
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    h = acc_h.to(y_ptr.dtype.element_ty)
+    if UPCAST_Y:
+        h = h.to(tl.float32)
+
+    # Phase 2: stream this group's column blocks of B_s (every N_SPLIT-th block) against the h tile.
+    b_rows = b_ptr + (off + offs_r)[:, None] * stride_bk
+    y_rows = y_ptr + rows[:, None] * stride_ym
+    for nb in range(g, n_blocks, N_SPLIT):
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < width
+        cols = col0 + offs_n
+        bt = tl.load(b_rows + cols[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        bt = bt.to(y_ptr.dtype.element_ty)
+        if UPCAST_Y:
+            bt = bt.to(tl.float32)
+        acc = tl.dot(h, bt, input_precision="ieee")
+        mask = row_mask[:, None] & n_mask[None, :]
+        y_ptrs = y_rows + cols[None, :] * stride_yn
+        yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (yt + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------
+def _p2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def _config(op: str, config: dict[str, Any] | None, dtype, T, in_f, out_f, r_cap, device) -> dict[str, Any]:
+    """The cached table/default config, or an explicit one merged over the default (validated strictly:
+    an explicit config comes from a caller who wants to know)."""
+    if config is None:
+        return tuning.get_config_cached(op, dtype, T, in_f, out_f, r_cap, device)
+    base = tuning.default_config(op, dtype, T, in_f, out_f, r_cap)
+    for k, v in config.items():
+        if k in ("shrink", "expand") and op == "add_lora":
+            if not isinstance(v, dict):
+                raise ValueError(f"config[{k!r}]: expected a dict, got {v!r}")
+            for kk, vv in v.items():
+                if kk not in tuning._KEYS[k] or not tuning._valid_value(kk, vv):
+                    raise ValueError(f"config[{k!r}][{kk!r}]: expected a valid {k} setting, got {vv!r}")
+            base[k] = {**base[k], **v}
+        elif k not in tuning._KEYS[op] or not tuning._valid_value(k, v):
+            raise ValueError(f"config[{k!r}]: expected a valid {op} setting ({tuning._KEYS[op]}), got {v!r}")
+        else:
+            base[k] = v
+    return base
+
+
+def _split_k(K: int, split_k: int, block_k: int):
+    """(K per split, effective number of splits). Each split covers whole K blocks, so only the last
+    block of `in` needs a mask; splits that would be empty are dropped."""
+    k_per_split = _cdiv(_cdiv(K, split_k), block_k) * block_k
+    return k_per_split, _cdiv(K, k_per_split)
+
+
+def _segments(meta: torch.Tensor, max_tokens: int, T: int, block_m: int):
+    """Meta offsets and the segment-tile grid size (host arithmetic on shapes only: no sync)."""
+    lay = MetaLayout.from_meta(meta, max_tokens)
+    n_seg = min(lay.max_active, T)  # every active segment holds >= 1 of the T tokens
+    if n_seg <= _FLAT_SEGMENT_LIMIT:
+        seg_p2 = max(32, _p2(n_seg))
+        m_tiles = 1
+        # sum_k cdiv(len_k, BM) <= (sum_k len_k + n_seg (BM - 1)) / BM, and sum_k len_k <= T.
+        n_tiles = (T + n_seg * (block_m - 1)) // block_m
+    else:
+        seg_p2 = 0
+        m_tiles = _cdiv(T, block_m)
+        n_tiles = m_tiles * n_seg
+    offs = (lay.sorted_token_ids, lay.active_adapters, lay.seg_start, lay.seg_len)
+    return n_seg, m_tiles, n_tiles, seg_p2, offs
+
+
+def _launch_shrink(x, a, offsets, ranks, meta, max_tokens, h, cfg) -> None:
+    T, K = x.shape
+    S = a.shape[0]
+    r_cap = h.shape[2]
+    bm, bk, br, split_k = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_R"], cfg["SPLIT_K"]
+    n_rb = _cdiv(r_cap, br)
+    k_per_split, split_k = _split_k(K, split_k, bk)
+    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len) = _segments(meta, max_tokens, T, bm)
+    grid = (n_tiles, S * split_k * n_rb)
+    _sgmv_shrink_kernel[grid](
+        x, a, h, offsets, ranks, meta,
+        K, n_seg, m_tiles, k_per_split,
+        x.stride(0), x.stride(1),
+        a.stride(0), a.stride(1), a.stride(2),
+        h.stride(0), h.stride(1), h.stride(2),
+        ranks.stride(0),
+        o_sorted, o_act, o_start, o_len,
+        N_RB=n_rb, SPLIT_K=split_k,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
+        SEG_P2=seg_p2, EVEN_K=(K % bk == 0), UPCAST=_upcast(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _launch_expand(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info, cfg) -> None:
+    T = y.shape[0]
+    S = h.shape[0]
+    out_total = b.shape[1]
+    bm, bn, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_R"]
+    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len) = _segments(meta, max_tokens, T, bm)
+    # sum_s cdiv(out_s, BN) <= (out_total + S (BN - 1)) / BN: exact-or-nearly column grid for all slices.
+    n_col = (out_total + S * (bn - 1)) // bn
+    grid = (n_tiles, n_col)
+    _sgmv_expand_kernel[grid](
+        y, h, b, offsets, ranks, scales, meta, slice_info,
+        n_seg, m_tiles,
+        y.stride(0), y.stride(1),
+        h.stride(0), h.stride(1), h.stride(2),
+        b.stride(0), b.stride(1),
+        ranks.stride(0), scales.stride(0), slice_info.stride(0),
+        o_sorted, o_act, o_start, o_len,
+        NUM_SLICES=S,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+        SEG_P2=seg_p2, UPCAST=_upcast(y.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg) -> None:
+    T, K = x.shape
+    S = a.shape[0]
+    out_total = b.shape[1]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    n_split = max(1, min(cfg["N_SPLIT"], _cdiv(out_total, bn)))
+    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len) = _segments(meta, max_tokens, T, bm)
+    grid = (n_tiles, S * n_split)
+    _sgmv_fused_kernel[grid](
+        y, x, a, b, offsets, ranks, scales, meta, slice_info,
+        K, n_seg, m_tiles,
+        x.stride(0), x.stride(1),
+        y.stride(0), y.stride(1),
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1),
+        ranks.stride(0), scales.stride(0), slice_info.stride(0),
+        o_sorted, o_act, o_start, o_len,
+        N_SPLIT=n_split,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=max(16, _p2(r_cap)),
+        SEG_P2=seg_p2, EVEN_K=(K % bk == 0), UPCAST_X=_upcast(x.dtype), UPCAST_Y=_upcast(y.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: torch.Tensor,
+    max_tokens: int,
+    h: torch.Tensor,
+    config: dict[str, Any] | None = None,
+) -> None:
+    """Segmented shrink: ``h[s, t, :r] = x[t] @ A_{s,i}^T`` for every token t of adapter ``i`` (``r =
+    ranks[s, i]``); every other entry of h (columns past the rank, tokens with -1, rank-0 slots) is 0.
+
+    Args:
+        x: [T, in] fp16/bf16/fp32; any row stride, unit column stride.
+        a: [S, R, in] weight storage (any dtype of the three; cast to x's dtype per tile).
+        offsets: int64 [N] first storage row per adapter. ranks: int32 [S, N].
+        meta: the int32 meta buffer of a :class:`~lora_kernels.LoRABatch` built for these T tokens.
+        max_tokens: that batch's token capacity (locates the fields in ``meta``).
+        h: fp32 [S, T, r_cap], written (zeroed first, inside this call).
+        config: shrink config (:mod:`lora_kernels.tuning`; None = the table/default for this shape).
+
+    Grid: ``(segment tiles, S * SPLIT_K * cdiv(r_cap, BLOCK_R))``; a program computes a [BLOCK_M, BLOCK_R]
+    block of h for one segment tile, slice, rank block and K split (SPLIT_K > 1: fp32 atomic adds).
+    No host sync, no allocation. T == 0: returns without launching.
+    """
+    T = x.shape[0]
+    if T == 0:
+        return
+    cfg = _config("shrink", config, x.dtype, T, x.shape[1], 0, h.shape[2], x.device)
+    h.zero_()  # the spec's zeros (past the rank, -1 tokens), and the base of split-K's atomics
+    _launch_shrink(x, a, offsets, ranks, meta, max_tokens, h, cfg)
+
+
+def expand_(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: torch.Tensor,
+    max_tokens: int,
+    slice_info: torch.Tensor,
+    config: dict[str, Any] | None = None,
+) -> None:
+    """Segmented expand, in place: ``y[t, col_s : col_s + out_s] += scales[s, i] * h[s, t, :r] @ B_{s,i}^T``
+    for every slice s and token t of adapter ``i`` (``r = ranks[s, i]``, B from ``b[off_i : off_i + r,
+    col_s : col_s + out_s]``); tokens with -1 and rank-0 slots are not touched. The product is accumulated in
+    fp32 (h rounded to y's dtype first), scaled and added to y in fp32, and rounded once.
+
+    Args:
+        y: [T, out_total] fp16/bf16/fp32; any row stride, unit column stride.
+        h: fp32 [S, T, r_cap] (only ``h[s, t, :r]`` of tokens in segments is read).
+        b: [R, out_total] B transposed. offsets int64 [N]; ranks int32 [S, N]; scales fp32 [S, N].
+        meta, max_tokens: the batch (see :func:`shrink`).
+        slice_info: int64 [S, 2] (first column, width) per slice, on the device.
+        config: expand config (None = the table/default for this shape).
+
+    Grid: ``(segment tiles, ~sum_s cdiv(out_s, BLOCK_N))``; a program computes one [BLOCK_M, BLOCK_N] block
+    of one slice, looping over its adapter's rank in BLOCK_R chunks. No host sync, no allocation.
+    """
+    T = y.shape[0]
+    if T == 0:
+        return
+    cfg = _config("expand", config, y.dtype, T, 0, b.shape[1], h.shape[2], y.device)
+    _launch_expand(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info, cfg)
+
+
+def add_lora_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: torch.Tensor,
+    max_tokens: int,
+    slice_info: torch.Tensor,
+    r_cap: int,
+    config: dict[str, Any] | None = None,
+) -> None:
+    """Batched LoRA delta, in place: ``y[t, cols_s] += scales[s, i] * (x[t] @ A_{s,i}^T) @ B_{s,i}^T`` for
+    every slice s and token t of adapter i; nothing for -1 tokens or rank-0 slots. h is accumulated in
+    fp32 and rounded to y's dtype before the second product; y is updated in fp32 and rounded once.
+
+    Args: as :func:`shrink` and :func:`expand_`; ``r_cap`` bounds every rank (``LoRAWeights.max_rank``).
+
+    Strategies (``config["strategy"]``):
+        ``"fused"``: one launch, grid ``(segment tiles, S * N_SPLIT)``. A program computes the h tile
+        [BLOCK_M, next_pow2(r_cap)] of one segment tile and slice over all of ``in`` (kept in registers),
+        then streams every N_SPLIT-th BLOCK_N column block of B_s against it. No allocation. For decode /
+        small T, where launches dominate; N_SPLIT > 1 recomputes the (cheap) shrink to get parallelism.
+        ``"two_pass"``: :func:`shrink` into a workspace ``h`` fp32 [S, T, r_cap] (``torch.empty``; zeroed
+        only for split-K), then :func:`expand_`, each with its own sub-config.
+
+    No host sync. T == 0: returns without launching.
+    """
+    T, K = x.shape
+    if T == 0:
+        return
+    cfg = _config("add_lora", config, x.dtype, T, K, b.shape[1], r_cap, x.device)
+    if cfg["strategy"] == "fused":
+        _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg)
+        return
+    sc, ec = cfg["shrink"], cfg["expand"]
+    h = torch.empty((a.shape[0], T, r_cap), dtype=torch.float32, device=x.device)
+    if _split_k(K, sc["SPLIT_K"], sc["BLOCK_K"])[1] > 1:  # atomics need a zero base
+        h.zero_()
+    _launch_shrink(x, a, offsets, ranks, meta, max_tokens, h, sc)
+    _launch_expand(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info, ec)

@@ -1,0 +1,235 @@
+"""Shared test helpers: the numerics rule, adapter-popularity distributions, weight factories, and the
+"same computation in PyTorch at low precision" baselines the rule compares against.
+
+Numerics rule (DESIGN.md "Numerics", flash-attention's rule): a kernel's output passes when
+
+    max |out - ref_fp32| <= factor * max |torch_lowp - ref_fp32| + atol + rtol * max |ref_fp32|
+
+with ``factor = 2``, ``ref_fp32`` the fp32 reference and ``torch_lowp`` the same computation done by PyTorch
+in the low precision dtype. ``atol + rtol * max|ref|`` is the small floor for cases where PyTorch happens to
+be exact (fp32 runs, all-zero deltas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lora_kernels.weights import LoRAWeights
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "assert_close_rule",
+    "lowp_add_lora_",
+    "lowp_expand_",
+    "lowp_shrink",
+    "make_ids",
+    "make_weights",
+    "random_ranks",
+]
+
+DISTRIBUTIONS = ("distinct", "uniform", "zipf", "identical", "skewed")
+
+# Floor relative to max|ref|: ~8 ulp for fp32 (summation order differs from PyTorch's), ~0.1 ulp otherwise.
+_RTOL_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def assert_close_rule(
+    out: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    torch_lowp: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float = 1e-6,
+    rtol: float | None = None,
+    dtype: torch.dtype | None = None,
+    name: str = "output",
+) -> None:
+    """Assert the numerics rule above (max norm over all elements; shapes must match).
+
+    Args:
+        out: the kernel's result (any float dtype).
+        ref_fp32: the fp32 reference (the spec).
+        torch_lowp: PyTorch's result for the same computation in the low precision dtype.
+        factor: allowed multiple of PyTorch's error.
+        atol, rtol: the floor; ``rtol`` defaults by ``dtype`` (fp32 1e-6, fp16 1e-4, bf16 1e-3).
+        dtype: the precision the floor is for (default: ``torch_lowp.dtype``).
+        name: used in the failure message.
+    """
+    assert out.shape == ref_fp32.shape == torch_lowp.shape, (
+        f"{name}: shapes differ: out {tuple(out.shape)}, ref {tuple(ref_fp32.shape)}, lowp {tuple(torch_lowp.shape)}")
+    dtype = dtype or torch_lowp.dtype
+    rtol = _RTOL_FLOOR.get(dtype, 1e-6) if rtol is None else rtol
+    ref = ref_fp32.double()
+    if ref.numel() == 0:
+        return
+    assert torch.isfinite(out).all(), f"{name}: non-finite values in the kernel output"
+    err = (out.double() - ref).abs().max().item()
+    err_lowp = (torch_lowp.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    bound = factor * err_lowp + atol + rtol * scale
+    assert err <= bound, (
+        f"{name}: max error {err:.3e} vs fp32 reference exceeds {factor} x PyTorch {dtype} error "
+        f"{err_lowp:.3e} + floor {atol + rtol * scale:.3e} (max|ref| = {scale:.3e})")
+
+
+# ---- adapter ids -------------------------------------------------------------------------------------------
+def make_ids(
+    dist: str,
+    T: int,
+    n_adapters: int,
+    frac_none: float = 0.0,
+    generator: torch.Generator | None = None,
+    *,
+    zipf_alpha: float = 1.5,
+    hot_fraction: float = 0.9,
+) -> torch.Tensor:
+    """Per-token adapter ids int32 [T] drawn from a Punica popularity distribution, with about
+    ``frac_none * T`` tokens (rounded) set to -1.
+
+    * ``distinct``: every token a different adapter (a random permutation, cycled when T > n_adapters).
+    * ``uniform``: i.i.d. uniform over the adapters.
+    * ``zipf``: i.i.d. with P(rank k) proportional to 1 / k^zipf_alpha over a random ranking of the adapters.
+    * ``identical``: every token the same (random) adapter.
+    * ``skewed``: one hot adapter takes ``hot_fraction`` of the tokens, the rest uniform over the others.
+    """
+    g = generator
+    if dist == "distinct":
+        perm = torch.randperm(n_adapters, generator=g)
+        ids = perm[torch.arange(T) % n_adapters]
+    elif dist == "uniform":
+        ids = torch.randint(0, n_adapters, (T,), generator=g)
+    elif dist == "zipf":
+        p = 1.0 / torch.arange(1, n_adapters + 1, dtype=torch.float64) ** zipf_alpha
+        perm = torch.randperm(n_adapters, generator=g)
+        ids = perm[torch.multinomial(p, T, replacement=True, generator=g)] if T else torch.zeros(0, dtype=torch.int64)
+    elif dist == "identical":
+        ids = torch.full((T,), int(torch.randint(0, n_adapters, (1,), generator=g)))
+    elif dist == "skewed":
+        hot = int(torch.randint(0, n_adapters, (1,), generator=g))
+        ids = torch.randint(0, n_adapters, (T,), generator=g)
+        is_hot = torch.rand(T, generator=g) < hot_fraction
+        ids = torch.where(is_hot, torch.full_like(ids, hot), ids)
+    else:
+        raise ValueError(f"dist: expected one of {DISTRIBUTIONS}, got {dist!r}")
+    ids = ids.to(torch.int32)
+    n_none = round(frac_none * T)
+    if n_none:
+        ids[torch.randperm(T, generator=g)[:n_none]] = -1
+    return ids
+
+
+def random_ranks(n: int, choices: Sequence[int] = (1, 8, 16, 33, 64, 128),
+                 generator: torch.Generator | None = None) -> list:
+    """``n`` ranks drawn uniformly from ``choices``."""
+    idx = torch.randint(0, len(choices), (n,), generator=generator)
+    return [int(choices[i]) for i in idx]
+
+
+# ---- weights -----------------------------------------------------------------------------------------------
+def make_weights(
+    in_features: int,
+    out_features: int | Sequence[int],
+    ranks: Sequence[int | Sequence[int]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    max_rank: int | None = None,
+    max_adapters: int | None = None,
+    capacity_rows: int | None = None,
+    churn: bool = False,
+    device: str | torch.device = "cpu",
+) -> LoRAWeights:
+    """A :class:`LoRAWeights` holding one adapter per entry of ``ranks`` (ids 0..len-1).
+
+    ``ranks[i]`` is one rank, or one per slice. A ~ N(0, 1/in), B ~ N(0, 1/r) (unit-size deltas),
+    scale = alpha / r with a random alpha in [0.5 r, 2 r]. ``churn=True`` first loads and removes decoy
+    adapters so that the real ones land in freed, reused rows out of id order (rank-paged, not padded).
+    """
+    g = generator
+    outs = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+    S = len(outs)
+    rk = [(r,) * S if isinstance(r, int) else tuple(r) for r in ranks]
+    n = len(rk)
+    r_max = max_rank or max(max(r) for r in rk)
+    N = max_adapters or n
+    if capacity_rows is None and churn:
+        capacity_rows = sum(max(r) for r in rk) + 2 * r_max
+    w = LoRAWeights(in_features, outs, N, r_max, capacity_rows=capacity_rows, dtype=dtype, device=device)
+
+    def factors(r):
+        A = [torch.randn(ri, in_features, generator=g) / in_features ** 0.5 for ri in r]
+        B = [torch.randn(o, ri, generator=g) / ri ** 0.5 for o, ri in zip(outs, r)]
+        return (A[0], B[0]) if S == 1 else (A, B)
+
+    if churn:
+        # Decoys in the low slots/rows, freed in a scattered order: later adds reuse their rows.
+        decoys = []
+        for j in range(min(N, 3)):
+            r = min(r_max, 1 + 7 * j)
+            A, B = factors((r,) * S)
+            decoys.append(w.add(A, B, adapter_id=N - 1 - j))
+        for d in decoys[::2]:
+            w.remove(d)
+    order = list(range(n))
+    if churn:
+        order = order[::-1]  # high ids first: ids and row order disagree
+    for i in order:
+        if churn and i in w.loaded:
+            w.remove(i)
+        A, B = factors(rk[i])
+        alpha = [float(ri) * float(0.5 + 1.5 * torch.rand(1, generator=g)) for ri in rk[i]]
+        scale = [a / ri for a, ri in zip(alpha, rk[i])]
+        w.add(A, B, scale=scale, adapter_id=i)
+    return w
+
+
+# ---- PyTorch at low precision (the baseline of the rule) ----------------------------------------------------
+def _groups(ids: torch.Tensor):
+    for i in torch.unique(ids).tolist():
+        if i >= 0:
+            yield i, (ids == i).nonzero().flatten()
+
+
+def _slice_rank(w: LoRAWeights, i: int, s: int) -> int:
+    return int(w.ranks[s, i])
+
+
+def _factors(w: LoRAWeights, i: int, s: int):
+    off = int(w.offsets[i])
+    r = _slice_rank(w, i, s)
+    c0, n = w.slice_cols[s], w.slice_outs[s]
+    return w.a[s, off : off + r], w.b[off : off + r, c0 : c0 + n], float(w.scales[s, i])
+
+
+def lowp_shrink(x: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, r_cap: int, dtype: torch.dtype) -> torch.Tensor:
+    """h [S, T, r_cap] computed by PyTorch in ``dtype`` (returned in ``dtype``)."""
+    S, T = w.num_slices, x.shape[0]
+    h = torch.zeros(S, T, r_cap, dtype=dtype)
+    xd = x.to(dtype)
+    for i, toks in _groups(ids):
+        for s in range(S):
+            A, _, _ = _factors(w, i, s)
+            if A.shape[0]:
+                h[s, toks, : A.shape[0]] = xd[toks] @ A.to(dtype).t()
+    return h
+
+
+def lowp_expand_(y: torch.Tensor, h: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y += scale * h @ B^T`` computed by PyTorch in ``dtype`` (y is updated in place and returned)."""
+    for i, toks in _groups(ids):
+        for s in range(w.num_slices):
+            _, Bt, sc = _factors(w, i, s)
+            r = Bt.shape[0]
+            if r:
+                c0, n = w.slice_cols[s], w.slice_outs[s]
+                d = (h[s, toks, :r].to(dtype) @ Bt.to(dtype)) * sc
+                y[toks, c0 : c0 + n] = (y[toks, c0 : c0 + n].to(dtype) + d).to(y.dtype)
+    return y
+
+
+def lowp_add_lora_(y: torch.Tensor, x: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Shrink then expand, both by PyTorch in ``dtype`` (h rounded to ``dtype`` in between)."""
+    h = lowp_shrink(x, w, ids, w.max_rank, dtype)
+    return lowp_expand_(y, h, w, ids, dtype)

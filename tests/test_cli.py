@@ -1,0 +1,233 @@
+"""``lora-bench``: demo, env, the CPU smoke sweep and its JSON, tune's refusal without a GPU, and the
+benchmark baselines against the reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.bench import cases as C
+from lora_kernels.bench.baselines import BmmGather, NaiveLoop
+from lora_kernels.cli import main
+
+HAS_CUDA = torch.cuda.is_available()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_in_process(capsys):
+    assert main(["demo", "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "max |out - fp32 reference|" in out
+    assert "bit-identical to the base model" in out
+
+
+def test_demo_subprocess_without_interpreter():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_BACKEND")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "lora_kernels", "demo", "--cpu"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "check: max |out - fp32 reference|" in r.stdout and "PASS" in r.stdout
+
+
+def test_env_runs(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "backends:" in out and "reference" in out
+    assert main(["env", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep) >= {"gpu", "versions", "git", "backends"}
+    assert rep["backends"]["reference"] == "available"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "sgmv" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU smoke path")
+def test_sgmv_cpu_smoke_writes_json(tmp_path, capsys):
+    out = tmp_path / "res" / "sgmv.json"
+    rc = main(["sgmv", "--cases", "smoke-t16-a4-mixed", "--reps", "2", "--warmup", "0",
+               "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "CPU smoke, not a GPU measurement" in text
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "lora_kernels.bench.sgmv/1" and doc["kind"] == "cpu-smoke" and doc["complete"]
+    assert doc["label"] == "CPU smoke, not a GPU measurement"
+    for k in ("gpu", "versions", "git_commit", "timing", "roof", "rows", "cases", "dtype", "correctness_rule"):
+        assert k in doc
+    assert doc["gpu"] is None and doc["versions"]["torch"] == torch.__version__ and doc["git_commit"]
+    assert [c["name"] for c in doc["cases"]] == ["smoke-t16-a4-mixed"]
+    impls = {r["impl"] for r in doc["rows"]}
+    assert {"torch.naive_loop", "torch.bmm_gather", "lk.add_lora_[reference]"} <= impls
+    for r in doc["rows"]:
+        assert r["status"] == "ok", r
+        assert r["us_median"] > 0 and r["us_p25"] <= r["us_median"] <= r["us_p75"] and r["reps"] == 2
+        if r["kind"] != "aux":
+            assert r["err_max"] <= r["err_allowed"] and r["gbps"] > 0 and r["speedup_vs_best_baseline"] > 0
+    case = doc["cases"][0]
+    assert case["valid_tokens"] == 12 and case["bytes_min"] > 0 and case["flops"] > 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU smoke path")
+def test_sgmv_custom_case_and_fail_is_reported(tmp_path, capsys, monkeypatch):
+    """A broken implementation is reported FAIL (never timed) and makes the exit status 1."""
+    from lora_kernels.bench import sgmv
+
+    def broken_make(prob, y, state):
+        return lambda: y.add_(1.0)
+
+    real = sgmv.baseline_impls
+    monkeypatch.setattr(sgmv, "baseline_impls", lambda: real() + [sgmv.Impl("broken", "baseline", None, broken_make)])
+    out = tmp_path / "c.json"
+    rc = main(["sgmv", "--tokens", "9", "--hidden-in", "32", "--hidden-out", "40", "--adapters", "3",
+               "--ranks", "2,4", "--dist", "zipf", "--frac-none", "0.3", "--dtype", "fp32", "--reps", "1",
+               "--warmup", "0", "--impls", "torch.*,broken", "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 1
+    doc = json.loads(out.read_text())
+    assert doc["cases"][0]["name"].startswith("custom-t9-a3") and doc["dtype"] == "fp32"
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert rows["broken"]["status"] == "FAIL" and rows["broken"]["us_median"] is None
+    assert rows["torch.naive_loop"]["status"] == "ok" and "FAIL" in text
+
+
+def test_sgmv_bad_case_name(capsys):
+    assert main(["sgmv", "--cases", "no-such-case", "--cpu"]) == 2
+    assert "--cases" in capsys.readouterr().err
+
+
+def test_sgmv_list(capsys):
+    assert main(["sgmv", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("decode-t1-r16", "t256-a64-r16", "mixed-t4096-a64-r8to128", "t4096-a64-r16-4096x11008",
+                 "decode-t1-r16-11008x4096"):
+        assert name in out
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal without a GPU")
+def test_tune_refuses_without_gpu(capsys):
+    assert main(["tune"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("outs", [40, [16, 8, 8]])
+@pytest.mark.parametrize("dist", C.DISTRIBUTIONS)
+def test_baselines_match_reference(outs, dist):
+    g = torch.Generator().manual_seed(3)
+    ranks = [4, 1, 16, 8]
+    S = len(outs) if isinstance(outs, list) else 1
+    w = lk.LoRAWeights(24, outs, max_adapters=6, max_rank=16, dtype=torch.float32)
+    for r in ranks:
+        A = [torch.randn(r, 24, generator=g) for _ in range(S)]
+        B = [torch.randn(o, r, generator=g) for o in (outs if S > 1 else [outs])]
+        w.add(A if S > 1 else A[0], B if S > 1 else B[0], alpha=2.0 * r)
+    w.remove(1)  # a free slot in the middle: ids naming it get no delta
+    ids = C.make_ids(33, 5, dist, frac_none=0.2, seed=1)
+    x = torch.randn(33, 24, generator=g)
+    y0 = torch.randn(33, w.out_features, generator=g)
+    want = y0 + lk.reference.lora_delta(x, w, ids)
+    for cls in (NaiveLoop, BmmGather):
+        y = cls(w, ids)(y0.clone(), x)
+        err = float((y - want).abs().max())
+        assert err <= 1e-4 * max(1.0, float(want.abs().max())), (cls.name, err)
+        none = ids < 0
+        assert torch.equal(y[none], y0[none]), cls.name
+
+
+def test_make_ids_distributions():
+    for dist in C.DISTRIBUTIONS:
+        for order in C.ORDERS:
+            ids = C.make_ids(37, 5, dist, frac_none=0.25, order=order, seed=2)
+            assert ids.dtype == torch.int32 and ids.shape == (37,)
+            assert int((ids == -1).sum()) == 9 and int(ids.max()) < 5
+            assert torch.equal(ids, C.make_ids(37, 5, dist, frac_none=0.25, order=order, seed=2))
+    assert torch.equal(C.make_ids(8, 4, "identical"), torch.zeros(8, dtype=torch.int32))
+    assert sorted(C.make_ids(8, 8, "distinct").tolist()) == list(range(8))
+    counts = torch.bincount(C.make_ids(64, 8, "uniform").long())
+    assert counts.tolist() == [8] * 8
+    c = C.make_ids(10, 3, "uniform", order="contiguous", seed=4).tolist()
+    assert sum(1 for a, b in zip(c, c[1:]) if a != b) == 2  # three segments
+
+
+def test_named_cases_cover_the_table():
+    names = [c.name for c in C.NAMED_CASES if not c.extra]
+    assert len(names) == 9
+    mixed = next(c for c in C.NAMED_CASES if c.name == "mixed-t256-a64-r8to128")
+    assert min(mixed.ranks) == 8 and max(mixed.ranks) == 128
+    # The roofline bytes reproduce BENCHMARKS.md's "roof us" at 2.9 TB/s (within 10%).
+    from lora_kernels.bench.cases import ranks_of
+
+    for c in C.NAMED_CASES:
+        if c.doc_roof_us is None or c.doc_roof_us < 1:
+            continue
+        rk = ranks_of(c)
+        nbytes = 2 * (c.tokens * c.hidden_in + 2 * c.tokens * c.hidden_out + sum(rk) * (c.hidden_in + c.hidden_out))
+        assert abs(nbytes / 2.9e12 * 1e6 - c.doc_roof_us) / c.doc_roof_us < 0.1, c.name
+
+
+@pytest.mark.skipif(HAS_CUDA or not lk.backends.interpreting(), reason="tune internals under the Triton interpreter")
+def test_tune_internals_on_the_interpreter():
+    """What `lora-bench tune` does per bucket (reference check, timing, choice), on the CPU interpreter: every
+    chosen config is valid for write_table, and the keys are the ones the launchers look up."""
+    from lora_kernels.bench import measure, tune
+
+    cases = C.select_cases("smoke-t1-r8", C.SMOKE_CASES)
+    entries, report, aborted = tune.tune_cases(cases, ["add_lora", "shrink", "expand"], torch.float16,
+                                               torch.device("cpu"), measure.CpuTimer(reps=1, warmup=0), max_configs=2)
+    assert aborted is None
+    assert sorted(entries) == sorted([
+        lk.tuning.bucket_key("add_lora", torch.float16, 1, 64, 96, 8),
+        lk.tuning.bucket_key("shrink", torch.float16, 1, 64, 0, 8),
+        lk.tuning.bucket_key("expand", torch.float16, 1, 0, 96, 8),
+    ])
+    for key, cfg in entries.items():
+        assert lk.tuning.validate_config(key.split("|")[0], cfg) == cfg
+    for rec in report:
+        assert len(rec["candidates"]) == 2 and all(c["us_median"] for c in rec["candidates"]), rec
+        assert rec["candidates"][0]["config"] == lk.tuning.candidate_configs(rec["op"], torch.float16,
+                                                                               *rec["shape"].values())[0]
+
+
+# ---- on a GPU (pytest -m cuda; bench/gpu_check.sh runs these before the full sweep) ---------------------------
+
+
+@pytest.mark.cuda
+def test_demo_gpu(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "on cuda" in out and "PASS" in out
+
+
+@pytest.mark.cuda
+def test_sgmv_gpu_smoke_graphs_and_json(tmp_path, capsys):
+    out = tmp_path / "sgmv.json"
+    rc = main(["sgmv", "--smoke", "--reps", "5", "--warmup", "1", "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "gpu" and doc["gpu"]["name"] and doc["roof"]["bandwidth_Bps"] > 0 and doc["complete"]
+    for r in doc["rows"]:
+        assert r["status"] == "ok", r
+        if r["kind"] == "lora_kernels":
+            assert r["graph"] is True, r  # the library's ops must be capturable
+            assert r["pct_roof"] > 0 and r["speedup_vs_best_baseline"] > 0
+
+
+@pytest.mark.cuda
+def test_tune_gpu_smoke_no_write(tmp_path, capsys):
+    out = tmp_path / "tune.json"
+    rc = main(["tune", "--cases", "smoke-t16-a4-mixed", "--max-configs", "3", "--reps", "3", "--no-write",
+               "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["table_path"] is None and len(doc["entries"]) == 1
+    (rec,) = doc["buckets"]
+    assert rec["op"] == "add_lora" and len(rec["candidates"]) == 3 and rec["best"]["us_median"] > 0
