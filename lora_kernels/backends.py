@@ -5,8 +5,10 @@ Rules (in order):
        forces one; forcing a backend that cannot run raises ``RuntimeError`` (never a silent fallback).
     2. CPU tensors: the reference. (Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` and only when
        forced: that is how the tests exercise the kernels without a GPU.)
-    3. CUDA tensors: a kernel only where it is the default for that op family (Triton for the SGMV family,
-       the compiled builder for LoRABatch); configs come from the per-GPU tuning table.
+    3. CUDA tensors: Triton for the SGMV family (configs from the per-GPU tuning table, defaults elsewhere);
+       for LoRABatch, the compiled builder only on GPUs whose tuning table lists it as verified
+       (``lora-bench tune`` checks it against the torch builder there), the sync-free torch builder otherwise.
+       A kernel never run on this GPU model is never chosen by default.
 
 Nothing here initialises CUDA.
 """
@@ -74,9 +76,10 @@ def triton_can_run(device_type: str) -> Optional[str]:
     return None
 
 
-def select(family: str, device_type: str) -> str:
-    """Pick the backend for an op family (``sgmv`` or ``batch``) on a device type. Raises RuntimeError when
-    a forced backend cannot run."""
+def select(family: str, device) -> str:
+    """Pick the backend for an op family (``sgmv`` or ``batch``) on a device (a torch.device, or a device
+    type string). Raises RuntimeError when a forced backend cannot run."""
+    device_type = device if isinstance(device, str) else device.type
     name = forced()
     if name == "reference":
         return "reference"
@@ -99,9 +102,10 @@ def select(family: str, device_type: str) -> str:
     if device_type != "cuda":
         return "reference"
     if family == "batch":
-        from . import _ext
+        from . import _ext, tuning
 
-        return "cuda" if _ext.get() is not None else "reference"
+        verified = not isinstance(device, str) and "build_batch_cuda" in tuning.verified_kernels(device)
+        return "cuda" if verified and _ext.get() is not None else "reference"
     return "triton" if triton_can_run("cuda") is None else "reference"
 
 

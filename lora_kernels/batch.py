@@ -203,7 +203,9 @@ class LoRABatch:
         return self._view(self.layout.scalars + 3, 1)
 
     # ---- building ----------------------------------------------------------------------------------
-    def build(self, adapter_ids: torch.Tensor, ranks: Optional[torch.Tensor] = None, validate: bool = True) -> "LoRABatch":
+    def build(
+        self, adapter_ids: torch.Tensor, ranks: Optional[torch.Tensor] = None, validate: bool = True
+    ) -> "LoRABatch":
         """Rebuild this batch in place from ``adapter_ids`` int32 [T] (T <= max_tokens; T = 0 is allowed).
 
         ``ranks`` (int32 [N] or [S, N], e.g. ``LoRAWeights.ranks``) fills ``max_rank``. With ``validate``
@@ -222,7 +224,8 @@ class LoRABatch:
         check(T <= self.max_tokens, "adapter_ids", f"at most max_tokens={self.max_tokens} tokens", f"{T} tokens")
         if ranks is not None:
             check_tensor("ranks", ranks, dtypes=(torch.int32,))
-            check(ranks.shape[-1] >= self.max_adapters, "ranks", f"last dim >= max_adapters={self.max_adapters}", tuple(ranks.shape))
+            check(ranks.shape[-1] >= self.max_adapters, "ranks", f"last dim >= max_adapters={self.max_adapters}",
+                  tuple(ranks.shape))
         if validate and adapter_ids.device.type == "cpu" and T > 0:
             self._check_range(adapter_ids)
         self.num_tokens = T
@@ -281,7 +284,8 @@ class LoRABatch:
         """
         check_tensor("seg_lens", seg_lens, ndim=1, dtypes=(torch.int32, torch.int64))
         check_tensor("seg_adapters", seg_adapters, ndim=1, dtypes=(torch.int32, torch.int64), device=seg_lens.device)
-        check(seg_lens.shape == seg_adapters.shape, "seg_adapters", f"shape {tuple(seg_lens.shape)} (as seg_lens)", tuple(seg_adapters.shape))
+        check(seg_lens.shape == seg_adapters.shape, "seg_adapters", f"shape {tuple(seg_lens.shape)} (as seg_lens)",
+              tuple(seg_adapters.shape))
         if seg_lens.device.type == "cpu" and seg_lens.numel():
             check(bool((seg_lens >= 0).all()), "seg_lens", "non-negative lengths", seg_lens.tolist())
         total = int(seg_lens.sum()) if max_tokens is None else max_tokens

@@ -66,7 +66,7 @@ def env_report() -> dict:
         out["dispatch"] = {
             "sgmv_cpu": lk.backends.select("sgmv", "cpu"),
             "sgmv_cuda": lk.backends.select("sgmv", "cuda") if torch.cuda.is_available() else None,
-            "batch_cuda": lk.backends.select("batch", "cuda") if torch.cuda.is_available() else None,
+            "batch_cuda": lk.backends.select("batch", torch.device("cuda")) if torch.cuda.is_available() else None,
             "forced": lk.backends.forced(),
             "triton_interpreter": lk.backends.interpreting(),
         }

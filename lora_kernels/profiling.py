@@ -42,7 +42,13 @@ def _push_pop():
     try:
         import nvtx as _nv  # the NVIDIA package: works without a GPU
 
-        return (lambda name: _nv.push_range(name, domain="lora_kernels")), (lambda: _nv.pop_range(domain="lora_kernels"))
+        def push(name):
+            _nv.push_range(name, domain="lora_kernels")
+
+        def pop():
+            _nv.pop_range(domain="lora_kernels")
+
+        return push, pop
     except Exception:  # pragma: no cover - nvtx is a dependency, torch's binding is the fallback
         import torch
 

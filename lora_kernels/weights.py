@@ -60,7 +60,8 @@ class LoRAWeights:
     ):
         outs = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         check(isinstance(in_features, int) and in_features >= 1, "in_features", "an int >= 1", in_features)
-        check(len(outs) >= 1 and all(isinstance(o, int) and o >= 1 for o in outs), "out_features", "ints >= 1", out_features)
+        check(len(outs) >= 1 and all(isinstance(o, int) and o >= 1 for o in outs), "out_features", "ints >= 1",
+              out_features)
         check(isinstance(max_adapters, int) and max_adapters >= 1, "max_adapters", "an int >= 1", max_adapters)
         check(isinstance(max_rank, int) and max_rank >= 1, "max_rank", "an int >= 1", max_rank)
         check(dtype in FLOAT_DTYPES, "dtype", "float16, bfloat16 or float32", dtype, TypeError)
@@ -169,7 +170,8 @@ class LoRAWeights:
             r = As[s].shape[0]
             check(As[s].shape[1] == self.in_features, na, f"shape (r, {self.in_features})", tuple(As[s].shape))
             check(1 <= r <= self.max_rank, na, f"rank in [1, max_rank={self.max_rank}]", r)
-            check(tuple(Bs[s].shape) == (self.slice_outs[s], r), nb, f"shape ({self.slice_outs[s]}, {r})", tuple(Bs[s].shape))
+            check(tuple(Bs[s].shape) == (self.slice_outs[s], r), nb, f"shape ({self.slice_outs[s]}, {r})",
+                  tuple(Bs[s].shape))
             ranks.append(r)
         scales = self._scales(ranks, alpha, scale, use_rslora)
         if adapter_id is None:
@@ -178,7 +180,8 @@ class LoRAWeights:
             adapter_id = free_ids[0]
         else:
             self._check_id(adapter_id)
-            check(adapter_id not in self._alloc, "adapter_id", "a free slot (remove() it first)", f"{adapter_id} in use")
+            check(adapter_id not in self._alloc, "adapter_id", "a free slot (remove() it first)",
+                  f"{adapter_id} in use")
         nrows = max(ranks)
         off = self._take_rows(nrows)
         with torch.no_grad():
@@ -236,11 +239,11 @@ class LoRAWeights:
     def _give_rows(self, off: int, n: int) -> None:
         free = sorted(self._free + [(off, n)])
         merged: List[Tuple[int, int]] = []
-        for s, l in free:
-            if merged and merged[-1][0] + merged[-1][1] == s:
-                merged[-1] = (merged[-1][0], merged[-1][1] + l)
+        for start, n_rows in free:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n_rows)
             else:
-                merged.append((s, l))
+                merged.append((start, n_rows))
         self._free = merged
 
     def _check_id(self, adapter_id: int, loaded: bool = False) -> None:

@@ -216,7 +216,9 @@ def lowp_shrink(x: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, r_cap: int, 
     return h
 
 
-def lowp_expand_(y: torch.Tensor, h: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def lowp_expand_(
+    y: torch.Tensor, h: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """``y += scale * h @ B^T`` computed by PyTorch in ``dtype`` (y is updated in place and returned)."""
     for i, toks in _groups(ids):
         for s in range(w.num_slices):
@@ -229,7 +231,9 @@ def lowp_expand_(y: torch.Tensor, h: torch.Tensor, w: LoRAWeights, ids: torch.Te
     return y
 
 
-def lowp_add_lora_(y: torch.Tensor, x: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def lowp_add_lora_(
+    y: torch.Tensor, x: torch.Tensor, w: LoRAWeights, ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Shrink then expand, both by PyTorch in ``dtype`` (h rounded to ``dtype`` in between)."""
     h = lowp_shrink(x, w, ids, w.max_rank, dtype)
     return lowp_expand_(y, h, w, ids, dtype)

@@ -85,7 +85,8 @@ def test_bad_entries_warn_and_are_ignored(table_dir):
         }}, f)
     with pytest.warns(UserWarning):
         cfg = tuning.get_config("shrink", torch.float16, 8, 4096, 0, 16, device="cuda")
-    assert cfg["SPLIT_K"] == 4 and cfg["BLOCK_M"] == tuning.default_config("shrink", torch.float16, 8, 4096, 0, 16)["BLOCK_M"]
+    default = tuning.default_config("shrink", torch.float16, 8, 4096, 0, 16)
+    assert cfg["SPLIT_K"] == 4 and cfg["BLOCK_M"] == default["BLOCK_M"]
     assert "warp_specialize" not in cfg
 
 
@@ -116,3 +117,24 @@ def test_candidates(op):
             for c in cands:
                 assert tuning.validate_config(op, c) == c
     assert any(c["strategy"] == "fused" for c in tuning.candidate_configs("add_lora", torch.float16, 8, 4096, 4096, 16))
+
+
+def test_verified_kernels_gate_the_compiled_builder(table_dir, monkeypatch):
+    """The CUDA batch builder is the default only on a GPU whose table lists it as verified."""
+    import lora_kernels as lk
+    import lora_kernels._ext
+
+    dev = torch.device("cuda", 0)  # never touched: _device_gpu is faked by the fixture
+    assert tuning.verified_kernels(dev) == frozenset()
+    monkeypatch.setattr(lk._ext, "get", lambda build=True: object())  # pretend the extension loads
+    assert lk.backends.select("batch", dev) == "reference"
+    tuning.write_table("Fake GPU 80GB", {}, {"commit": "x"}, verified_kernels=["build_batch_cuda"])
+    assert tuning.verified_kernels(dev) == frozenset({"build_batch_cuda"})
+    assert lk.backends.select("batch", dev) == "cuda"
+    tuning.write_table("Fake GPU 80GB", {}, {"commit": "y"})  # None keeps what the table had
+    assert tuning.verified_kernels(dev) == frozenset({"build_batch_cuda"})
+    tuning.write_table("Fake GPU 80GB", {}, verified_kernels=[])
+    assert lk.backends.select("batch", dev) == "reference"
+    with pytest.raises(ValueError, match="verified_kernels"):
+        tuning.write_table("Fake GPU 80GB", {}, verified_kernels=["nope"])
+    assert tuning.verified_kernels(torch.device("cpu")) == frozenset()

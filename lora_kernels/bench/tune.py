@@ -277,6 +277,44 @@ def tune_cases(
     return entries, report, aborted
 
 
+def verify_compiled_kernels(device: torch.device) -> Tuple[List[str], Dict[str, str]]:
+    """Check each compiled kernel against the path it would replace, on this GPU. Returns the names that
+    passed (for the table's ``verified_kernels``) and a report name -> "pass" / the reason it did not."""
+    import lora_kernels as lk
+    import lora_kernels._ext
+    from lora_kernels.batch import build_batch_torch_
+
+    report: Dict[str, str] = {}
+    ext = lk._ext.get()
+    if ext is None:
+        return [], {"build_batch_cuda": f"not available: {lk._ext.status()}"}
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for T, N in ((0, 4), (1, 1), (7, 3), (257, 64), (4096, 64), (8192, 1000), (70000, 70000)):
+            ids = torch.randint(-2, N + 1, (T,), generator=gen, dtype=torch.int32).to(device)
+            ranks = torch.randint(1, 129, (3, N), generator=gen, dtype=torch.int32).to(device)
+            for rk in (None, ranks):
+                got = lk.LoRABatch(max(T, 1), N, device)
+                want = lk.LoRABatch(max(T, 1), N, device)
+                ext.build_batch_(got.meta, ids, rk, got.max_tokens, N)
+                build_batch_torch_(want.meta, ids, rk, want.max_tokens, N)
+                lay = got.layout
+                n = lay.scalars + 4
+                # Entries past T of the token arrays are unspecified; compare everything else.
+                used = torch.cat([got.meta[:T], got.meta[lay.max_tokens : lay.max_tokens + T],
+                                  got.meta[2 * lay.max_tokens : n]])
+                ref = torch.cat([want.meta[:T], want.meta[lay.max_tokens : lay.max_tokens + T],
+                                 want.meta[2 * lay.max_tokens : n]])
+                if not torch.equal(used, ref):
+                    report["build_batch_cuda"] = f"mismatch vs the torch builder at T={T}, N={N}"
+                    return [], report
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001  (a failing kernel is reported, never recorded as verified)
+        return [], {"build_batch_cuda": f"error: {_err(e)}"}
+    report["build_batch_cuda"] = "pass"
+    return ["build_batch_cuda"], report
+
+
 def run(args) -> int:
     import lora_kernels as lk
 
@@ -316,15 +354,19 @@ def run(args) -> int:
         "driver": env["gpu"]["driver"] if env["gpu"] else None,
         "aborted": aborted,
     }
+    verified, verify_report = verify_compiled_kernels(device)
+    for name, outcome in verify_report.items():
+        print(f"compiled kernel {name}: {outcome}")
+    meta["verified_report"] = verify_report
     path = None
     table = None
-    if not args.no_write and entries:
+    if not args.no_write and (entries or verified):
         merged = {} if args.replace else lk.tuning.load_table(gpu_name)
         merged.update(entries)
-        path = lk.tuning.write_table(gpu_name, merged, meta)
+        path = lk.tuning.write_table(gpu_name, merged, meta, verified_kernels=verified)
         with open(path) as f:
             table = json.load(f)
-        print(f"wrote {len(entries)} tuned bucket(s) ({len(merged)} in all) to {path}")
+        print(f"wrote {len(entries)} tuned bucket(s) ({len(merged)} in all), verified kernels {verified}, to {path}")
     elif not entries:
         print("lora-bench tune: nothing passed; the table is unchanged")
     if args.out:

@@ -1,7 +1,8 @@
 """Custom op ``lora_kernels::build_batch_``: fill a LoRABatch's meta buffer from per-token adapter ids.
 
 CUDA: the compiled builder (``csrc/kernels/lora_batch.cuh``: one launch, one CTA, no host sync) when the
-extension is present, the torch builder otherwise (also sync-free). CPU: the torch builder.
+extension is present and verified on this GPU model (see :mod:`lora_kernels.backends`), or when forced with
+``LORA_KERNELS_BACKEND=cuda``; the torch builder otherwise (also sync-free). CPU: the torch builder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _build_batch_op(
     meta: torch.Tensor, adapter_ids: torch.Tensor, ranks: Optional[torch.Tensor], max_tokens: int, max_adapters: int
 ) -> None:
     with nvtx_range("lora_kernels.build_batch_"):
-        if backends.select("batch", meta.device.type) == "cuda":
+        if backends.select("batch", meta.device) == "cuda":
             from .. import _ext
 
             _ext.get().build_batch_(meta, adapter_ids.to(torch.int32), ranks, max_tokens, max_adapters)

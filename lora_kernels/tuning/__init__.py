@@ -229,14 +229,51 @@ def _load_table_cached(gpu_name: str) -> tuple[tuple[str, dict[str, Any]], ...]:
     return tuple(out)
 
 
+# Compiled (csrc/) kernels that replace a tested default path only on GPUs where `lora-bench tune` checked
+# them against that path. Names: "build_batch_cuda" (the LoRABatch builder of the extension).
+VERIFIABLE_KERNELS = ("build_batch_cuda",)
+
+
+@functools.cache
+def _verified_cached(gpu_name: str) -> frozenset:
+    path = table_path(gpu_name)
+    if not os.path.exists(path):
+        return frozenset()
+    try:
+        with open(path) as f:
+            names = json.load(f).get("verified_kernels", [])
+        return frozenset(n for n in names if n in VERIFIABLE_KERNELS)
+    except Exception:  # noqa: BLE001  (a broken table is reported by _load_table_cached)
+        return frozenset()
+
+
+def verified_kernels(device: Any) -> frozenset:
+    """Names of the compiled kernels that passed the reference check on ``device``'s GPU (written by
+    ``lora-bench tune``); empty for CPU devices and GPUs without a table."""
+    gpu = _device_gpu(device)
+    return _verified_cached(gpu) if gpu is not None else frozenset()
+
+
 def load_table(gpu_name: str) -> dict[str, dict[str, Any]]:
     """Validated entries of a GPU's table, keyed by :func:`bucket_key` ({} when there is no table)."""
     return {k: copy.deepcopy(v) for k, v in _load_table_cached(gpu_name)}
 
 
-def write_table(gpu_name: str, entries: dict[str, dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
+def write_table(
+    gpu_name: str,
+    entries: dict[str, dict[str, Any]],
+    meta: dict[str, Any] | None = None,
+    verified_kernels: Any = None,
+) -> str:
     """Write a GPU's table and return its path. ``meta`` (e.g. ``{"commit": ...}``) is stored alongside;
-    the GPU name and the torch/triton versions are added. Invalid entries raise ``ValueError``."""
+    the GPU name and the torch/triton versions are added. ``verified_kernels``: names from
+    ``VERIFIABLE_KERNELS`` that passed their check on this GPU (None keeps those of the existing table).
+    Invalid entries raise ``ValueError``."""
+    if verified_kernels is None:
+        verified_kernels = sorted(_verified_cached(gpu_name))
+    bad = [n for n in verified_kernels if n not in VERIFIABLE_KERNELS]
+    if bad:
+        raise ValueError(f"verified_kernels: expected names from {VERIFIABLE_KERNELS}, got {bad}")
     for key, entry in entries.items():
         op = key.split("|", 1)[0]
         if op not in OPS:
@@ -257,6 +294,7 @@ def write_table(gpu_name: str, entries: dict[str, dict[str, Any]], meta: dict[st
         "torch": torch.__version__,
         "triton": triton_version,
         **(meta or {}),
+        "verified_kernels": sorted(set(verified_kernels)),
         "entries": dict(sorted(entries.items())),
     }
     path = table_path(gpu_name)
@@ -270,6 +308,7 @@ def write_table(gpu_name: str, entries: dict[str, dict[str, Any]], meta: dict[st
 def clear_cache() -> None:
     """Forget loaded tables and resolved configs (after writing a table)."""
     _load_table_cached.cache_clear()
+    _verified_cached.cache_clear()
     _resolve.cache_clear()
     _gpu_name.cache_clear()
 
@@ -298,7 +337,9 @@ def _device_gpu(device: Any) -> str | None:
     return _gpu_name(index)
 
 
-def get_config_cached(op: str, dtype: Any, T: int, in_f: int, out_f: int, r_cap: int, device: Any = None) -> dict[str, Any]:
+def get_config_cached(
+    op: str, dtype: Any, T: int, in_f: int, out_f: int, r_cap: int, device: Any = None
+) -> dict[str, Any]:
     """:func:`get_config` without the copy: the launchers' hot path. Do not mutate the result."""
     # The defaults depend on the exact sizes only through thresholds, but cache on the exact values: the
     # number of distinct shapes a model sees is small.
