@@ -231,3 +231,24 @@ def test_public_ops_on_the_triton_backend(outs):
     torch.testing.assert_close(h, reference.shrink(x, w.a, w.offsets, w.ranks, ids.clamp(min=-1), w.max_rank),
                                rtol=1e-3, atol=1e-3)
     assert torch.equal(got[ids < 0], y[ids < 0])
+
+
+class _TransposedOut(torch.nn.Module):
+    """A base layer whose output is a non-contiguous view (as some quantised or fused linears return)."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+
+    def forward(self, x):
+        return (x @ self.lin.weight.t()).t().contiguous().t() + self.lin.bias
+
+
+@torch.no_grad()
+def test_lora_linear_with_a_non_contiguous_base_output():
+    w, batch, ids, x, _ = setup(T=6)
+    lin = torch.nn.Linear(24, 20)
+    layer = lk.nn.LoRALinear(_TransposedOut(lin), w, batch=batch)
+    out = layer(x)
+    torch.testing.assert_close(out.double(), lin(x).double() + naive_delta(x, w, ids), rtol=1e-5, atol=1e-5)

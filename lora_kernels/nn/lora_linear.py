@@ -86,9 +86,13 @@ class LoRALinear(nn.Module):
                                "(a batch of all -1 ids serves the base layer alone)")
         y = self.base(x)
         x2 = x.reshape(-1, x.shape[-1])
-        y2 = y.view(-1, y.shape[-1])
+        # reshape, not view: a base module may return a non-contiguous output; the delta is added to the
+        # flattened (and, if its last dim is strided, compacted) tensor, which is returned in y's shape.
+        y2 = y.reshape(-1, y.shape[-1])
+        if y2.shape[-1] > 1 and y2.stride(-1) != 1:
+            y2 = y2.contiguous()
         add_lora_(y2, x2, self.weights, batch)
-        return y
+        return y2.view(*y.shape)
 
     def extra_repr(self) -> str:
         return f"weights={self.weights!r}"
