@@ -8,7 +8,9 @@ compiled graph. Uses the ``nvtx`` package when installed, else ``torch.cuda.nvtx
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 from typing import Iterator, Optional
 
 _enabled: Optional[bool] = None  # None: follow the environment
@@ -38,7 +40,10 @@ def set_nvtx(on: Optional[bool]) -> None:
     _enabled = on
 
 
+@functools.lru_cache(maxsize=1)
 def _push_pop():
+    """(push, pop) from the ``nvtx`` package, else torch's CUDA binding, else no-ops with one warning (a
+    CPU-only torch without the nvtx package has nowhere to send ranges; ops must not fail because of it)."""
     try:
         import nvtx as _nv  # the NVIDIA package: works without a GPU
 
@@ -49,10 +54,15 @@ def _push_pop():
             _nv.pop_range(domain="lora_kernels")
 
         return push, pop
-    except Exception:  # pragma: no cover - nvtx is a dependency, torch's binding is the fallback
-        import torch
+    except Exception:
+        pass
+    import torch
 
+    if torch.version.cuda:
         return torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+    warnings.warn("lora_kernels: NVTX ranges requested but neither the nvtx package nor a CUDA build of torch is "
+                  "installed; ranges are off", stacklevel=3)
+    return (lambda name: None), (lambda: None)
 
 
 @contextlib.contextmanager
