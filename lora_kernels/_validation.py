@@ -30,22 +30,26 @@ def check_tensor(
     """Check a tensor argument. ``shape`` entries that are None are not checked.
 
     Raises TypeError for a non-tensor or a wrong dtype, ValueError for ndim/shape/device/stride problems.
+    This runs on every op call: messages are only built when a check fails.
     """
-    check(isinstance(t, torch.Tensor), name, "a torch.Tensor", type(t).__name__, TypeError)
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        check(t.dtype in dtypes, name, f"dtype in {[str(d) for d in dtypes]}", t.dtype, TypeError)
-    if ndim is not None:
-        check(t.ndim == ndim, name, f"{ndim} dims", f"{t.ndim} dims (shape {tuple(t.shape)})")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got {t.ndim} dims (shape {tuple(t.shape)})")
     if shape is not None:
-        check(t.ndim == len(shape), name, f"{len(shape)} dims", f"{t.ndim} dims (shape {tuple(t.shape)})")
-        want = tuple("*" if s is None else s for s in shape)
-        ok = all(s is None or s == d for s, d in zip(shape, t.shape))
-        check(ok, name, f"shape {want}", tuple(t.shape))
-    if device is not None:
-        check(_same_device(t.device, torch.device(device)), name, f"device {device}", t.device)
-    if inner_contiguous and t.ndim >= 1 and t.shape[-1] > 1:
-        check(t.stride(-1) == 1, name, "unit stride in the last dim (rows may be strided)", f"strides {t.stride()}")
+        if t.ndim != len(shape):
+            raise ValueError(f"{name}: expected {len(shape)} dims, got {t.ndim} dims (shape {tuple(t.shape)})")
+        if not all(s is None or s == d for s, d in zip(shape, t.shape)):
+            want = tuple("*" if s is None else s for s in shape)
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if device is not None and t.device != device and not _same_device(t.device, torch.device(device)):
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if inner_contiguous and t.ndim >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name}: expected unit stride in the last dim (rows may be strided), got strides {t.stride()}"
+        )
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
