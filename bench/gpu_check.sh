@@ -7,7 +7,7 @@
 # have no .git; without it the JSON says "unknown"). Or in two calls, the second within 30 s so the warm
 # machine keeps the build and Triton's cache:
 #     GPU_CHECK_STEPS="nvidia-smi build env pytest sanitize memcheck racecheck" bash bench/gpu_check.sh
-#     GPU_CHECK_STEPS="build sgmv tune" bash bench/gpu_check.sh
+#     GPU_CHECK_STEPS="build sgmv merge tune" bash bench/gpu_check.sh
 #
 # Steps (each logs to logs/<step>.log, runs under its own time cap, and the script goes on past failures):
 #     nvidia-smi  the GPU, driver, clocks (read only: never changes the card's settings)
@@ -18,11 +18,33 @@
 #     memcheck    compute-sanitizer --tool memcheck  on bench/sanitize_ops.py
 #     racecheck   compute-sanitizer --tool racecheck on bench/sanitize_ops.py
 #     sgmv        lora-bench sgmv over every case (sgmv.json; also copied to bench/results/<gpu>/)
+#     merge       lora-bench merge: merge/unmerge per 7B shape and the 32-layer model switch (merge.json; also
+#                 copied to bench/results/<gpu>/)
+#     backward    lora-bench backward: fwd+bwd tokens/s of the multi-adapter delta, 64 adapters of mixed ranks, vs
+#                 a per-adapter loop (backward.json, returned inside logs.tar.gz to stay under the 8-file limit;
+#                 on this side copy it to bench/results/<gpu>/backward-<date>.json). The cuda tests of the
+#                 backward (tests/test_lora_backward.py) run in the pytest step.
+#     dual        lora-bench dual: Dual-LoRA r = 32 on 4096 -> 4096, fwd and fwd+bwd vs PyTorch and torch.compile,
+#                 time and peak memory (dual.json inside logs.tar.gz; copy to bench/results/<gpu>/dual-<date>.json).
+#                 Its cuda tests (tests/test_dual_lora.py) run in the pytest step.
+#     serve       lora-bench serve: decode-step latency of a patched 2-layer 4096-wide Llama with 32 adapters vs
+#                 PEFT's mixed batch, eager and CUDA graphs (serve.json inside logs.tar.gz; copy to
+#                 bench/results/<gpu>/serve-<date>.json). Its cuda tests (tests/test_integrations_hf.py: the
+#                 DecodeGraph replay) run in the pytest step.
 #     tune        lora-bench tune (tune.json report, and the table itself: tuning-<gpu>.json)
+#     vce         lora-bench vce: deform_pool fwd and fwd+bwd at the VCE shapes (B 1 and 8) vs grid_sample, its
+#                 torch.compile and an fp32 Deformable-DETR-style kernel (vce.json inside logs.tar.gz; copy to
+#                 bench/results/<gpu>/vce-<date>.json). Its cuda tests (tests/test_deform.py) run in the pytest step,
+#                 its kernels in the sanitize steps, and tune verifies "deform_cuda".
+#     pool        python/many_adapters.py: 1,000 PEFT adapters on disk, a 64-slot AdapterPool, Zipf requests,
+#                 side-stream prefetch; hit rate, prefetch stalls and ms/step in logs/pool.log (and the summary)
+#     overhead    lora-bench overhead: host us per call of add_lora_/shrink/expand_/LoRALinear/lora_linear, kernels
+#                 stubbed (CPU tensors) and real eager CUDA launches (T=1, 4096, bf16), fast path vs dispatcher
+#                 (overhead.json inside logs.tar.gz; copy to bench/results/<gpu>/overhead-<date>.json)
 #
 # What comes back in $OUT (at most 8 files may come back from the device machine): summary.txt, logs.tar.gz
-# (every step's log), junit.xml, sgmv.json, tune.json, tuning-<gpu>.json. Afterwards, on this side: copy
-# sgmv.json to bench/results/<gpu>/sgmv-<date>.json and tuning-<gpu>.json to lora_kernels/tuning/<gpu>.json
+# (every step's log), junit.xml, sgmv.json, merge.json, tune.json, tuning-<gpu>.json. Afterwards, on this side: copy
+# sgmv.json to bench/results/<gpu>/sgmv-<date>.json (merge.json likewise) and tuning-<gpu>.json to lora_kernels/tuning/<gpu>.json
 # (the name `lora-bench env` prints), then commit. The summary and the sgmv table are printed last.
 #
 # Environment: OUT (default ./out/gpu_check), PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default
@@ -39,7 +61,7 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-560}
 RESERVE=15 # seconds kept for packing the results
 START=$(date +%s)
-STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck sgmv tune"}
+STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck sgmv merge backward tune dual serve pool vce overhead"}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
@@ -47,7 +69,7 @@ export OUT REPO PY LOGS
 
 # Default caps (seconds): maxima; a step that ends early leaves its time to the later ones.
 declare -A CAP=([nvidia-smi]=15 [build]=180 [env]=40 [pytest]=150 [sanitize]=60 [memcheck]=60 [racecheck]=60
-                [sgmv]=130 [tune]=150)
+                [sgmv]=130 [merge]=90 [backward]=60 [tune]=150 [dual]=60 [serve]=90 [pool]=60 [vce]=100 [overhead]=45)
 SUMMARY=()
 FAILED=()
 
@@ -92,6 +114,23 @@ do_sgmv() {
   fi
   return $rc
 }
+do_merge() {
+  local rc
+  "$PY" -m lora_kernels merge --out "$OUT/merge.json" --no-progress --time-budget $(( STEP_LIMIT - 30 > 10 ? STEP_LIMIT - 30 : 10 ))
+  rc=$?
+  if [ -f "$OUT/merge.json" ]; then
+    local gpu
+    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$OUT/merge.json")
+    if [ -n "$gpu" ]; then
+      mkdir -p "bench/results/$gpu" && cp "$OUT/merge.json" "bench/results/$gpu/merge-$(date +%Y%m%d-%H%M%S).json"
+    fi
+  fi
+  return $rc
+}
+do_backward() {
+  "$PY" -m lora_kernels backward --out "$LOGS/backward.json" --no-progress \
+    --time-budget $(( STEP_LIMIT - 20 > 10 ? STEP_LIMIT - 20 : 10 ))
+}
 do_tune() {
   local rc
   "$PY" -m lora_kernels tune --out "$OUT/tune.json" --no-progress --max-configs "${TUNE_MAX_CONFIGS:-8}" \
@@ -102,7 +141,55 @@ do_tune() {
   if [ -n "$table" ] && [ -f "$table" ]; then cp "$table" "$OUT/tuning-$(basename "$table")"; fi
   return $rc
 }
-export -f sanitizer do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_sgmv do_tune
+do_dual() {  # Dual-LoRA: r = 32 on 4096 -> 4096, fwd and fwd+bwd vs PyTorch and torch.compile (dual.json)
+  "$PY" -m lora_kernels dual --out "$LOGS/dual.json" --no-progress  # returned inside logs.tar.gz (8-file limit)
+  local rc=$?
+  if [ -f "$LOGS/dual.json" ]; then
+    local gpu
+    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$LOGS/dual.json")
+    if [ -n "$gpu" ]; then
+      mkdir -p "bench/results/$gpu" && cp "$LOGS/dual.json" "bench/results/$gpu/dual-$(date +%Y%m%d-%H%M%S).json"
+    fi
+  fi
+  return $rc
+}
+export -f do_dual
+do_serve() {  # issue 7: patched model vs PEFT mixed batch, eager and CUDA graphs (serve.json)
+  "$PY" -m lora_kernels serve --out "$LOGS/serve.json" --time-budget $(( STEP_LIMIT - 40 > 10 ? STEP_LIMIT - 40 : 10 ))
+  local rc=$?
+  if [ -f "$LOGS/serve.json" ]; then
+    local gpu
+    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$LOGS/serve.json")
+    if [ -n "$gpu" ]; then
+      mkdir -p "bench/results/$gpu" && cp "$LOGS/serve.json" "bench/results/$gpu/serve-$(date +%Y%m%d-%H%M%S).json"
+    fi
+  fi
+  return $rc
+}
+export -f do_serve
+do_vce() {  # issue 6: deform_pool fwd and fwd+bwd at the VCE shapes vs grid_sample, torch.compile, DETR fp32 (vce.json)
+  "$PY" -m lora_kernels vce --out "$LOGS/vce.json" --no-progress --reps 30 \
+    --time-budget $(( STEP_LIMIT - 40 > 10 ? STEP_LIMIT - 40 : 10 ))  # returned inside logs.tar.gz
+  local rc=$?
+  if [ -f "$LOGS/vce.json" ]; then
+    local gpu
+    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$LOGS/vce.json")
+    if [ -n "$gpu" ]; then
+      mkdir -p "bench/results/$gpu" && cp "$LOGS/vce.json" "bench/results/$gpu/vce-$(date +%Y%m%d-%H%M%S).json"
+    fi
+  fi
+  return $rc
+}
+export -f do_vce
+do_pool() {  # issue 7: AdapterPool hit rate and prefetch stalls on the GPU (bf16, checked vs a dense reference)
+  "$PY" python/many_adapters.py --adapters 1000 --capacity 64 --steps 200 --hidden 128 --layers 2 --check-every 50
+}
+export -f do_pool
+do_overhead() {  # host overhead per op call (BENCHMARKS.md: <= 10 us); returned inside logs.tar.gz
+  "$PY" -m lora_kernels overhead --iters 1000 --repeats 5 --out "$LOGS/overhead.json"
+}
+export -f do_overhead
+export -f sanitizer do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_sgmv do_merge do_backward do_tune
 
 run_step() {
   local name=$1 fn=$2
@@ -141,7 +228,14 @@ run_step sanitize do_sanitize
 run_step memcheck do_memcheck
 run_step racecheck do_racecheck
 run_step sgmv do_sgmv
+run_step overhead do_overhead  # short; early so a spent budget never skips it
+run_step merge do_merge
+run_step backward do_backward
 run_step tune do_tune
+run_step dual do_dual
+run_step serve do_serve
+run_step pool do_pool
+run_step vce do_vce
 
 # ---- report --------------------------------------------------------------------------------------------------
 {
@@ -151,6 +245,7 @@ run_step tune do_tune
   grep -E '^(ok|FAIL)|checks passed' "$LOGS/sanitize.log" 2>/dev/null | grep -v '^ok' | tail -n 20
   grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|========= (Invalid|Race|Error)' "$LOGS/memcheck.log" "$LOGS/racecheck.log" 2>/dev/null | head -n 20
   grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOGS/pytest.log" 2>/dev/null | tail -n 3
+  grep -E 'hit rate|^(OK|FAILED):' "$LOGS/pool.log" 2>/dev/null
   printf '%-11s %-8s %5s  %s\n' step status time log
   printf '%s\n' "${SUMMARY[@]}"
   for f in "${FAILED[@]}"; do
@@ -161,6 +256,15 @@ run_step tune do_tune
   done
 } >"$OUT/summary.txt" 2>&1
 
+if [ -f "$LOGS/backward.json" ]; then
+  echo "---- lora-bench backward (full rows: logs/backward.json in logs.tar.gz)"
+  "$PY" - "$LOGS/backward.json" <<'EOF' 2>/dev/null
+import json, sys
+from lora_kernels.bench.backward import format_table
+d = json.load(open(sys.argv[1]))
+print(format_table(d["rows"]))
+EOF
+fi
 tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
 
 if [ -f "$OUT/sgmv.json" ]; then
@@ -168,6 +272,15 @@ if [ -f "$OUT/sgmv.json" ]; then
   "$PY" - "$OUT/sgmv.json" <<'EOF' 2>/dev/null
 import json, sys
 from lora_kernels.bench.sgmv import format_table
+d = json.load(open(sys.argv[1]))
+print(format_table(d["rows"]))
+EOF
+fi
+if [ -f "$OUT/merge.json" ]; then
+  echo "---- lora-bench merge (full rows: merge.json)"
+  "$PY" - "$OUT/merge.json" <<'EOF' 2>/dev/null
+import json, sys
+from lora_kernels.bench.merge import format_table
 d = json.load(open(sys.argv[1]))
 print(format_table(d["rows"]))
 EOF

@@ -55,3 +55,148 @@ extern "C" PyMODINIT_FUNC LORA_KERNELS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(voi
                                           nullptr};
   return PyModule_Create(&module_def);
 }
+
+// ---- merge / unmerge (lora_kernels.ops.merge) ----------------------------------------------------------------------
+// merge_grouped_(Tensor jobs, Tensor tile_start, Tensor terms, Tensor coefs, Tensor(a!) counter, int total_tiles,
+//                int w_kind, int ab_kind, bool unmerge, bool exact) -> ()
+//
+// Semantics: csrc/kernels/merge.cuh. An internal launcher: the weights and code buffers it writes travel as device
+// pointers in `jobs` (built by lora_kernels.ops.merge.build_tables); the Python custom ops
+// torch.ops.lora_kernels.merge_* declare those mutations. One launch, no allocation, no host sync.
+namespace lora_kernels {
+namespace {
+
+void merge_grouped_(const at::Tensor& jobs, const at::Tensor& tile_start, const at::Tensor& terms,
+                    const at::Tensor& coefs, const at::Tensor& counter, int64_t total_tiles, int64_t w_kind,
+                    int64_t ab_kind, bool unmerge, bool exact) {
+  merge_grouped_cuda(jobs, tile_start, terms, coefs, counter, total_tiles, w_kind, ab_kind, unmerge, exact);
+}
+
+void merge_grouped_meta_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, int64_t, int64_t, int64_t, bool, bool) {}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels_C, m) {
+  m.def("merge_grouped_(Tensor jobs, Tensor tile_start, Tensor terms, Tensor coefs, Tensor(a!) counter, "
+        "int total_tiles, int w_kind, int ab_kind, bool unmerge, bool exact) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, CUDA, m) {
+  m.impl("merge_grouped_", &lora_kernels::merge_grouped_);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, Meta, m) {
+  m.impl("merge_grouped_", &lora_kernels::merge_grouped_meta_);
+}
+
+// ---- deformable pooling (lora_kernels.ops.deform) ------------------------------------------------------------------
+// deform_pool_fwd_(Tensor(a!) out, Tensor value, Tensor spatial_shapes, Tensor level_start_index,
+//                  Tensor sampling_locations, Tensor attention_weights, bool baseline) -> ()
+// deform_pool_bwd_(Tensor(a!) grad_value, Tensor(b!) grad_loc, Tensor(c!) grad_attn, Tensor grad_out, Tensor value,
+//                  Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations,
+//                  Tensor attention_weights, bool baseline) -> ()
+//
+// Semantics: lora_kernels.reference.deform_pool / deform_pool_backward; kernels in csrc/kernels/deform_pool.cuh.
+// Internal launchers: the Python custom ops torch.ops.lora_kernels.deform_pool{,_backward} allocate the outputs
+// (grad_value fp32 and zeroed; grad_loc / grad_attn in the input dtype, or fp32 and zeroed with baseline=true)
+// and call these. baseline=true runs the fp32 Deformable-DETR-style kernels (benchmark only). One launch each, no
+// allocation, no host sync.
+namespace lora_kernels {
+namespace {
+
+void deform_pool_fwd_(const at::Tensor& out, const at::Tensor& value, const at::Tensor& shapes,
+                      const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn, bool baseline) {
+  deform_pool_fwd_cuda(out, value, shapes, starts, loc, attn, baseline);
+}
+
+void deform_pool_fwd_meta_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, bool) {}
+
+void deform_pool_bwd_(const at::Tensor& grad_value, const at::Tensor& grad_loc, const at::Tensor& grad_attn,
+                      const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& shapes,
+                      const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn, bool baseline) {
+  deform_pool_bwd_cuda(grad_value, grad_loc, grad_attn, grad_out, value, shapes, starts, loc, attn, baseline);
+}
+
+void deform_pool_bwd_meta_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, bool) {}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels_C, m) {
+  m.def("deform_pool_fwd_(Tensor(a!) out, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+        "Tensor sampling_locations, Tensor attention_weights, bool baseline) -> ()");
+  m.def("deform_pool_bwd_(Tensor(a!) grad_value, Tensor(b!) grad_loc, Tensor(c!) grad_attn, Tensor grad_out, "
+        "Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
+        "Tensor attention_weights, bool baseline) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, CUDA, m) {
+  m.impl("deform_pool_fwd_", &lora_kernels::deform_pool_fwd_);
+  m.impl("deform_pool_bwd_", &lora_kernels::deform_pool_bwd_);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, Meta, m) {
+  m.impl("deform_pool_fwd_", &lora_kernels::deform_pool_fwd_meta_);
+  m.impl("deform_pool_bwd_", &lora_kernels::deform_pool_bwd_meta_);
+}
+
+// ---- fused deformable sampling (lora_kernels.ops.deform.deform_sample) ----------------------------------------------
+// deform_sample_fwd_(Tensor(a!) out, Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor ref,
+//                    Tensor offsets, Tensor logits) -> ()
+// deform_sample_bwd_(Tensor(a!) grad_value, Tensor(b!) grad_offsets, Tensor(c!) grad_logits, Tensor grad_out,
+//                    Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor ref, Tensor offsets,
+//                    Tensor logits) -> ()
+//
+// Semantics: lora_kernels.reference.deform_sample / deform_sample_backward (deform_pool with loc = ref + offsets /
+// (W_l, H_l) and weights = softmax of the L * P logits, formed in the kernel); kernels deform_sample_*_kernel in
+// csrc/kernels/deform_pool.cuh. ref fp32 [Q, 2]; offsets [B, Q, H, L, P, 2] and logits [B, Q, H, L, P] in value's
+// dtype or fp32; grad_value fp32 zeroed (or empty: not computed), grad_offsets offsets' dtype, grad_logits fp32.
+// Internal launchers of the Python custom ops torch.ops.lora_kernels.deform_sample{,_backward}.
+namespace lora_kernels {
+namespace {
+
+void deform_sample_fwd_(const at::Tensor& out, const at::Tensor& value, const at::Tensor& shapes,
+                        const at::Tensor& starts, const at::Tensor& ref, const at::Tensor& offsets,
+                        const at::Tensor& logits) {
+  deform_sample_fwd_cuda(out, value, shapes, starts, ref, offsets, logits);
+}
+
+void deform_sample_fwd_meta_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+
+void deform_sample_bwd_(const at::Tensor& grad_value, const at::Tensor& grad_offsets, const at::Tensor& grad_logits,
+                        const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& shapes,
+                        const at::Tensor& starts, const at::Tensor& ref, const at::Tensor& offsets,
+                        const at::Tensor& logits) {
+  deform_sample_bwd_cuda(grad_value, grad_offsets, grad_logits, grad_out, value, shapes, starts, ref, offsets, logits);
+}
+
+void deform_sample_bwd_meta_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&) {}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels_C, m) {
+  m.def("deform_sample_fwd_(Tensor(a!) out, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+        "Tensor ref, Tensor offsets, Tensor logits) -> ()");
+  m.def("deform_sample_bwd_(Tensor(a!) grad_value, Tensor(b!) grad_offsets, Tensor(c!) grad_logits, Tensor grad_out, "
+        "Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor ref, Tensor offsets, "
+        "Tensor logits) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, CUDA, m) {
+  m.impl("deform_sample_fwd_", &lora_kernels::deform_sample_fwd_);
+  m.impl("deform_sample_bwd_", &lora_kernels::deform_sample_bwd_);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, Meta, m) {
+  m.impl("deform_sample_fwd_", &lora_kernels::deform_sample_fwd_meta_);
+  m.impl("deform_sample_bwd_", &lora_kernels::deform_sample_bwd_meta_);
+}

@@ -16,3 +16,33 @@ void build_batch_cuda(const at::TensorBase& meta, const at::TensorBase& adapter_
                       int64_t max_tokens, int64_t max_adapters);
 
 }  // namespace lora_kernels
+
+namespace lora_kernels {
+
+// See merge_grouped_ in bindings.cpp (csrc/merge.cu, kernel in kernels/merge.cuh).
+void merge_grouped_cuda(const at::TensorBase& jobs, const at::TensorBase& tile_start, const at::TensorBase& terms,
+                        const at::TensorBase& coefs, const at::TensorBase& counter, int64_t total_tiles,
+                        int64_t w_kind, int64_t ab_kind, bool unmerge, bool exact);
+
+}  // namespace lora_kernels
+
+namespace lora_kernels {
+
+// See deform_pool_fwd_ / deform_pool_bwd_ in bindings.cpp (csrc/deform_pool.cu, kernels in kernels/deform_pool.cuh).
+void deform_pool_fwd_cuda(const at::TensorBase& out, const at::TensorBase& value, const at::TensorBase& shapes,
+                          const at::TensorBase& starts, const at::TensorBase& loc, const at::TensorBase& attn,
+                          bool baseline);
+void deform_pool_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBase& grad_loc,
+                          const at::TensorBase& grad_attn, const at::TensorBase& grad_out, const at::TensorBase& value,
+                          const at::TensorBase& shapes, const at::TensorBase& starts, const at::TensorBase& loc,
+                          const at::TensorBase& attn, bool baseline);
+// See deform_sample_fwd_ / deform_sample_bwd_ in bindings.cpp (the fused form; same files).
+void deform_sample_fwd_cuda(const at::TensorBase& out, const at::TensorBase& value, const at::TensorBase& shapes,
+                            const at::TensorBase& starts, const at::TensorBase& ref, const at::TensorBase& offsets,
+                            const at::TensorBase& logits);
+void deform_sample_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBase& grad_offsets,
+                            const at::TensorBase& grad_logits, const at::TensorBase& grad_out,
+                            const at::TensorBase& value, const at::TensorBase& shapes, const at::TensorBase& starts,
+                            const at::TensorBase& ref, const at::TensorBase& offsets, const at::TensorBase& logits);
+
+}  // namespace lora_kernels

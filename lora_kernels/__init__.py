@@ -16,23 +16,34 @@ Quick tour::
 from . import backends, reference
 from .batch import LoRABatch
 from .context import current_batch, set_batch, use_batch
-from .ops import add_lora_, build_batch_, expand_, shrink
+from .ops import MergeRecord, add_lora_, build_batch_, expand_, merge_, merge_many_, shrink, unmerge_, unmerge_many_
+from .ops import deform_pool, deform_sample
+from .ops import lora_delta, lora_linear
+from .ops import dual_lora, dual_lora_
+from .dual_weights import DualLoRAWeights
 from .profiling import nvtx, set_nvtx
 from .weights import LoRAWeights
+from .pool import AdapterFormatError, AdapterPool, UnsupportedAdapterError  # issue 7: PEFT adapters, LRU pool
 from . import nn  # noqa: E402  (after the ops it uses)
+from .integrations.ids import adapters  # issue 7: `with lk.adapters(ids): model(...)`
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRABatch", "LoRAWeights", "add_lora_", "shrink", "expand_", "build_batch_",
+    "merge_", "unmerge_", "merge_many_", "unmerge_many_", "MergeRecord",
     "set_batch", "use_batch", "current_batch", "backends", "reference", "nn", "nvtx", "set_nvtx", "tuning",
-    "__version__",
+    "__version__", "AdapterPool", "AdapterFormatError", "UnsupportedAdapterError",
 ]
+__all__ += ["dual_lora_", "dual_lora", "DualLoRAWeights"]
+__all__ += ["deform_pool", "deform_sample"]
+__all__ += ["lora_delta", "lora_linear"]
+__all__ += ["adapters", "integrations"]
 
 
 def __getattr__(name):
     # Submodules that pull heavier dependencies load on first access.
-    if name in ("tuning", "triton", "cli"):
+    if name in ("tuning", "triton", "cli") or name == "fusion":  # fusion: issue 8, `lk.fusion.ties(...)`
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

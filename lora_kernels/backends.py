@@ -23,13 +23,36 @@ from typing import Dict, Iterator, Optional
 
 BACKENDS = ("reference", "triton", "cuda")
 # Op families that have a kernel in the compiled extension (csrc/). Forcing "cuda" for another family raises.
-CUDA_FAMILIES = frozenset({"batch"})
+CUDA_FAMILIES = frozenset({"batch", "merge", "deform"})
 _local = threading.local()
+
+
+def env(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, for the per-call hot path.
+
+    Every op call reads ``LORA_KERNELS_BACKEND`` (and NVTX's switch); ``os.environ.get`` encodes the key and
+    decodes the value each time (~1 us, a tenth of the per-call budget). This reads ``os.environ``'s own
+    mapping with the key encoded once, so it sees exactly what ``os.environ.get`` sees (every
+    ``os.environ[...] = ...``, ``monkeypatch.setenv``, ``mock.patch.dict``): nothing is cached but the key.
+    """
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    encodekey = getattr(environ, "encodekey", None)
+    if data is None or encodekey is None:  # not CPython's os._Environ (replaced by a plain dict, other runtime)
+        return environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = encodekey(name)
+    v = data.get(key)
+    return None if v is None else environ.decodevalue(v)
+
+
+_ENV_KEYS: Dict[str, object] = {}
 
 
 def forced() -> Optional[str]:
     """The backend forced by :func:`use_backend` or ``LORA_KERNELS_BACKEND``, or None."""
-    name = getattr(_local, "backend", None) or os.environ.get("LORA_KERNELS_BACKEND") or None
+    name = getattr(_local, "backend", None) or env("LORA_KERNELS_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"LORA_KERNELS_BACKEND: expected one of {BACKENDS}, got {name!r}")
     return name
@@ -50,7 +73,7 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return (env("TRITON_INTERPRET") or "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

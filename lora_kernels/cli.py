@@ -7,6 +7,20 @@ Subcommands:
            BENCHMARKS.md's cases or a shape given on the command line; table + JSON. Without a GPU: a CPU smoke
            sweep on tiny shapes, labelled as such.
     env    GPU, driver, torch / Triton / CUDA versions, compute capability, and which backends can run.
+    merge  time merge, unmerge and the whole-model mode switch (7B shapes: 32 layers x q,k,v,o,gate,up,down)
+           against ``W.addmm_`` and PEFT-style loops, in us and % of the bytes bound, with bit-exactness after
+           unmerge; CPU smoke on small shapes without a GPU.
+    vce    time deform_pool (VCE's multi-scale deformable pooling) fwd and fwd+bwd at the VCE shapes against the
+           grid_sample reference, torch.compile of it and an fp32 Deformable-DETR-style kernel; time and peak
+           memory; CPU smoke on tiny shapes without a GPU.
+    dual   time the Dual-LoRA delta (forward, forward+backward; r = 32 on 4096 -> 4096) against PyTorch and
+           torch.compile of it: time and peak memory, JSON (CPU smoke without a GPU).
+    backward  fwd+bwd of the multi-adapter LoRA delta (grad x, A, B of 64 adapters of mixed ranks) in tokens/s
+           against a per-adapter PyTorch loop, gradients checked; JSON (CPU smoke without a GPU).
+    serve  decode-step latency of a patched Llama-style model with n adapters vs PEFT's mixed batch, eager
+           and with CUDA graphs (issue 7); CPU smoke on tiny shapes without a GPU.
+    overhead  host time per call of add_lora_, shrink, expand_, LoRALinear.forward and lora_linear with the device
+           work stubbed (CPU), fast eager path vs the custom-op dispatcher path; real eager per-call time on CUDA.
     tune   time the Triton configs of each shape bucket on this GPU and write the tuning table (exit 2 without
            a GPU).
 
@@ -24,26 +38,55 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import demo, sgmv, tune
+    from .bench import demo, merge, sgmv, tune
 
     p = argparse.ArgumentParser(
         prog="lora-bench",
         description="Benchmarks, checks and tuning for lora_kernels (batched heterogeneous LoRA).",
         epilog="Examples: lora-bench demo | lora-bench env | lora-bench sgmv --cases 't256-*' | "
-               "lora-bench sgmv --tokens 1,64,4096 --ranks 8,16,32,64,128 --dist zipf | lora-bench tune",
+               "lora-bench sgmv --tokens 1,64,4096 --ranks 8,16,32,64,128 --dist zipf | lora-bench merge --layers 4 | "
+               "lora-bench tune",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,sgmv,env,tune}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,sgmv,merge,env,tune,dual,serve}")
     d = sub.add_parser("demo", help="run a mixed-adapter batch through a small model and check it",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(d)
     s = sub.add_parser("sgmv", help="time the batched LoRA delta against the baselines",
                        description=sgmv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sgmv.add_arguments(s)
+    m = sub.add_parser("merge", help="time merge/unmerge and the whole-model mode switch against the baselines",
+                       description=merge.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_arguments(m)
     e = sub.add_parser("env", help="GPU, versions and available backends")
     e.add_argument("--json", action="store_true", help="print JSON instead of text")
+    from .bench import vce
+
+    v = sub.add_parser("vce", help="time deform_pool (VCE) fwd and fwd+bwd against grid_sample and a DETR kernel",
+                       description=vce.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vce.add_arguments(v)
     t = sub.add_parser("tune", help="tune the Triton configs on this GPU and write the table",
                        description=tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tune.add_arguments(t)
+    from .bench import dual as _dual
+
+    du = sub.add_parser("dual", help="time the Dual-LoRA delta against PyTorch and torch.compile of it",
+                        description=_dual.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _dual.add_arguments(du)
+    from .bench import backward as _backward
+
+    bw = sub.add_parser("backward", help="time fwd+bwd of the multi-adapter delta against a per-adapter loop",
+                        description=_backward.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _backward.add_arguments(bw)
+    from .bench import serve as _serve  # issue 7: end-to-end decode step, patched model vs PEFT mixed batch
+
+    sv = sub.add_parser("serve", help="decode-step latency of a patched model with n adapters vs PEFT's mixed batch",
+                        description=_serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _serve.add_arguments(sv)
+    from .bench import overhead as _overhead  # host time per op call (BENCHMARKS.md: <= 10 us)
+
+    ov = sub.add_parser("overhead", help="host time per op call (validation + dispatch), kernels stubbed; CUDA eager",
+                        description=_overhead.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _overhead.add_arguments(ov)
     return p
 
 
@@ -138,10 +181,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import sgmv
 
         return sgmv.run(args)
+    if args.command == "merge":
+        from .bench import merge
+
+        return merge.run(args)
+    if args.command == "vce":
+        from .bench import vce
+
+        return vce.run(args)
+    if args.command == "dual":
+        from .bench import dual
+
+        return dual.run(args)
+    if args.command == "backward":
+        from .bench import backward
+
+        return backward.run(args)
     if args.command == "tune":
         from .bench import tune
 
         return tune.run(args)
+    if args.command == "serve":
+        from .bench import serve
+
+        return serve.run(args)
+    if args.command == "overhead":
+        from .bench import overhead
+
+        return overhead.run(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

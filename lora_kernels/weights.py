@@ -97,6 +97,8 @@ class LoRAWeights:
                                        dtype=torch.int64).to(dev)
         self._alloc: Dict[int, Tuple[int, int]] = {}
         self._host_ranks: Dict[int, Tuple[int, ...]] = {}
+        # Bumped by every add/remove: lets host-side caches (ops.merge_plan) detect a changed allocation.
+        self._version = 0
 
     # ---- shape facts ---------------------------------------------------------------------------------
     @property
@@ -125,8 +127,24 @@ class LoRAWeights:
         return sorted(self._alloc)
 
     @property
+    def version(self) -> int:
+        """A counter bumped by every :meth:`add` and :meth:`remove` (host data): caches of per-adapter plans
+        compare it to detect a changed allocation."""
+        return self._version
+
+    @property
     def free_rows(self) -> int:
         return sum(n for _, n in self._free)
+
+    @property
+    def free_ranges(self) -> List[Tuple[int, int]]:
+        """Free ``(first row, length)`` ranges, sorted and coalesced (a copy; :meth:`add` allocates first-fit)."""
+        return list(self._free)
+
+    def rows_of(self, adapter_id: int) -> Tuple[int, int]:
+        """``(first row, number of rows)`` allocated to a loaded adapter (host data, no sync)."""
+        self._check_id(adapter_id, loaded=True)
+        return self._alloc[adapter_id]
 
     def rank_of(self, adapter_id: int) -> Tuple[int, ...]:
         """Per-slice ranks of a loaded adapter (host data, no sync)."""
@@ -143,6 +161,7 @@ class LoRAWeights:
         scale: Optional[Union[float, Sequence[float]]] = None,
         use_rslora: bool = False,
         adapter_id: Optional[int] = None,
+        non_blocking: bool = False,
     ) -> int:
         """Store one adapter and return its id.
 
@@ -153,6 +172,9 @@ class LoRAWeights:
                 Defaults to ``r`` (scale 1 without rsLoRA).
             scale: explicit scale (one float or one per slice); overrides ``alpha``.
             adapter_id: slot to use (must be free); defaults to the lowest free slot.
+            non_blocking: copy A/B with ``non_blocking=True`` (asynchronous from pinned host memory on CUDA; the
+                caller orders the stream, e.g. with an event). Every device write of ``add`` is then
+                stream-ordered on the current stream, with no host sync.
 
         Raises:
             ValueError: wrong shapes, rank 0 or above ``max_rank``, no free slot or not enough free rows,
@@ -187,15 +209,19 @@ class LoRAWeights:
         with torch.no_grad():
             for s in range(S):
                 r = ranks[s]
-                self.a[s, off : off + r].copy_(As[s])
+                self.a[s, off : off + r].copy_(As[s], non_blocking=non_blocking)
                 self.a[s, off + r : off + nrows].zero_()
-                self.b[off : off + r, self.slice_cols[s] : self.slice_cols[s] + self.slice_outs[s]].copy_(Bs[s].t())
+                self.b[off : off + r, self.slice_cols[s] : self.slice_cols[s] + self.slice_outs[s]].copy_(
+                    Bs[s].t(), non_blocking=non_blocking)
                 self.b[off + r : off + nrows, self.slice_cols[s] : self.slice_cols[s] + self.slice_outs[s]].zero_()
             self.offsets[adapter_id] = off
-            self.ranks[:, adapter_id] = torch.tensor(ranks, dtype=torch.int32)
-            self.scales[:, adapter_id] = torch.tensor(scales, dtype=torch.float32)
+            # Scalar fills, not a host tensor copy: a pageable host-to-device copy would sync the stream.
+            for s in range(S):
+                self.ranks[s, adapter_id] = ranks[s]
+                self.scales[s, adapter_id] = scales[s]
         self._alloc[adapter_id] = (off, nrows)
         self._host_ranks[adapter_id] = tuple(ranks)
+        self._version += 1
         return adapter_id
 
     def remove(self, adapter_id: int) -> None:
@@ -203,6 +229,7 @@ class LoRAWeights:
         self._check_id(adapter_id, loaded=True)
         off, n = self._alloc.pop(adapter_id)
         del self._host_ranks[adapter_id]
+        self._version += 1
         with torch.no_grad():
             self.ranks[:, adapter_id] = 0
             self.scales[:, adapter_id] = 0.0
@@ -349,6 +376,29 @@ class LoRAWeights:
         A = self.a[slice_index, off : off + r]
         B = self.b[off : off + r, c0 : c0 + self.slice_outs[slice_index]].t()
         return A, B, float(self.scales[slice_index, adapter_id])
+
+    # ---- training (lora_kernels.lora_delta / lora_linear) ----------------------------------------------
+    def requires_grad_(self, requires_grad: bool = True) -> "LoRAWeights":
+        """Make the paged storage ``a`` [S, R, in] and ``b`` [R, out] trainable leaf tensors (or frozen again).
+
+        The differentiable ops then accumulate every adapter's gradient into ``a.grad`` / ``b.grad`` in the same
+        rank-paged layout (zero for rows no adapter of the batch owns), so one optimiser over
+        :meth:`parameters` steps all adapters at once. :meth:`add` / :meth:`remove` still work (under
+        no_grad); reset the optimiser's state for rows whose adapter changed. Returns self.
+        """
+        check(isinstance(requires_grad, bool), "requires_grad", "a bool", repr(requires_grad), TypeError)
+        self.a.requires_grad_(requires_grad)
+        self.b.requires_grad_(requires_grad)
+        return self
+
+    @property
+    def requires_grad(self) -> bool:
+        """True when ``a`` or ``b`` requires grad (training)."""
+        return self.a.requires_grad or self.b.requires_grad
+
+    def parameters(self) -> List[torch.Tensor]:
+        """``[a, b]``: the tensors an optimiser steps (every adapter of this layer)."""
+        return [self.a, self.b]
 
     def __repr__(self) -> str:
         return (

@@ -101,3 +101,29 @@ def test_batch_build_on_gpu_has_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     cpu = lk.LoRABatch(4096, 256).build(ids.cpu(), ranks=ranks.cpu())
     assert batch.to_dict() == cpu.to_dict()
+
+
+@pytest.mark.parametrize("outs", [(4096,), (4096, 1024, 1024)])
+@pytest.mark.parametrize("T", [7, 257])
+def test_add_lora_mixed_mode_cuda_bf16(outs, T):
+    """Mixed mode (merged=m) on the default CUDA path, bf16: base_merged(x) + mixed delta vs the unmerged truth
+    base(x) + delta, with the rule's yardstick being PyTorch doing the mixed computation in bf16."""
+    w, ids, x, y = _case(torch.bfloat16, outs, T=T, seed=3)
+    m = 3  # rank 64
+    ids[: T // 3] = m
+    batch = lk.LoRABatch(1024, w.max_adapters, "cuda").build(ids.cuda(), ranks=w.ranks)
+    ids_c = ids.cuda()
+    d_all = reference.lora_delta(x, w, ids_c).double()  # the unmerged delta
+    d_m = reference.lora_delta(x, w, torch.full_like(ids_c, m)).double()
+    # y plays base_merged(x) = base(x) + delta_m(x): the truth is then y - delta_m + delta (m's tokens: y)
+    truth = y.double() - torch.where((ids_c == m)[:, None], 0.0, d_m) + torch.where((ids_c == m)[:, None], 0.0, d_all)
+    got = y.clone()
+    lk.add_lora_(got, x, w, batch, merged=m)
+    not_m = torch.where(ids_c == m, torch.full_like(ids_c, -1), ids_c)
+    others = torch.where(ids_c == m, torch.full_like(ids_c, -1), torch.full_like(ids_c, m))
+    lowp = (y.double() + _torch_lowp_delta(x, w, not_m.cpu()).double()
+            - _torch_lowp_delta(x, w, others.cpu()).double()).to(torch.bfloat16).double()  # PyTorch rounds y too
+    err = (got.double() - truth).abs().max().item()
+    err_torch = (lowp - truth).abs().max().item()
+    assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+    assert torch.equal(got[ids_c == m], y[ids_c == m])

@@ -138,3 +138,20 @@ def test_verified_kernels_gate_the_compiled_builder(table_dir, monkeypatch):
     with pytest.raises(ValueError, match="verified_kernels"):
         tuning.write_table("Fake GPU 80GB", {}, verified_kernels=["nope"])
     assert tuning.verified_kernels(torch.device("cpu")) == frozenset()
+
+
+def test_every_verifiable_kernel_has_a_verifier():
+    """The dispatcher trusts only kernels that `lora-bench tune` verified: each name it may trust needs a check."""
+    from lora_kernels.bench import tune
+
+    assert set(tune.VERIFIERS) == set(tuning.VERIFIABLE_KERNELS)
+
+
+def test_verification_never_passes_off_gpu():
+    """On a CPU device every compiled-kernel check fails with a reason: nothing is recorded as verified."""
+    from lora_kernels.bench import tune
+
+    passed, report = tune.verify_compiled_kernels(torch.device("cpu"))
+    assert passed == []
+    assert set(report) == set(tune.VERIFIERS)
+    assert all(v != "pass" and v for v in report.values())

@@ -277,42 +277,119 @@ def tune_cases(
     return entries, report, aborted
 
 
+def _verify_build_batch_cuda(device: torch.device, ext) -> Optional[str]:
+    """The compiled LoRABatch builder vs the torch builder: None when every case matches, else why not."""
+    import lora_kernels as lk
+    from lora_kernels.batch import build_batch_torch_
+
+    gen = torch.Generator().manual_seed(0)
+    for T, N in ((0, 4), (1, 1), (7, 3), (257, 64), (4096, 64), (8192, 1000), (70000, 70000)):
+        ids = torch.randint(-2, N + 1, (T,), generator=gen, dtype=torch.int32).to(device)
+        ranks = torch.randint(1, 129, (3, N), generator=gen, dtype=torch.int32).to(device)
+        for rk in (None, ranks):
+            got = lk.LoRABatch(max(T, 1), N, device)
+            want = lk.LoRABatch(max(T, 1), N, device)
+            ext.build_batch_(got.meta, ids, rk, got.max_tokens, N)
+            build_batch_torch_(want.meta, ids, rk, want.max_tokens, N)
+            lay = got.layout
+            n = lay.scalars + 4
+            # Entries past T of the token arrays are unspecified; compare everything else.
+            used = torch.cat([got.meta[:T], got.meta[lay.max_tokens : lay.max_tokens + T],
+                              got.meta[2 * lay.max_tokens : n]])
+            ref = torch.cat([want.meta[:T], want.meta[lay.max_tokens : lay.max_tokens + T],
+                             want.meta[2 * lay.max_tokens : n]])
+            if not torch.equal(used, ref):
+                return f"mismatch vs the torch builder at T={T}, N={N}"
+    torch.cuda.synchronize(device)
+    return None
+
+
+def _verify_merge_cuda(device: torch.device, ext) -> Optional[str]:
+    """The compiled grouped merge kernel: merged weights within one rounding of the fp32 reference delta, and
+    unmerge bit-exact, over every dtype, fused slices, mixed ranks, odd widths and escapes (tiny weights)."""
+    import lora_kernels as lk
+    from lora_kernels import reference
+    from lora_kernels.ops import merge as M
+
+    try:
+        _ = ext.merge_grouped_
+    except (AttributeError, RuntimeError):
+        return "the extension has no merge kernel"
+    gen = torch.Generator().manual_seed(1)
+    for in_f, outs, ranks, dtype in ((96, (80,), (4, 8, 16), torch.bfloat16),
+                                      (64, (48, 16, 16), (8, 16, 4), torch.float16),
+                                      (37, (29,), (2, 33), torch.bfloat16), (4096, (4096,), (16, 64), torch.bfloat16),
+                                      (128, (96,), (16,), torch.float32)):
+        w = lk.LoRAWeights(in_f, list(outs), max_adapters=len(ranks), max_rank=max(ranks), dtype=dtype,
+                           device=device)
+        for r in ranks:
+            w.add([torch.randn(r, in_f, generator=gen) * 0.05 for _ in outs],
+                  [torch.randn(o, r, generator=gen) * 0.05 for o in outs], alpha=2 * r)
+        W0 = torch.randn(w.out_features, in_f, generator=gen) * 0.02
+        W0.view(-1)[::17] = 1e-6  # tiny weights: large relative deltas, so the escape path runs too
+        W0 = W0.to(device, dtype)
+        W = W0.clone()
+        ids = list(range(len(ranks)))
+        lams = [1.0 - 0.5 * k for k in ids]
+        with torch.no_grad(), lk.backends.use_backend("cuda"):
+            rec = M.merge_(W, w, ids, lams)
+            want = (W0.float().cpu() + reference.merge_delta(W.shape, w.a.float().cpu(), w.b.float().cpu(),
+                                                             rec._terms, rec._coefs)).to(dtype)
+            # One rounding of an fp32 sum whose order differs from the reference's: at most one ulp apart.
+            ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+            if not bool(((W.cpu().float() - want.float()).abs() <= ulp * 1.0001).all()):
+                return f"merged weights differ from the reference by more than one ulp ({dtype}, in={in_f})"
+            for _ in range(3):
+                M.unmerge_(W, rec)
+                if not torch.equal(W, W0):
+                    return f"unmerge is not bit-exact ({dtype}, in={in_f})"
+                rec = M.merge_(W, w, ids, lams)
+            M.unmerge_(W, rec)
+        torch.cuda.synchronize(device)
+        if not torch.equal(W, W0):
+            return f"unmerge is not bit-exact after cycles ({dtype}, in={in_f})"
+    return None
+
+
+def _verify_deform_cuda(device: torch.device, ext) -> Optional[str]:
+    """deform_pool's compiled kernels, forward and every gradient, vs the fp64 reference
+    (:func:`lora_kernels.ops.deform.verify_cuda`)."""
+    from lora_kernels.ops.deform import verify_cuda
+
+    return verify_cuda(device, ext)
+
+
+# Each compiled kernel that the dispatcher may choose only after verification on the GPU at hand
+# (lora_kernels.tuning.VERIFIABLE_KERNELS): name -> check(device, extension) returning None when it passes, else
+# the reason. A kernel family adds its check here.
+VERIFIERS: Dict[str, Callable[[torch.device, object], Optional[str]]] = {
+    "build_batch_cuda": _verify_build_batch_cuda,
+    "merge_cuda": _verify_merge_cuda,
+    "deform_cuda": _verify_deform_cuda,
+}
+
+
 def verify_compiled_kernels(device: torch.device) -> Tuple[List[str], Dict[str, str]]:
     """Check each compiled kernel against the path it would replace, on this GPU. Returns the names that
     passed (for the table's ``verified_kernels``) and a report name -> "pass" / the reason it did not."""
     import lora_kernels as lk
     import lora_kernels._ext
-    from lora_kernels.batch import build_batch_torch_
 
-    report: Dict[str, str] = {}
     ext = lk._ext.get()
     if ext is None:
-        return [], {"build_batch_cuda": f"not available: {lk._ext.status()}"}
-    gen = torch.Generator().manual_seed(0)
-    try:
-        for T, N in ((0, 4), (1, 1), (7, 3), (257, 64), (4096, 64), (8192, 1000), (70000, 70000)):
-            ids = torch.randint(-2, N + 1, (T,), generator=gen, dtype=torch.int32).to(device)
-            ranks = torch.randint(1, 129, (3, N), generator=gen, dtype=torch.int32).to(device)
-            for rk in (None, ranks):
-                got = lk.LoRABatch(max(T, 1), N, device)
-                want = lk.LoRABatch(max(T, 1), N, device)
-                ext.build_batch_(got.meta, ids, rk, got.max_tokens, N)
-                build_batch_torch_(want.meta, ids, rk, want.max_tokens, N)
-                lay = got.layout
-                n = lay.scalars + 4
-                # Entries past T of the token arrays are unspecified; compare everything else.
-                used = torch.cat([got.meta[:T], got.meta[lay.max_tokens : lay.max_tokens + T],
-                                  got.meta[2 * lay.max_tokens : n]])
-                ref = torch.cat([want.meta[:T], want.meta[lay.max_tokens : lay.max_tokens + T],
-                                 want.meta[2 * lay.max_tokens : n]])
-                if not torch.equal(used, ref):
-                    report["build_batch_cuda"] = f"mismatch vs the torch builder at T={T}, N={N}"
-                    return [], report
-        torch.cuda.synchronize(device)
-    except Exception as e:  # noqa: BLE001  (a failing kernel is reported, never recorded as verified)
-        return [], {"build_batch_cuda": f"error: {_err(e)}"}
-    report["build_batch_cuda"] = "pass"
-    return ["build_batch_cuda"], report
+        why = f"not available: {lk._ext.status()}"
+        return [], {name: why for name in VERIFIERS}
+    passed: List[str] = []
+    report: Dict[str, str] = {}
+    for name, check in VERIFIERS.items():
+        try:
+            why = check(device, ext)
+        except Exception as e:  # noqa: BLE001  (a failing kernel is reported, never recorded as verified)
+            why = f"error: {_err(e)}"
+        report[name] = "pass" if why is None else why
+        if why is None:
+            passed.append(name)
+    return passed, report
 
 
 def run(args) -> int:

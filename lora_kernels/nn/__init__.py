@@ -3,5 +3,11 @@ its default policy :class:`VLoRAPolicy`."""
 
 from .lora_linear import LoRALinear
 from .modes import ModeController, VLoRAPolicy
+from .dual_lora import DualLoRALinear
 
 __all__ = ["LoRALinear", "ModeController", "VLoRAPolicy"]
+__all__ += ["DualLoRALinear"]
+
+from .vce import VisualCueEnhancement  # noqa: E402
+
+__all__ += ["VisualCueEnhancement"]

@@ -9,10 +9,13 @@ from torch import nn
 
 from ..batch import LoRABatch
 from ..context import current_batch
-from ..ops.sgmv import add_lora_
+from ..ops.lora_linear import _add, needs_grad
+from ..ops.sgmv import _check_common, _check_x, add_lora_
 from ..weights import LoRAWeights
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "SERVING_MODES"]
+
+SERVING_MODES = ("unmerged", "merged", "mixed")
 
 
 class LoRALinear(nn.Module):
@@ -35,8 +38,29 @@ class LoRALinear(nn.Module):
     fullgraph=True)`` traces the layer once (the batch and weights are guarded by identity) and CUDA graphs
     replay it with new adapter ids.
 
+    Serving modes (``self.mode``, ``self.merged_adapter``; set by :meth:`set_serving_mode`, normally through
+    the mode controller in :mod:`lora_kernels.nn.modes`, which also merges/unmerges ``base``'s weight):
+
+    * ``"unmerged"`` (default): ``base(x) + delta_{i_t}`` as above; ``base`` holds ``W0``.
+    * ``"merged"``: ``base(x)`` only; ``base`` holds ``W0 + delta_m``. Right for batches whose tokens all use m
+      (or, on a layer where m is not loaded, for batches of -1 tokens).
+    * ``"mixed"``: ``base(x) + delta_{i_t} - delta_m`` (nothing for tokens of m) in the same launch(es) as
+      unmerged (:func:`lora_kernels.add_lora_` with ``merged=m``); ``base`` holds ``W0 + delta_m``.
+
+    Both are plain Python attributes: ``torch.compile`` guards on them, so a mode change recompiles the layer
+    (once per distinct (mode, adapter); ``torch._dynamo.config.cache_size_limit`` bounds how many variants stay
+    cached). CUDA graphs captured in one mode replay that mode: re-capture after a switch.
+
+    Training: after ``layer.weights.requires_grad_()`` (or when x or the base output requires grad), forward in
+    grad mode runs the differentiable :func:`lora_kernels.lora_linear` path: the segmented multi-adapter
+    backward puts every adapter's gradient into ``weights.a.grad`` / ``weights.b.grad`` (rank-paged), so
+    ``torch.optim.AdamW(layer.lora_parameters())`` steps all adapters at once; ``base`` is trained only if its
+    parameters require grad. Without anything requiring grad (or under no_grad) it is the serving path above,
+    unchanged. Training needs mode ``"unmerged"``.
+
     Raises:
-        RuntimeError from forward when no batch is attached or current.
+        RuntimeError from forward when no batch is attached or current, or when the adapters require grad in
+        grad mode while the layer is in mode ``"merged"`` / ``"mixed"``.
     """
 
     def __init__(
@@ -70,6 +94,38 @@ class LoRALinear(nn.Module):
         self.base = base
         self.weights = weights
         self.batch = batch
+        self.mode: str = "unmerged"
+        self.merged_adapter: Optional[int] = None
+
+    def set_serving_mode(self, mode: str, adapter: Optional[int] = None) -> None:
+        """Set the flags forward reads (``self.mode``, ``self.merged_adapter``); touches no weight.
+
+        Args:
+            mode: ``"unmerged"`` (``adapter`` must be None), ``"merged"`` or ``"mixed"`` (``adapter`` required:
+                the id merged into ``base``'s weight by the caller; for ``"mixed"`` it must be loaded in
+                ``self.weights``, for ``"merged"`` any slot id, since a layer where it is not loaded has
+                ``delta_m = 0``).
+
+        Raises:
+            ValueError naming ``mode`` or ``adapter``; the flags are unchanged when it raises.
+        """
+        if mode not in SERVING_MODES:
+            raise ValueError(f"mode: expected one of {SERVING_MODES}, got {mode!r}")
+        if mode == "unmerged":
+            if adapter is not None:
+                raise ValueError(f"adapter: expected None for mode 'unmerged', got {adapter!r}")
+        else:
+            n = self.weights.max_adapters
+            if not isinstance(adapter, int) or isinstance(adapter, bool) or not 0 <= adapter < n:
+                raise ValueError(f"adapter: expected an adapter id in [0, {n}) for mode {mode!r}, got {adapter!r}")
+            if mode == "mixed" and adapter not in self.weights.loaded:
+                raise ValueError(f"adapter: expected a loaded adapter for mode 'mixed', got {adapter} (free slot)")
+        self.mode, self.merged_adapter = mode, adapter
+
+    def lora_parameters(self):
+        """``[weights.a, weights.b]``: the paged adapter tensors to hand to an optimiser (not registered as module
+        parameters, so ``state_dict`` and ``parameters()`` are those of ``base``)."""
+        return self.weights.parameters()
 
     @property
     def in_features(self) -> int:
@@ -84,15 +140,30 @@ class LoRALinear(nn.Module):
         if batch is None:
             raise RuntimeError("LoRALinear: no LoRABatch; pass batch= to the layer or run under lk.use_batch(batch) "
                                "(a batch of all -1 ids serves the base layer alone)")
+        grad = torch.is_grad_enabled()
+        mode = self.mode
+        if grad and mode != "unmerged" and self.weights.requires_grad:
+            raise RuntimeError(f"LoRALinear: expected mode 'unmerged' to train the adapters (weights require grad), "
+                               f"got {mode!r}; unmerge first, or freeze them with weights.requires_grad_(False)")
         y = self.base(x)
+        if mode == "merged":  # base holds W0 + delta_m; every token is taken to use m
+            return y
         x2 = x.reshape(-1, x.shape[-1])
+        if grad and mode == "unmerged" and needs_grad(x2, self.weights, y):  # (no_grad: skip the test, hot path)
+            # training: the differentiable out-of-place op (segmented backward); the serving path below is
+            # unchanged when nothing requires grad
+            y2 = y.reshape(-1, y.shape[-1])
+            _check_x(x2, self.weights)
+            _check_common(self.weights, batch, x2.shape[0], x2.device)
+            return _add(y2, x2, self.weights, batch).view(*y.shape)
         # reshape, not view: a base module may return a non-contiguous output; the delta is added to the
         # flattened (and, if its last dim is strided, compacted) tensor, which is returned in y's shape.
         y2 = y.reshape(-1, y.shape[-1])
         if y2.shape[-1] > 1 and y2.stride(-1) != 1:
             y2 = y2.contiguous()
-        add_lora_(y2, x2, self.weights, batch)
+        add_lora_(y2, x2, self.weights, batch, merged=self.merged_adapter if mode == "mixed" else None)
         return y2.view(*y.shape)
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights!r}"
+        mode = self.mode if self.mode == "unmerged" else f"{self.mode}, adapter={self.merged_adapter}"
+        return f"weights={self.weights!r}, mode={mode}"

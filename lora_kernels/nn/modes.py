@@ -278,7 +278,7 @@ class ModeController:
             raise RuntimeError("LoRALinear has no set_serving_mode: this build cannot serve merged or mixed mode")
 
     def _loaded_layers(self, adapter: int) -> List[int]:
-        return [i for i, layer in enumerate(self.layers) if adapter in layer.weights.loaded]
+        return [i for i, layer in enumerate(self.layers) if adapter in layer.weights._alloc]  # (host dict)
 
     def _get_ops(self):
         return self._ops if self._ops is not None else _merge_ops()
@@ -328,26 +328,33 @@ class ModeController:
         with torch.no_grad():
             if target != self._merged:
                 ops = self._get_ops()
+                unmerged_now = False
                 if self._merged is not None:
                     ws = [self.layers[i].base.weight for i in self._merged_layers]
                     ops.unmerge_many_(ws, self._records)
                     self._merged, self._merged_layers, self._records = None, [], None
                     self.switches += 1
-                    for layer in self.layers:
-                        self._set_layer(layer, "unmerged", None)
                     self._mode, self._adapter = "unmerged", None
+                    unmerged_now = True
                 if target is not None:
                     ws = [self.layers[i].base.weight for i in target_layers]
                     wl = [self.layers[i].weights for i in target_layers]
-                    recs = ops.merge_many_(ws, wl, [target], None, exact=self.exact)
+                    try:
+                        recs = ops.merge_many_(ws, wl, [target], None, exact=self.exact)
+                    except BaseException:
+                        if unmerged_now:  # the weights are clean now: so must the flags be
+                            for layer in self.layers:
+                                self._set_layer(layer, "unmerged", None)
+                        raise
                     self._merged, self._merged_layers, self._records = target, target_layers, list(recs)
                     self.switches += 1
             merged_set = set(self._merged_layers)
             for i, layer in enumerate(self.layers):
-                if mode == "mixed" and i not in merged_set:
-                    self._set_layer(layer, "unmerged", None)  # delta_m is 0 here: mixed == unmerged
-                else:
-                    self._set_layer(layer, mode, adapter)
+                m, a = (("unmerged", None) if mode == "mixed" and i not in merged_set  # delta_m is 0 here
+                        else (mode, adapter))
+                # (setting an nn.Module attribute costs microseconds: skip layers already in that state)
+                if getattr(layer, "mode", None) != m or getattr(layer, "merged_adapter", None) != a:
+                    self._set_layer(layer, m, a)
         self._mode, self._adapter = mode, adapter
         return self
 

@@ -7,19 +7,33 @@ Semantics (per token t with adapter ``i = adapter_ids[t]``, every slice s of the
     add_lora_: y[t, cols_s] += scales[s, i] * (x[t] @ A_{s,i}^T) @ B_{s,i}^T
 
 with ``r = ranks[s, i]``; tokens with ``i = -1`` (and adapters of rank 0) leave y untouched. Sums are formed in
-fp32 and rounded once into y's dtype. See :mod:`lora_kernels.reference` for the executable spec.
+fp32 and rounded once into y's dtype. Mixed mode (``add_lora_(..., merged=m)``, base weight holding adapter m):
+``y[t] += delta_i - delta_m`` for tokens with ``i != m`` (``-delta_m`` for ``i = -1``), nothing for tokens of m.
+See :mod:`lora_kernels.reference` for the executable spec.
 
 Each public function validates its arguments in Python (no device reads), then calls a custom op
 ``torch.ops.lora_kernels.<name>`` (declared mutating where it writes in place, with a fake impl for
 torch.compile) whose implementation is chosen by :mod:`lora_kernels.backends`: Triton on CUDA tensors, the
 reference on CPU tensors (or Triton under ``TRITON_INTERPRET=1`` when forced).
+
+Host overhead (BENCHMARKS.md: <= 10 us per call outside graphs): in plain eager calls (no torch.compile /
+export / jit tracing, no dispatch or torch-function mode, no functorch transform, no autograd profiler, plain
+tensors; :func:`_eager`) the wrappers call the op's implementation directly instead of going through the
+dispatcher, which is all the custom op would do there (autograd is refused for these ops and y's version
+counter is bumped as the mutating op's ADInplaceOrView kernel would). The arguments are first checked by one
+combined predicate (:func:`_add_lora_args_ok` and friends) that only reads shapes, dtypes, devices and
+strides; when it is false, or outside plain eager, the detailed per-argument checks run and raise with the
+argument's name, so every check and message is the same on both paths. Everything else (tracing, compile,
+opcheck, fake tensors) goes through the custom op as before.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .. import backends, reference
+from .. import backends, profiling, reference
 from .._validation import FLOAT_DTYPES, check, check_tensor
 from ..batch import LoRABatch
 from ..profiling import nvtx_range
@@ -27,11 +41,53 @@ from ..weights import LoRAWeights
 
 __all__ = ["shrink", "expand_", "add_lora_"]
 
+_triton_mod = None
+
 
 def _triton():
-    from ..triton import sgmv  # imported on first use: importing lora_kernels never imports triton
+    global _triton_mod
+    if _triton_mod is None:
+        from ..triton import sgmv  # imported on first use: importing lora_kernels never imports triton
 
-    return sgmv
+        _triton_mod = sgmv
+    return _triton_mod
+
+
+# ---- implementations (what the custom ops run; the eager fast path calls them directly) -------------------
+
+
+def _shrink_impl(x, a, offsets, ranks, meta, max_tokens: int, r_cap: int) -> torch.Tensor:
+    S, T = a.shape[0], x.shape[0]
+    if backends.select("sgmv", x.device.type) == "triton":
+        h = torch.empty(S, T, r_cap, dtype=torch.float32, device=x.device)
+        _triton().shrink(x, a, offsets, ranks, meta, max_tokens, h)
+        return h
+    return reference.shrink(x, a, offsets, ranks, meta[:T], r_cap)
+
+
+def _expand_impl(y, h, b, offsets, ranks, scales, meta, slice_info, max_tokens: int, cols=None, outs=None) -> None:
+    """``cols`` / ``outs``: the slices' host column starts and widths when the caller has them (the eager path
+    passes ``weights.slice_cols`` / ``slice_outs``); else read from ``slice_info``."""
+    if backends.select("sgmv", y.device.type) == "triton":
+        _triton().expand_(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info)
+    else:
+        if cols is None:
+            cols, outs = slice_info.to("cpu").t().tolist()
+        reference.expand_(y, h, b, offsets, ranks, scales, meta[: y.shape[0]], cols, outs)
+
+
+def _add_lora_impl(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens: int, r_cap: int,
+                   merged: int = -1, cols=None, outs=None) -> None:
+    if backends.select("sgmv", y.device.type) == "triton":
+        _triton().add_lora_(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, merged=merged)
+    else:
+        if cols is None:
+            cols, outs = slice_info.to("cpu").t().tolist()
+        tok = meta[: x.shape[0]]
+        if merged < 0:
+            reference.add_lora_(y, x, a, b, offsets, ranks, scales, tok, cols, outs)
+        else:
+            _reference_mixed_(y, x, a, b, offsets, ranks, scales, tok, cols, outs, merged)
 
 
 # ---- custom ops -----------------------------------------------------------------------------------------
@@ -42,13 +98,8 @@ def _shrink_op(
     x: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor, meta: torch.Tensor,
     max_tokens: int, r_cap: int,
 ) -> torch.Tensor:
-    S, T = a.shape[0], x.shape[0]
     with nvtx_range("lora_kernels.shrink"):
-        if backends.select("sgmv", x.device.type) == "triton":
-            h = torch.empty(S, T, r_cap, dtype=torch.float32, device=x.device)
-            _triton().shrink(x, a, offsets, ranks, meta, max_tokens, h)
-            return h
-        return reference.shrink(x, a, offsets, ranks, meta[:T], r_cap)
+        return _shrink_impl(x, a, offsets, ranks, meta, max_tokens, r_cap)
 
 
 @_shrink_op.register_fake
@@ -62,11 +113,7 @@ def _expand_op(
     scales: torch.Tensor, meta: torch.Tensor, slice_info: torch.Tensor, max_tokens: int,
 ) -> None:
     with nvtx_range("lora_kernels.expand_"):
-        if backends.select("sgmv", y.device.type) == "triton":
-            _triton().expand_(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info)
-        else:
-            cols, outs = slice_info.to("cpu").t().tolist()
-            reference.expand_(y, h, b, offsets, ranks, scales, meta[: y.shape[0]], cols, outs)
+        _expand_impl(y, h, b, offsets, ranks, scales, meta, slice_info, max_tokens)
 
 
 @_expand_op.register_fake
@@ -78,19 +125,38 @@ def _(y, h, b, offsets, ranks, scales, meta, slice_info, max_tokens):
 def _add_lora_op(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
     ranks: torch.Tensor, scales: torch.Tensor, meta: torch.Tensor, slice_info: torch.Tensor,
-    max_tokens: int, r_cap: int,
+    max_tokens: int, r_cap: int, merged: int = -1,
 ) -> None:
     with nvtx_range("lora_kernels.add_lora_"):
-        if backends.select("sgmv", y.device.type) == "triton":
-            _triton().add_lora_(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap)
-        else:
-            cols, outs = slice_info.to("cpu").t().tolist()
-            reference.add_lora_(y, x, a, b, offsets, ranks, scales, meta[: x.shape[0]], cols, outs)
+        _add_lora_impl(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap, merged)
 
 
 @_add_lora_op.register_fake
-def _(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap):
+def _(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap, merged=-1):
     return None
+
+
+def _reference_mixed_(y, x, a, b, offsets, ranks, scales, token_adapter, cols, outs, m: int) -> torch.Tensor:
+    """Mixed mode on the reference: ``y[t] += delta_{i_t} - delta_m`` for every token with ``i_t != m`` (``i_t
+    = -1``: ``-delta_m``), composed from :func:`reference.add_lora_`: the fp32 delta of both parts is formed
+    first (the tokens' own adapters with m's tokens mapped to -1, then m with negated scales for every token
+    whose id is not m), then added to y and rounded once. Entries with nothing to add (tokens of m; slices
+    where both ranks are 0) stay bit-identical, as in the kernels."""
+    T = x.shape[0]
+    tok = token_adapter.to(torch.int32)
+    none = torch.full_like(tok, -1)
+    d = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
+    reference.add_lora_(d, x, a, b, offsets, ranks, scales, torch.where(tok == m, none, tok), cols, outs)
+    reference.add_lora_(d, x, a, b, offsets, ranks, -scales, torch.where(tok == m, none, torch.full_like(tok, m)),
+                        cols, outs)
+    # which (token, slice) entries the op writes: token not of m, and its own or m's rank nonzero there
+    rk = ranks.to(y.device)
+    own = torch.where(tok >= 0, rk[:, tok.clamp(min=0).long()], torch.zeros_like(rk[:, :1]))  # [S, T]
+    touched = ((own > 0) | (rk[:, m : m + 1] > 0)) & (tok != m)[None, :]
+    for s, (c0, n) in enumerate(zip(cols, outs)):
+        ys = y[:, c0 : c0 + n]
+        ys.copy_(torch.where(touched[s][:, None], (ys.float() + d[:, c0 : c0 + n]).to(y.dtype), ys))
+    return y
 
 
 # ---- validation -----------------------------------------------------------------------------------------
@@ -137,23 +203,161 @@ def _check_no_overlap(y: torch.Tensor, other: torch.Tensor, name: str) -> None:
 
 
 def _check_no_grad(*tensors: torch.Tensor) -> None:
-    # The ops have no autograd formula yet (the segmented backward is planned with lora_linear): rather than
+    # The in-place ops have no autograd formula (lora_delta / lora_linear in ops/lora_linear.py do): rather than
     # return gradients that silently miss the LoRA term, refuse to run where autograd would record them.
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(
-            "x/y: expected tensors that do not require grad (the LoRA ops have no backward yet); run under "
-            "torch.no_grad() or torch.inference_mode(), or detach the inputs"
+            "x/y: expected tensors that do not require grad (the in-place serving ops have no backward; train "
+            "with lk.lora_delta / lk.lora_linear, which do); run under torch.no_grad() or torch.inference_mode(), "
+            "or detach the inputs"
         )
 
 
+def _check_merged(merged, weights: LoRAWeights) -> int:
+    """``merged`` (None or a loaded adapter id) as the op's int (-1 = none)."""
+    if merged is None:
+        return -1
+    check(isinstance(merged, int) and not isinstance(merged, bool) and 0 <= merged < weights.max_adapters,
+          "merged", f"None or an adapter id in [0, {weights.max_adapters})", repr(merged))
+    check(merged in weights._alloc, "merged", "a loaded adapter (the one merged into the base weight)",
+          f"{merged} (free slot)")
+    return merged
+
+
+def _refuse_merged(merged, op: str) -> None:
+    check(merged is None, "merged", f"None ({op} has no mixed mode: use add_lora_(..., merged=m), which runs "
+          "it in the same launch(es))", repr(merged))
+
+
 def _span(t: torch.Tensor) -> int:
+    if t.is_contiguous():
+        return t.nbytes
     return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+# ---- eager fast path ------------------------------------------------------------------------------------
+# Measured with `lora-bench overhead` (CPU, kernels stubbed): the custom op's dispatch cost ~13 us per call and
+# the per-argument checks ~14 us, against a 10 us budget for the whole call. In plain eager mode the dispatcher
+# only forwards to the implementation (no autograd formula: grad is refused; no autocast/functionalization
+# registrations), so the wrappers call the implementation directly there, after one combined predicate over the
+# same facts the detailed checks test. Nothing about a LoRAWeights/LoRABatch is cached between calls: every fact
+# (sizes, devices, capacities, loaded adapters) is re-read on each call, which costs less than validating a
+# cache key would, and cannot go stale after add/remove, a storage swap or a batch rebuilt with other capacities.
+
+_TENSOR = torch.Tensor
+_PARAMETER = torch.nn.Parameter
+_FLOATS = frozenset(FLOAT_DTYPES)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_profiler_on = torch._C._autograd._profiler_enabled
+_jit_tracing = torch._C._get_tracing_state
+_bump_version = torch.autograd.graph.increment_version
+
+
+# False routes every call through the detailed checks and the custom op (``lora-bench overhead`` times both).
+fast_path = True
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """True when calling an op's implementation directly is equivalent to calling the custom op: no
+    torch.compile / export / jit trace, no TorchDispatchMode (fake tensors, make_fx, schema checks) or
+    TorchFunctionMode (``with torch.device(...)``), no functorch transform, no autograd profiler (it records
+    the op by name), and plain tensors (a subclass may intercept the op)."""
+    if (not fast_path or _is_compiling() or _dispatch_modes() or _function_modes() or _profiler_on()
+            or _jit_tracing() is not None or (_functorch_active is not None and _functorch_active())):
+        return False
+    for t in tensors:
+        tt = type(t)
+        if tt is not _TENSOR and tt is not _PARAMETER:
+            return False
+    return True
+
+
+def _nvtx_on() -> bool:
+    # profiling.enabled() with the hot-path env read
+    on = getattr(profiling, "_enabled", None)
+    return on if on is not None else (backends.env("LORA_KERNELS_NVTX") or "0") not in ("", "0")
+
+
+def _same_dev(a: torch.device, b: torch.device) -> bool:
+    # the device rule of _check_common (a CUDA device without an index is device 0)
+    return a == b or (a.type == b.type == "cuda" and (a.index or 0) == (b.index or 0))
+
+
+def _disjoint(y: torch.Tensor, other: torch.Tensor) -> bool:
+    if y.numel() == 0 or other.numel() == 0:
+        return True
+    ys, os_ = y.data_ptr(), other.data_ptr()
+    return ys + _span(y) <= os_ or os_ + _span(other) <= ys
+
+
+def _inner_ok(t: torch.Tensor) -> bool:
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def _common_ok(weights, batch, T: int, dev: torch.device) -> bool:
+    """Every check of :func:`_check_common` (types, batch size and capacity, devices) as one predicate."""
+    return (isinstance(weights, LoRAWeights) and isinstance(batch, LoRABatch) and batch.num_tokens == T
+            and batch.max_adapters <= weights.max_adapters and _same_dev(batch.device, dev)
+            and weights.a.device == dev)
+
+
+def _x_ok(x, weights) -> bool:
+    """:func:`_check_x` as one predicate (x on the weights' device, float, [T, in], unit last-dim stride)."""
+    return (isinstance(x, _TENSOR) and x.dtype in _FLOATS and x.ndim == 2 and x.shape[1] == weights.in_features
+            and _inner_ok(x))
+
+
+def _y_ok(y, weights, T: int, dev: torch.device) -> bool:
+    """:func:`_check_y` as one predicate."""
+    return (isinstance(y, _TENSOR) and y.dtype in _FLOATS and y.ndim == 2 and y.device == dev
+            and y.shape[0] == T and y.shape[1] == sum(weights.slice_outs) and _inner_ok(y))
+
+
+def _add_lora_args_ok(y, x, weights, batch) -> bool:
+    """True when every argument check of :func:`add_lora_` passes (``merged`` and grad are checked apart):
+    :func:`_x_ok`, :func:`_y_ok`, :func:`_common_ok` and :func:`_disjoint`, written out in one function because
+    this runs on every call of the hottest op (each Python call costs ~0.1 us)."""
+    if not (isinstance(weights, LoRAWeights) and isinstance(batch, LoRABatch) and isinstance(x, _TENSOR)
+            and isinstance(y, _TENSOR)):
+        return False
+    xs, ys = x.shape, y.shape
+    if len(xs) != 2 or len(ys) != 2:
+        return False
+    T, n_in, n_out = xs[0], xs[1], ys[1]
+    dev, bdev = x.device, batch.device
+    if not (x.dtype in _FLOATS and y.dtype in _FLOATS and n_in == weights.in_features and ys[0] == T
+            and n_out == sum(weights.slice_outs) and batch.num_tokens == T
+            and batch.max_adapters <= weights.max_adapters and y.device == dev and weights.a.device == dev
+            and (bdev == dev or _same_dev(bdev, dev))
+            and (n_in <= 1 or x.stride(1) == 1) and (n_out <= 1 or y.stride(1) == 1)):
+        return False
+    if T and n_in and n_out:  # y must not overlap x (the op writes y while reading x)
+        yp, xp = y.data_ptr(), x.data_ptr()
+        return yp + _span(y) <= xp or xp + _span(x) <= yp
+    return True
+
+
+def _shrink_args_ok(x, weights, batch) -> bool:
+    return isinstance(weights, LoRAWeights) and _x_ok(x, weights) and _common_ok(weights, batch, x.shape[0],
+                                                                                  x.device)
+
+
+def _expand_args_ok(y, h, weights, batch) -> bool:
+    if not (isinstance(weights, LoRAWeights) and isinstance(y, _TENSOR)):
+        return False
+    dev, T = y.device, (y.shape[0] if y.ndim == 2 else -1)
+    return (_y_ok(y, weights, T, dev) and _common_ok(weights, batch, T, dev) and isinstance(h, _TENSOR)
+            and h.dtype == torch.float32 and h.device == dev and h.ndim == 3 and h.shape[0] == weights.num_slices
+            and h.shape[1] == T and h.shape[2] == weights.max_rank and h.is_contiguous() and _disjoint(y, h))
 
 
 # ---- public API -----------------------------------------------------------------------------------------
 
 
-def shrink(x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> torch.Tensor:
+def shrink(x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch, *, merged: None = None) -> torch.Tensor:
     """``h = shrink(x, weights, batch)``: the first SGMV half (see the module docstring).
 
     Args:
@@ -164,9 +368,20 @@ def shrink(x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> torch.Ten
     Returns:
         h: fp32 [S, T, weights.max_rank]; zero past each token's rank and for tokens with no adapter.
 
+        merged: must be None (mixed mode is an :func:`add_lora_` feature; ValueError otherwise).
+
     Raises:
         TypeError / ValueError naming the argument, before anything runs.
     """
+    if merged is not None:
+        _refuse_merged(merged, "shrink")
+    if _eager(x) and _shrink_args_ok(x, weights, batch):
+        _check_no_grad(x)
+        args = (x, weights.a, weights.offsets, weights.ranks, batch.meta, batch.max_tokens, weights.max_rank)
+        if _nvtx_on():
+            with nvtx_range("lora_kernels.shrink"):
+                return _shrink_impl(*args)
+        return _shrink_impl(*args)
     _check_x(x, weights)
     _check_common(weights, batch, x.shape[0], x.device)
     _check_no_grad(x)
@@ -174,13 +389,30 @@ def shrink(x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> torch.Ten
                                          batch.max_tokens, weights.max_rank)
 
 
-def expand_(y: torch.Tensor, h: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> torch.Tensor:
+def expand_(
+    y: torch.Tensor, h: torch.Tensor, weights: LoRAWeights, batch: LoRABatch, *, merged: None = None
+) -> torch.Tensor:
     """``expand_(y, h, weights, batch)``: ``y[t, cols_s] += s * h[s, t, :r] @ B^T`` in place; returns y.
 
     Args:
         y: [T, sum(out_s)] fp16/bf16/fp32 (rows may be strided).
         h: fp32 [S, T, weights.max_rank], e.g. from :func:`shrink`.
+        merged: must be None (mixed mode is an :func:`add_lora_` feature; ValueError otherwise).
     """
+    if merged is not None:
+        _refuse_merged(merged, "expand_")
+    if _eager(y, h) and _expand_args_ok(y, h, weights, batch):
+        _check_no_grad(y, h)
+        if y.shape[0]:
+            args = (y, h, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta, weights.slice_info,
+                    batch.max_tokens, weights.slice_cols, weights.slice_outs)
+            if _nvtx_on():
+                with nvtx_range("lora_kernels.expand_"):
+                    _expand_impl(*args)
+            else:
+                _expand_impl(*args)
+            _bump_version(y)  # as the mutating custom op's ADInplaceOrView kernel does
+        return y
     check(isinstance(weights, LoRAWeights), "weights", "a LoRAWeights", type(weights).__name__, TypeError)
     check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES, device=weights.device)
     T = y.shape[0]
@@ -197,23 +429,47 @@ def expand_(y: torch.Tensor, h: torch.Tensor, weights: LoRAWeights, batch: LoRAB
     return y
 
 
-def add_lora_(y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> torch.Tensor:
+def add_lora_(
+    y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch, *, merged: Optional[int] = None
+) -> torch.Tensor:
     """``add_lora_(y, x, weights, batch)``: ``y[t, cols_s] += s_i * (x[t] @ A_i^T) @ B_i^T`` in place.
+
+    Semantics (``merged = m``, mixed mode: the base weight already holds ``W0 + delta_m``):
+        ``y[t] += delta_{i_t}(x[t]) - delta_m(x[t])`` for every token with ``i_t != m`` (tokens with ``-1``:
+        ``-delta_m``); tokens of m are untouched. So ``base_merged(x) + this == base(x) + the unmerged delta``.
+        Same launches as the normal mode (m's rows join each segment's gather; see
+        :func:`lora_kernels.triton.sgmv.add_lora_`); the fp32 sum of both parts is rounded once into y.
 
     Args:
         y: [T, sum(out_s)] fp16/bf16/fp32, e.g. the base layer's output (rows may be strided).
         x: [T, in], same device; dtype may differ from y and from the weights (all accumulate in fp32).
         weights: the layer's :class:`~lora_kernels.LoRAWeights` (one or several slices).
         batch: :class:`~lora_kernels.LoRABatch` built for these T tokens.
+        merged: None (normal), or the id of a loaded adapter merged into the base weight (mixed mode).
 
     Returns:
         y. An empty batch (T = 0) is a no-op.
 
     Raises:
         TypeError / ValueError naming the argument (wrong type, dtype, device, shape, strides, a batch built for
-        another T or for more adapter slots than the weights have, y overlapping x); RuntimeError when x or y
-        requires grad under grad mode (no backward yet). y is unchanged when it raises.
+        another T or for more adapter slots than the weights have, y overlapping x, ``merged`` not None and not
+        a loaded adapter id); RuntimeError when x or y requires grad under grad mode (an in-place op without a
+        backward: train with :func:`lora_kernels.lora_delta` / :func:`lora_kernels.lora_linear`). y is unchanged
+        when it raises.
     """
+    m = -1 if merged is None else _check_merged(merged, weights)
+    if _eager(y, x) and _add_lora_args_ok(y, x, weights, batch):
+        _check_no_grad(x, y)
+        if x.shape[0]:
+            args = (y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
+                    weights.slice_info, batch.max_tokens, weights.max_rank, m, weights.slice_cols, weights.slice_outs)
+            if _nvtx_on():
+                with nvtx_range("lora_kernels.add_lora_"):
+                    _add_lora_impl(*args)
+            else:
+                _add_lora_impl(*args)
+            _bump_version(y)  # as the mutating custom op's ADInplaceOrView kernel does
+        return y
     _check_x(x, weights)
     T = x.shape[0]
     _check_y(y, weights, T, x.device)
@@ -223,5 +479,5 @@ def add_lora_(y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoR
     if T == 0:
         return y
     torch.ops.lora_kernels.add_lora_(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales,
-                                     batch.meta, weights.slice_info, batch.max_tokens, weights.max_rank)
+                                     batch.meta, weights.slice_info, batch.max_tokens, weights.max_rank, m)
     return y

@@ -19,10 +19,20 @@ Work decomposition (all three kernels):
     than it saves and the 2-D grid is used instead. Grid axis 1 carries the slice and the split of the
     other dimension (rank blocks and K splits for shrink, column blocks for expand, column groups for fused).
 
-    Tokens with adapter -1 belong to no segment: no program reads or writes their rows.
+    Tokens with adapter -1 belong to no segment: no program reads or writes their rows (except in mixed
+    mode, below).
     Work per program follows *its* adapter's rank: shrink skips rank blocks past it, expand loops over the
     rank in BLOCK_R chunks up to it, and every load of A/B rows is masked at it (so a rank-8 adapter moves
     8 rows even in a layout padded to 128).
+
+Mixed mode (``merged = m``, a constexpr ``MIXED`` variant of each kernel; m itself is a runtime argument, not
+specialised, so changing m does not recompile): the base weight holds adapter m, so tokens of m get nothing,
+tokens of j != m get ``delta_j - delta_m`` and tokens with -1 get ``-delta_m``. A program serving a segment of j
+also gathers m's rank rows: ``h = [x A_j^T, x A_m^T]`` against ``[s_j B_j ; -s_m B_m]``. Programs of m's own
+segment exit at once; the -1 tokens (sorted last, ``[num_valid, T)``) form one extra *virtual* segment, index
+``n_seg``, served with m only; ``_segment_tile`` / ``_segment_info`` map it and the grid bound counts it (shapes
+only). Fused: a second h register tile. Two-pass: h has a second block of r_cap columns for m's part, written
+by extra shrink programs (grid axis 1 doubles), read by the same expand program. See :func:`add_lora_`.
 
 Numerics: loads in the storage dtypes; the weight tile is cast to the activation dtype before ``tl.dot``
 (tensor cores for fp16/bf16; ``input_precision="ieee"`` for fp32, since TF32 would break the 2x-of-PyTorch
@@ -60,12 +70,18 @@ _FLAT_SEGMENT_LIMIT = 2048
 
 # ---- shared device helpers ---------------------------------------------------------------------------------
 @triton.jit
-def _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M: tl.constexpr, SEG_P2: tl.constexpr):
-    """(segment, tile within segment) of program ``pid``; segment >= n_seg means no work."""
+def _segment_tile(meta_ptr, pid, n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M: tl.constexpr,
+                  SEG_P2: tl.constexpr, MIXED: tl.constexpr):
+    """(segment, tile within segment) of program ``pid``; segment >= n_seg + MIXED means no work.
+
+    MIXED: segment ``n_seg`` is the virtual segment of the tokens with no adapter (sorted last, at
+    ``[num_valid, T)`` of ``sorted_token_ids``)."""
     if SEG_P2 > 0:
         # Flat mapping: tiles of segment k are [cum[k] - tiles[k], cum[k]); inactive segments have length 0.
         offs = tl.arange(0, SEG_P2)
         lens = tl.load(meta_ptr + SLEN_OFF + offs, mask=offs < n_seg, other=0)
+        if MIXED:
+            lens = tl.where(offs == n_seg, T - tl.load(meta_ptr + NVALID_OFF), lens)
         tiles = (lens + (BLOCK_M - 1)) // BLOCK_M
         cum = tl.cumsum(tiles, 0)
         seg = tl.sum((cum <= pid).to(tl.int32), 0)
@@ -75,6 +91,23 @@ def _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M: tl.constexpr
         seg = pid // m_tiles
         m = pid - seg * m_tiles
     return seg, m
+
+
+@triton.jit
+def _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF, NVALID_OFF, MIXED: tl.constexpr):
+    """(first position in sorted_token_ids, length, adapter id) of segment ``seg`` < n_seg + MIXED; the
+    virtual segment (MIXED, seg == n_seg) is ``[num_valid, T)`` with adapter -1."""
+    if MIXED:
+        real = seg < n_seg
+        nv = tl.load(meta_ptr + NVALID_OFF)
+        start = tl.where(real, tl.load(meta_ptr + SSTART_OFF + seg, mask=real, other=0), nv)
+        length = tl.where(real, tl.load(meta_ptr + SLEN_OFF + seg, mask=real, other=0), T - nv)
+        adapter = tl.where(real, tl.load(meta_ptr + ACT_OFF + seg, mask=real, other=-1), -1)
+    else:
+        start = tl.load(meta_ptr + SSTART_OFF + seg)
+        length = tl.load(meta_ptr + SLEN_OFF + seg)
+        adapter = tl.load(meta_ptr + ACT_OFF + seg)
+    return start, length, adapter
 
 
 @triton.jit
@@ -103,36 +136,48 @@ def _slice_of_block(sinfo_ptr, stride_si, pid_n, NUM_SLICES: tl.constexpr, BLOCK
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["merged"])
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, h_ptr, off_ptr, rank_ptr, meta_ptr,
-    K, n_seg, m_tiles, k_per_split,
+    K, T, n_seg, m_tiles, k_per_split, merged,
     stride_xm, stride_xk,
     stride_as, stride_ar, stride_ak,
-    stride_hs, stride_hm, stride_hr,
+    stride_hs, stride_hm, stride_hr, stride_hp,
     stride_rs,
-    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF,
+    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF, NVALID_OFF,
     N_RB: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SEG_P2: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    SEG_P2: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, MIXED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_z = tl.program_id(1)
-    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M, SEG_P2)
-    if seg >= n_seg:
+    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
+    if seg >= n_seg + MIXED:
         return
-    seg_len = tl.load(meta_ptr + SLEN_OFF + seg)
+    seg_start, seg_len, adapter = _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
+                                                NVALID_OFF, MIXED)
     if m * BLOCK_M >= seg_len:
         return
-    s = pid_z // (SPLIT_K * N_RB)
-    kid = (pid_z // N_RB) % SPLIT_K
+    # pid_z = ((s * SPLIT_K + kid) * (1 + MIXED) + part) * N_RB + rb
+    s = pid_z // (SPLIT_K * (1 + MIXED) * N_RB)
+    kid = (pid_z // ((1 + MIXED) * N_RB)) % SPLIT_K
     rb = pid_z % N_RB
-    adapter = tl.load(meta_ptr + ACT_OFF + seg)
-    rank = tl.load(rank_ptr + s * stride_rs + adapter)
+    if MIXED:
+        if adapter == merged:  # W holds this adapter: its tokens get nothing
+            return
+        # part 0: the segment's own adapter (none for the virtual segment); part 1: the merged adapter m,
+        # written to h[..., r_cap:] (stride_hp = r_cap * stride_hr)
+        part = (pid_z // N_RB) % 2
+        which = tl.where(part == 1, merged, adapter)
+        rank = tl.load(rank_ptr + s * stride_rs + which, mask=which >= 0, other=0)
+        h_base = h_ptr + part.to(tl.int64) * stride_hp
+    else:
+        which = adapter
+        rank = tl.load(rank_ptr + s * stride_rs + which)
+        h_base = h_ptr
     if rb * BLOCK_R >= rank:  # this adapter's rank ends before this block: no work, no store
         return
-    seg_start = tl.load(meta_ptr + SSTART_OFF + seg)
-    off = tl.load(off_ptr + adapter)  # int64 first storage row
+    off = tl.load(off_ptr + which)  # int64 first storage row
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < seg_len
@@ -164,7 +209,7 @@ def _sgmv_shrink_kernel(
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
 
-    h_ptrs = h_ptr + s.to(tl.int64) * stride_hs + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr
+    h_ptrs = h_base + s.to(tl.int64) * stride_hs + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr
     mask = row_mask[:, None] & r_mask[None, :]
     if SPLIT_K == 1:
         tl.store(h_ptrs, acc, mask=mask)
@@ -173,36 +218,67 @@ def _sgmv_shrink_kernel(
 
 
 @triton.jit
+def _expand_part(acc, h_ptrs, b_ptrs, rank, row_mask, n_mask, stride_hr, stride_bk,
+                 Y_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += h[:, :rank] @ B[:rank, :] over rank chunks of BLOCK_R (h rounded to y's dtype first)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, rank, BLOCK_R):
+        rr_mask = (r0 + offs_r) < rank
+        # h is fp32; rounding it to y's dtype is what PyTorch in that dtype does, and feeds the tensor cores.
+        ht = tl.load(h_ptrs, mask=row_mask[:, None] & rr_mask[None, :], other=0.0).to(Y_DTYPE)
+        bt = tl.load(b_ptrs, mask=rr_mask[:, None] & n_mask[None, :], other=0.0).to(Y_DTYPE)
+        if UPCAST:
+            ht = ht.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(ht, bt, acc, input_precision="ieee")
+        h_ptrs += BLOCK_R * stride_hr
+        b_ptrs += BLOCK_R * stride_bk
+    return acc
+
+
+@triton.jit(do_not_specialize=["merged"])
 def _sgmv_expand_kernel(
     y_ptr, h_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr,
-    n_seg, m_tiles,
+    T, n_seg, m_tiles, merged,
     stride_ym, stride_yn,
-    stride_hs, stride_hm, stride_hr,
+    stride_hs, stride_hm, stride_hr, stride_hp,
     stride_bk, stride_bn,
     stride_rs, stride_ss, stride_si,
-    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF,
+    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF, NVALID_OFF,
     NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SEG_P2: tl.constexpr, UPCAST: tl.constexpr,
+    SEG_P2: tl.constexpr, UPCAST: tl.constexpr, MIXED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M, SEG_P2)
-    if seg >= n_seg:
+    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
+    if seg >= n_seg + MIXED:
         return
-    seg_len = tl.load(meta_ptr + SLEN_OFF + seg)
+    seg_start, seg_len, adapter = _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
+                                                NVALID_OFF, MIXED)
     if m * BLOCK_M >= seg_len:
         return
     s, col0, width, blk = _slice_of_block(sinfo_ptr, stride_si, pid_n, NUM_SLICES, BLOCK_N)
     if s < 0:
         return
-    adapter = tl.load(meta_ptr + ACT_OFF + seg)
-    rank = tl.load(rank_ptr + s * stride_rs + adapter)
-    if rank == 0:  # spec: rank-0 slots leave y untouched (even -0.0 stays -0.0)
-        return
-    seg_start = tl.load(meta_ptr + SSTART_OFF + seg)
-    off = tl.load(off_ptr + adapter)
-    scale = tl.load(scale_ptr + s * stride_ss + adapter)
+    if MIXED:
+        if adapter == merged:
+            return
+        has = adapter >= 0
+        rank = tl.load(rank_ptr + s * stride_rs + adapter, mask=has, other=0)
+        rank_m = tl.load(rank_ptr + s * stride_rs + merged)
+        if rank + rank_m == 0:  # nothing to add in this slice: y stays bit-identical
+            return
+        off = tl.load(off_ptr + adapter, mask=has, other=0)
+        scale = tl.load(scale_ptr + s * stride_ss + adapter, mask=has, other=0.0)
+        off_m = tl.load(off_ptr + merged)
+        scale_m = tl.load(scale_ptr + s * stride_ss + merged)
+    else:
+        rank = tl.load(rank_ptr + s * stride_rs + adapter)
+        if rank == 0:  # spec: rank-0 slots leave y untouched (even -0.0 stays -0.0)
+            return
+        off = tl.load(off_ptr + adapter)
+        scale = tl.load(scale_ptr + s * stride_ss + adapter)
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < seg_len
@@ -212,46 +288,48 @@ def _sgmv_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
 
     h_ptrs = h_ptr + s.to(tl.int64) * stride_hs + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr
-    b_ptrs = b_ptr + (off + offs_r)[:, None] * stride_bk + (col0 + offs_n)[None, :] * stride_bn
+    b_cols = (col0 + offs_n)[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        rr_mask = (r0 + offs_r) < rank
-        # h is fp32; rounding it to y's dtype is what PyTorch in that dtype does, and feeds the tensor cores.
-        ht = tl.load(h_ptrs, mask=row_mask[:, None] & rr_mask[None, :], other=0.0).to(y_ptr.dtype.element_ty)
-        bt = tl.load(b_ptrs, mask=rr_mask[:, None] & n_mask[None, :], other=0.0).to(y_ptr.dtype.element_ty)
-        if UPCAST:
-            ht = ht.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(ht, bt, acc, input_precision="ieee")
-        h_ptrs += BLOCK_R * stride_hr
-        b_ptrs += BLOCK_R * stride_bk
+    acc = _expand_part(acc, h_ptrs, b_ptr + (off + offs_r)[:, None] * stride_bk + b_cols, rank, row_mask, n_mask,
+                       stride_hr, stride_bk, y_ptr.dtype.element_ty, BLOCK_R, UPCAST)
+    if MIXED:
+        # the merged adapter's rows, read from h's second block of r_cap columns, with -scale_m
+        acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_m = _expand_part(acc_m, h_ptrs + stride_hp, b_ptr + (off_m + offs_r)[:, None] * stride_bk + b_cols,
+                             rank_m, row_mask, n_mask, stride_hr, stride_bk, y_ptr.dtype.element_ty, BLOCK_R,
+                             UPCAST)
+        upd = acc * scale - acc_m * scale_m
+    else:
+        upd = acc * scale
 
     y_ptrs = y_ptr + rows[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
     mask = row_mask[:, None] & n_mask[None, :]
     yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (yt + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, (yt + upd).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["merged"])
 def _sgmv_fused_kernel(
     y_ptr, x_ptr, a_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr,
-    K, n_seg, m_tiles,
+    K, T, n_seg, m_tiles, merged,
     stride_xm, stride_xk,
     stride_ym, stride_yn,
     stride_as, stride_ar, stride_ak,
     stride_bk, stride_bn,
     stride_rs, stride_ss, stride_si,
-    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF,
+    SORTED_OFF, ACT_OFF, SSTART_OFF, SLEN_OFF, NVALID_OFF,
     N_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     SEG_P2: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_X: tl.constexpr, UPCAST_Y: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_z = tl.program_id(1)
-    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, SLEN_OFF, BLOCK_M, SEG_P2)
-    if seg >= n_seg:
+    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
+    if seg >= n_seg + MIXED:
         return
-    seg_len = tl.load(meta_ptr + SLEN_OFF + seg)
+    seg_start, seg_len, adapter = _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
+                                                NVALID_OFF, MIXED)
     if m * BLOCK_M >= seg_len:
         return
     s = pid_z // N_SPLIT
@@ -261,13 +339,24 @@ def _sgmv_fused_kernel(
     n_blocks = ((width + (BLOCK_N - 1)) // BLOCK_N).to(tl.int32)
     if g >= n_blocks:  # a narrow slice has fewer column blocks than groups: skip the shrink too
         return
-    adapter = tl.load(meta_ptr + ACT_OFF + seg)
-    rank = tl.load(rank_ptr + s * stride_rs + adapter)
-    if rank == 0:
-        return
-    seg_start = tl.load(meta_ptr + SSTART_OFF + seg)
-    off = tl.load(off_ptr + adapter)
-    scale = tl.load(scale_ptr + s * stride_ss + adapter)
+    if MIXED:
+        if adapter == merged:
+            return
+        has = adapter >= 0
+        rank = tl.load(rank_ptr + s * stride_rs + adapter, mask=has, other=0)
+        rank_m = tl.load(rank_ptr + s * stride_rs + merged)
+        if rank + rank_m == 0:
+            return
+        off = tl.load(off_ptr + adapter, mask=has, other=0)
+        scale = tl.load(scale_ptr + s * stride_ss + adapter, mask=has, other=0.0)
+        off_m = tl.load(off_ptr + merged)
+        scale_m = tl.load(scale_ptr + s * stride_ss + merged)
+    else:
+        rank = tl.load(rank_ptr + s * stride_rs + adapter)
+        if rank == 0:
+            return
+        off = tl.load(off_ptr + adapter)
+        scale = tl.load(scale_ptr + s * stride_ss + adapter)
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < seg_len
@@ -278,11 +367,17 @@ def _sgmv_fused_kernel(
 
     # Phase 1: h = x_tile @ A^T over the whole of `in`, [BLOCK_M, R_PAD] in registers. The MMA is R_PAD wide
     # whatever the rank (register tiles are static), but loads stop at the rank, and the fused path is for
-    # small T where the bytes, not the MMAs, set the time.
+    # small T where the bytes, not the MMAs, set the time. MIXED: a second h tile for the merged adapter m,
+    # from the same x tile (conceptually h = [x A_j^T, x A_m^T], expanded against [s_j B_j ; -s_m B_m]).
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     a_ptrs = (a_ptr + s.to(tl.int64) * stride_as + (off + offs_r)[None, :] * stride_ar
               + offs_k[:, None] * stride_ak)
     acc_h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if MIXED:
+        rm_mask = offs_r < rank_m
+        am_ptrs = (a_ptr + s.to(tl.int64) * stride_as + (off_m + offs_r)[None, :] * stride_ar
+                   + offs_k[:, None] * stride_ak)
+        acc_hm = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
@@ -292,15 +387,31 @@ def _sgmv_fused_kernel(
             xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
         at = at.to(xt.dtype)
+        if MIXED:
+            if EVEN_K:
+                amt = tl.load(am_ptrs, mask=rm_mask[None, :], other=0.0)
+            else:
+                amt = tl.load(am_ptrs, mask=rm_mask[None, :] & k_mask[:, None], other=0.0)
+            amt = amt.to(xt.dtype)
+            if UPCAST_X:
+                amt = amt.to(tl.float32)
         if UPCAST_X:
             xt = xt.to(tl.float32)
             at = at.to(tl.float32)
         acc_h = tl.dot(xt, at, acc_h, input_precision="ieee")
+        if MIXED:
+            acc_hm = tl.dot(xt, amt, acc_hm, input_precision="ieee")
+            am_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     h = acc_h.to(y_ptr.dtype.element_ty)
     if UPCAST_Y:
         h = h.to(tl.float32)
+    if MIXED:
+        hm = acc_hm.to(y_ptr.dtype.element_ty)
+        if UPCAST_Y:
+            hm = hm.to(tl.float32)
+        bm_rows = b_ptr + (off_m + offs_r)[:, None] * stride_bk
 
     # Phase 2: stream this group's column blocks of B_s (every N_SPLIT-th block) against the h tile.
     b_rows = b_ptr + (off + offs_r)[:, None] * stride_bk
@@ -314,10 +425,18 @@ def _sgmv_fused_kernel(
         if UPCAST_Y:
             bt = bt.to(tl.float32)
         acc = tl.dot(h, bt, input_precision="ieee")
+        if MIXED:
+            bmt = tl.load(bm_rows + cols[None, :] * stride_bn, mask=rm_mask[:, None] & n_mask[None, :], other=0.0)
+            bmt = bmt.to(y_ptr.dtype.element_ty)
+            if UPCAST_Y:
+                bmt = bmt.to(tl.float32)
+            upd = acc * scale - tl.dot(hm, bmt, input_precision="ieee") * scale_m
+        else:
+            upd = acc * scale
         mask = row_mask[:, None] & n_mask[None, :]
         y_ptrs = y_rows + cols[None, :] * stride_yn
         yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (yt + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, (yt + upd).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------
@@ -361,91 +480,106 @@ def _split_k(K: int, split_k: int, block_k: int):
     return k_per_split, _cdiv(K, k_per_split)
 
 
-def _segments(meta: torch.Tensor, max_tokens: int, T: int, block_m: int):
-    """Meta offsets and the segment-tile grid size (host arithmetic on shapes only: no sync)."""
+def _segments(meta: torch.Tensor, max_tokens: int, T: int, block_m: int, mixed: bool = False):
+    """Meta offsets and the segment-tile grid size (host arithmetic on shapes only: no sync).
+
+    ``mixed``: one more (virtual) segment, the tokens with no adapter, at index n_seg."""
     lay = MetaLayout.from_meta(meta, max_tokens)
     n_seg = min(lay.max_active, T)  # every active segment holds >= 1 of the T tokens
-    if n_seg <= _FLAT_SEGMENT_LIMIT:
-        seg_p2 = max(32, _p2(n_seg))
+    # segments that can be non-empty: the active ones plus, in mixed mode, the virtual one (never more than T)
+    n_nonempty = min(n_seg + int(mixed), T)
+    if n_seg + int(mixed) <= _FLAT_SEGMENT_LIMIT:
+        seg_p2 = max(32, _p2(n_seg + int(mixed)))
         m_tiles = 1
-        # sum_k cdiv(len_k, BM) <= (sum_k len_k + n_seg (BM - 1)) / BM, and sum_k len_k <= T.
-        n_tiles = (T + n_seg * (block_m - 1)) // block_m
+        # sum_k cdiv(len_k, BM) <= (sum_k len_k + n_nonempty (BM - 1)) / BM, and sum_k len_k <= T.
+        n_tiles = (T + n_nonempty * (block_m - 1)) // block_m
     else:
         seg_p2 = 0
         m_tiles = _cdiv(T, block_m)
-        n_tiles = m_tiles * n_seg
-    offs = (lay.sorted_token_ids, lay.active_adapters, lay.seg_start, lay.seg_len)
+        n_tiles = m_tiles * (n_seg + int(mixed))
+    offs = (lay.sorted_token_ids, lay.active_adapters, lay.seg_start, lay.seg_len, lay.scalars + 2)
     return n_seg, m_tiles, n_tiles, seg_p2, offs
 
 
-def _launch_shrink(x, a, offsets, ranks, meta, max_tokens, h, cfg) -> None:
+def _launch_shrink(x, a, offsets, ranks, meta, max_tokens, h, cfg, merged: int = -1) -> None:
+    """``merged >= 0``: h is [S, T, 2 r_cap]; columns [0, r_cap) get the segment's adapter, [r_cap, 2 r_cap)
+    the merged adapter (for every token whose adapter is not ``merged``)."""
     T, K = x.shape
     S = a.shape[0]
-    r_cap = h.shape[2]
+    mixed = merged >= 0
+    r_cap = h.shape[2] // 2 if mixed else h.shape[2]
     bm, bk, br, split_k = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_R"], cfg["SPLIT_K"]
     n_rb = _cdiv(r_cap, br)
     k_per_split, split_k = _split_k(K, split_k, bk)
-    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len) = _segments(meta, max_tokens, T, bm)
-    grid = (n_tiles, S * split_k * n_rb)
+    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len, o_nv) = _segments(
+        meta, max_tokens, T, bm, mixed)
+    grid = (n_tiles, S * split_k * (1 + mixed) * n_rb)
     _sgmv_shrink_kernel[grid](
         x, a, h, offsets, ranks, meta,
-        K, n_seg, m_tiles, k_per_split,
+        K, T, n_seg, m_tiles, k_per_split, merged,
         x.stride(0), x.stride(1),
         a.stride(0), a.stride(1), a.stride(2),
-        h.stride(0), h.stride(1), h.stride(2),
+        h.stride(0), h.stride(1), h.stride(2), r_cap * h.stride(2),
         ranks.stride(0),
-        o_sorted, o_act, o_start, o_len,
+        o_sorted, o_act, o_start, o_len, o_nv,
         N_RB=n_rb, SPLIT_K=split_k,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
-        SEG_P2=seg_p2, EVEN_K=(K % bk == 0), UPCAST=_upcast(x.dtype),
+        SEG_P2=seg_p2, EVEN_K=(K % bk == 0), UPCAST=_upcast(x.dtype), MIXED=int(mixed),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
-def _launch_expand(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info, cfg) -> None:
+def _launch_expand(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info, cfg, merged: int = -1) -> None:
     T = y.shape[0]
     S = h.shape[0]
     out_total = b.shape[1]
+    mixed = merged >= 0
+    r_cap = h.shape[2] // 2 if mixed else h.shape[2]
     bm, bn, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_R"]
-    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len) = _segments(meta, max_tokens, T, bm)
+    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len, o_nv) = _segments(
+        meta, max_tokens, T, bm, mixed)
     # sum_s cdiv(out_s, BN) <= (out_total + S (BN - 1)) / BN: exact-or-nearly column grid for all slices.
     n_col = (out_total + S * (bn - 1)) // bn
     grid = (n_tiles, n_col)
     _sgmv_expand_kernel[grid](
         y, h, b, offsets, ranks, scales, meta, slice_info,
-        n_seg, m_tiles,
+        T, n_seg, m_tiles, merged,
         y.stride(0), y.stride(1),
-        h.stride(0), h.stride(1), h.stride(2),
+        h.stride(0), h.stride(1), h.stride(2), r_cap * h.stride(2),
         b.stride(0), b.stride(1),
         ranks.stride(0), scales.stride(0), slice_info.stride(0),
-        o_sorted, o_act, o_start, o_len,
+        o_sorted, o_act, o_start, o_len, o_nv,
         NUM_SLICES=S,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-        SEG_P2=seg_p2, UPCAST=_upcast(y.dtype),
+        SEG_P2=seg_p2, UPCAST=_upcast(y.dtype), MIXED=int(mixed),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
-def _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg) -> None:
+def _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg,
+                  merged: int = -1) -> None:
     T, K = x.shape
     S = a.shape[0]
     out_total = b.shape[1]
+    mixed = merged >= 0
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     n_split = max(1, min(cfg["N_SPLIT"], _cdiv(out_total, bn)))
-    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len) = _segments(meta, max_tokens, T, bm)
+    n_seg, m_tiles, n_tiles, seg_p2, (o_sorted, o_act, o_start, o_len, o_nv) = _segments(
+        meta, max_tokens, T, bm, mixed)
     grid = (n_tiles, S * n_split)
     _sgmv_fused_kernel[grid](
         y, x, a, b, offsets, ranks, scales, meta, slice_info,
-        K, n_seg, m_tiles,
+        K, T, n_seg, m_tiles, merged,
         x.stride(0), x.stride(1),
         y.stride(0), y.stride(1),
         a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1),
         ranks.stride(0), scales.stride(0), slice_info.stride(0),
-        o_sorted, o_act, o_start, o_len,
+        o_sorted, o_act, o_start, o_len, o_nv,
         N_SPLIT=n_split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=max(16, _p2(r_cap)),
         SEG_P2=seg_p2, EVEN_K=(K % bk == 0), UPCAST_X=_upcast(x.dtype), UPCAST_Y=_upcast(y.dtype),
+        MIXED=int(mixed),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -532,12 +666,27 @@ def add_lora_(
     slice_info: torch.Tensor,
     r_cap: int,
     config: dict[str, Any] | None = None,
+    merged: int = -1,
 ) -> None:
     """Batched LoRA delta, in place: ``y[t, cols_s] += scales[s, i] * (x[t] @ A_{s,i}^T) @ B_{s,i}^T`` for
     every slice s and token t of adapter i; nothing for -1 tokens or rank-0 slots. h is accumulated in
     fp32 and rounded to y's dtype before the second product; y is updated in fp32 and rounded once.
 
     Args: as :func:`shrink` and :func:`expand_`; ``r_cap`` bounds every rank (``LoRAWeights.max_rank``).
+        ``merged``: -1 (normal), or the id ``m`` of the adapter the base weight already holds (mixed mode,
+        below). Must name a loaded adapter (the public op checks; this launcher trusts it).
+
+    Mixed mode (``merged = m >= 0``), in the same single launch (fused) or pair of launches (two-pass):
+        tokens of m get nothing; tokens of ``j != m`` get ``delta_j - delta_m``; tokens with -1 get
+        ``-delta_m``. The merged adapter is "more rows of the same gather": a program serving a segment of
+        ``j`` uses ``h = [x A_j^T, x A_m^T]`` (rank ``r_j + r_m``) against ``[s_j B_j ; -s_m B_m]``, i.e.
+        ``y += s_j (h_j B_j) - s_m (h_m B_m)``, both products in fp32, rounded once into y. Programs of m's
+        own segment exit at once; the tokens with no adapter (sorted last, ``[num_valid, T)``) form one extra
+        virtual segment (index n_seg) served with m only. The grid bound counts that segment (shapes only, no
+        host read). Fused: a second h register tile [BLOCK_M, R_PAD] (same x tile, second A tile). Two-pass:
+        the workspace h is [S, T, 2 r_cap], m's part in columns ``[r_cap, 2 r_cap)``, written by extra
+        rank-block programs of the shrink (grid axis 1 doubles) and read by the same expand program that reads
+        the segment's own part. Split-K works unchanged (both parts accumulate atomically into zeroed h).
 
     Strategies (``config["strategy"]``):
         ``"fused"``: one launch, grid ``(segment tiles, S * N_SPLIT)``. A program computes the h tile
@@ -545,7 +694,7 @@ def add_lora_(
         then streams every N_SPLIT-th BLOCK_N column block of B_s against it. No allocation. For decode /
         small T, where launches dominate; N_SPLIT > 1 recomputes the (cheap) shrink to get parallelism.
         ``"two_pass"``: :func:`shrink` into a workspace ``h`` fp32 [S, T, r_cap] (``torch.empty``; zeroed
-        only for split-K), then :func:`expand_`, each with its own sub-config.
+        only for split-K; [S, T, 2 r_cap] in mixed mode), then :func:`expand_`, each with its own sub-config.
 
     No host sync. T == 0: returns without launching.
     """
@@ -553,12 +702,15 @@ def add_lora_(
     if T == 0:
         return
     cfg = _config("add_lora", config, x.dtype, T, K, b.shape[1], r_cap, x.device)
+    if not isinstance(merged, int) or isinstance(merged, bool) or not -1 <= merged < offsets.shape[0]:
+        raise ValueError(f"merged: expected -1 or an adapter id in [0, {offsets.shape[0]}), got {merged!r}")
     if cfg["strategy"] == "fused":
-        _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg)
+        _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg, merged)
         return
     sc, ec = cfg["shrink"], cfg["expand"]
-    h = torch.empty((a.shape[0], T, r_cap), dtype=torch.float32, device=x.device)
+    n_parts = 2 if merged >= 0 else 1
+    h = torch.empty((a.shape[0], T, n_parts * r_cap), dtype=torch.float32, device=x.device)
     if _split_k(K, sc["SPLIT_K"], sc["BLOCK_K"])[1] > 1:  # atomics need a zero base
         h.zero_()
-    _launch_shrink(x, a, offsets, ranks, meta, max_tokens, h, sc)
-    _launch_expand(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info, ec)
+    _launch_shrink(x, a, offsets, ranks, meta, max_tokens, h, sc, merged)
+    _launch_expand(y, h, b, offsets, ranks, scales, meta, max_tokens, slice_info, ec, merged)

@@ -231,7 +231,7 @@ def _load_table_cached(gpu_name: str) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 # Compiled (csrc/) kernels that replace a tested default path only on GPUs where `lora-bench tune` checked
 # them against that path. Names: "build_batch_cuda" (the LoRABatch builder of the extension).
-VERIFIABLE_KERNELS = ("build_batch_cuda",)
+VERIFIABLE_KERNELS = ("build_batch_cuda", "merge_cuda", "deform_cuda")
 
 
 @functools.cache

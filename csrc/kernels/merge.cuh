@@ -1,0 +1,159 @@
+// Grouped merge / unmerge of LoRA deltas into base weights (torch-free; launched by csrc/merge.cu).
+//
+// One launch covers every job of a job table built by lora_kernels.ops.merge.build_tables (a job is one slice of
+// one layer: rows [row0, row0 + rows) of a row-major W [out, in]); the int64 table columns are the kJob* constants
+// below, shared with lora_kernels/triton/merge.py. A block is one tile: one row of one job, kMergeCols columns,
+// 4 consecutive columns per thread (one code byte when in % 4 == 0). Blocks find their job by a binary search of
+// tile_start (first tile of each job, ascending, tile_start[0] == 0).
+//
+// Per weight, the fp32 delta is a fixed sequence of correctly rounded operations (terms in order, ranks in
+// order: d = fma(fl(coef * B[k, row]), A[k, col], d) from d = +0), written with __fmul_rn / __fmaf_rn so the
+// compiler cannot contract or reorder it: merge and unmerge compute the same bits.
+//   merge:   W' = rnd(W + d); exact: R = rnd(W' - d), code = 0 (W is R) / 1 (one step above R) / 2 (one step
+//            below) / 3 (escape: W is left unwritten and counter[layer] is incremented; the caller collects it).
+//   unmerge: R = rnd(W' - d), moved by the code (exact); escapes are left for the caller.
+// "Step" = neighbour in the total order of bit patterns (key(): -0 -> -1, +0 -> 0).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lora_kernels {
+
+enum MergeJobCol : int {
+  kJobW = 0, kJobCode, kJobRow0, kJobRows, kJobIn, kJobA, kJobSA, kJobB, kJobSB, kJobT0, kJobNT, kJobTile0,
+  kJobLayer, kJobNTN, kJobPacked, kJobCols = 16
+};
+
+constexpr int kMergeThreads = 256;
+constexpr int kMergeCols = 4 * kMergeThreads;  // columns per tile (must match _CUDA_TILE_N in ops/merge.py)
+
+template <typename T>
+struct MergeFmt;
+
+template <>
+struct MergeFmt<float> {
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+  static __device__ __forceinline__ int64_t key(float x) {
+    const int64_t b = static_cast<int64_t>(__float_as_int(x));
+    const int64_t mag = b & 0x7FFFFFFFLL;
+    return b < 0 ? -mag - 1 : mag;
+  }
+  static __device__ __forceinline__ float from_key(int64_t k) {
+    const int64_t mag = k < 0 ? -k - 1 : k;
+    return __int_as_float(static_cast<int32_t>(k < 0 ? mag - 2147483648LL : mag));
+  }
+};
+
+template <>
+struct MergeFmt<__half> {
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ int64_t key(__half x) {
+    const int64_t b = static_cast<int64_t>(__half_as_short(x));
+    const int64_t mag = b & 0x7FFF;
+    return b < 0 ? -mag - 1 : mag;
+  }
+  static __device__ __forceinline__ __half from_key(int64_t k) {
+    const int64_t mag = k < 0 ? -k - 1 : k;
+    return __short_as_half(static_cast<short>(k < 0 ? mag - 32768 : mag));
+  }
+};
+
+template <>
+struct MergeFmt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ int64_t key(__nv_bfloat16 x) {
+    const int64_t b = static_cast<int64_t>(__bfloat16_as_short(x));
+    const int64_t mag = b & 0x7FFF;
+    return b < 0 ? -mag - 1 : mag;
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_key(int64_t k) {
+    const int64_t mag = k < 0 ? -k - 1 : k;
+    return __short_as_bfloat16(static_cast<short>(k < 0 ? mag - 32768 : mag));
+  }
+};
+
+struct MergeGroupedParams {
+  const int64_t* jobs;        // [n_jobs, kJobCols]
+  const int64_t* tile_start;  // [n_jobs]
+  int64_t n_jobs;
+  const int64_t* terms;  // [n_terms, 2]: storage row offset, rank
+  const float* coefs;    // [n_terms]
+  int32_t* counter;      // [n_layers] escapes per layer (merge, exact)
+  bool exact;
+};
+
+template <typename TW, typename TAB, bool kUnmerge>
+__global__ void __launch_bounds__(kMergeThreads) merge_grouped_kernel(MergeGroupedParams p) {
+  using FW = MergeFmt<TW>;
+  using FA = MergeFmt<TAB>;
+  const int64_t pid = blockIdx.x;
+  int64_t lo = 0, hi = p.n_jobs;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.tile_start[mid] <= pid) lo = mid; else hi = mid;
+  }
+  const int64_t* job = p.jobs + lo * kJobCols;
+  TW* W = reinterpret_cast<TW*>(static_cast<uintptr_t>(job[kJobW]));
+  uint8_t* code = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(job[kJobCode]));
+  const TAB* A = reinterpret_cast<const TAB*>(static_cast<uintptr_t>(job[kJobA]));
+  const TAB* B = reinterpret_cast<const TAB*>(static_cast<uintptr_t>(job[kJobB]));
+  const int64_t row0 = job[kJobRow0], in = job[kJobIn], sa = job[kJobSA], sb = job[kJobSB];
+  const int64_t t0 = job[kJobT0], nt = job[kJobNT], ntn = job[kJobNTN];
+  const bool packed = job[kJobPacked] != 0;
+  const int64_t t = pid - job[kJobTile0];
+  const int64_t row = t / ntn;
+  const int64_t col0 = (t - row * ntn) * kMergeCols + 4 * static_cast<int64_t>(threadIdx.x);
+  if (col0 >= in) return;
+  const int64_t base = (row0 + row) * in;
+  int byte = 0;
+  int n_esc = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t c = col0 + e;
+    if (c >= in) break;
+    float d = 0.0f;
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t off = p.terms[2 * (t0 + i)], r = p.terms[2 * (t0 + i) + 1];
+      const float coef = p.coefs[t0 + i];
+      for (int64_t k = 0; k < r; ++k) {
+        const float bk = __fmul_rn(coef, FA::to_f(B[(off + k) * sb + row]));
+        d = __fmaf_rn(bk, FA::to_f(A[(off + k) * sa + c]), d);
+      }
+    }
+    const int64_t flat = base + c;
+    const TW w = W[flat];
+    if (kUnmerge) {
+      TW back = FW::from_f(__fsub_rn(FW::to_f(w), d));
+      if (p.exact) {
+        const int cd = (code[flat >> 2] >> (2 * (flat & 3))) & 3;
+        if (cd == 3) continue;  // escape: the caller restores it from the escape list
+        back = FW::from_key(FW::key(back) + (cd == 1 ? 1 : cd == 2 ? -1 : 0));
+      }
+      W[flat] = back;
+    } else {
+      const TW nw = FW::from_f(__fadd_rn(FW::to_f(w), d));
+      if (!p.exact) {
+        W[flat] = nw;
+        continue;
+      }
+      const TW back = FW::from_f(__fsub_rn(FW::to_f(nw), d));
+      const int64_t diff = FW::key(w) - FW::key(back);
+      const int cd = diff == 0 ? 0 : diff == 1 ? 1 : diff == -1 ? 2 : 3;
+      if (cd != 3) W[flat] = nw; else ++n_esc;  // an escape keeps its original value until the caller saves it
+      if (packed) byte |= cd << (2 * e); else code[flat] = static_cast<uint8_t>(cd);
+    }
+  }
+  if (!kUnmerge && p.exact) {
+    if (packed) code[(base + col0) >> 2] = static_cast<uint8_t>(byte);
+    if (n_esc) atomicAdd(p.counter + job[kJobLayer], n_esc);
+  }
+}
+
+}  // namespace lora_kernels

@@ -1,0 +1,149 @@
+"""A client's adapter as the federated code sees it: per layer, the factors ``(A [r, in], B [out, r])`` and a scale.
+
+Semantics:
+    A client adapter is a mapping ``layer name -> layer``; the layer's delta is ``scale * B @ A``
+    (``A`` [r, in] is PEFT's ``lora_A.weight``, ``B`` [out, r] is ``lora_B.weight``, ``scale`` = alpha / r
+    or alpha / sqrt(r) with rsLoRA). A layer may be given as
+
+    - :class:`LoRAFactors` ``(A, B, scale)``, or a plain tuple ``(A, B)`` (scale 1) or ``(A, B, scale)``;
+    - a :class:`~lora_kernels.LoRAWeights` slot ``(weights, adapter_id)`` or ``(weights, adapter_id, slice)``
+      (the slice index is required for fused projections with several slices). The factors are read as views.
+
+    Ranks may differ per client and per layer; every client must have the same layer names, and each layer the
+    same ``in`` and ``out`` in every client. :func:`from_weights` turns a model's ``{layer: LoRAWeights}`` and
+    one adapter id into a client adapter (one entry per slice, named ``"layer[s]"`` for fused projections).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .._validation import check
+from ..weights import LoRAWeights
+
+__all__ = ["LoRAFactors", "ClientAdapter", "as_client", "from_weights", "check_clients", "check_client_weights"]
+
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class LoRAFactors(NamedTuple):
+    """One layer of one adapter: delta = ``scale * B @ A``; ``A`` [r, in], ``B`` [out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense ``[out, in]`` delta (for tests and small layers; the federated code never needs it)."""
+        dt = dtype or self.A.dtype
+        return self.scale * (self.B.to(dt) @ self.A.to(dt))
+
+
+ClientAdapter = Mapping[str, Union[LoRAFactors, Tuple[Any, ...]]]
+
+
+def from_weights(weights: Union[LoRAWeights, Mapping[str, LoRAWeights]], adapter_id: int,
+                 name: str = "layer") -> Dict[str, LoRAFactors]:
+    """``{layer: LoRAFactors}`` of one loaded adapter of every layer's :class:`LoRAWeights` (views, no copy).
+
+    A single ``LoRAWeights`` is named ``name``; a slice ``s`` of a fused group is named ``"layer[s]"``.
+    """
+    layers = {name: weights} if isinstance(weights, LoRAWeights) else dict(weights)
+    out: Dict[str, LoRAFactors] = {}
+    for lname, w in layers.items():
+        check(isinstance(w, LoRAWeights), f"weights[{lname!r}]", "a LoRAWeights", type(w).__name__, TypeError)
+        for s in range(w.num_slices):
+            A, B, sc = w.adapter(adapter_id, s)
+            out[lname if w.num_slices == 1 else f"{lname}[{s}]"] = LoRAFactors(A, B, sc)
+    return out
+
+
+def _as_layer(v: Any, where: str) -> LoRAFactors:
+    if isinstance(v, LoRAFactors):
+        A, B, sc = v
+    elif isinstance(v, tuple) and len(v) in (2, 3) and isinstance(v[0], LoRAWeights):
+        w, aid = v[0], v[1]
+        sl = v[2] if len(v) == 3 else None
+        check(sl is not None or w.num_slices == 1, where, "(weights, adapter_id, slice_index) for a fused group "
+              f"of {w.num_slices} slices", "no slice index")
+        check(isinstance(aid, int) and aid in w.loaded, where, f"a loaded adapter id of the LoRAWeights "
+              f"(loaded: {w.loaded})", aid)
+        A, B, sc = w.adapter(aid, 0 if sl is None else sl)
+    elif isinstance(v, (tuple, list)) and len(v) in (2, 3):
+        A, B = v[0], v[1]
+        sc = v[2] if len(v) == 3 else 1.0
+    else:
+        raise TypeError(f"{where}: expected LoRAFactors, (A, B), (A, B, scale) or (LoRAWeights, adapter_id[, "
+                        f"slice]), got {type(v).__name__}")
+    for nm, t in (("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}.{nm}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FACTOR_DTYPES:
+            raise TypeError(f"{where}.{nm}: expected dtype in {[str(d) for d in FACTOR_DTYPES]}, got {t.dtype}")
+        check(t.ndim == 2, f"{where}.{nm}", "2 dims", f"shape {tuple(t.shape)}")
+    check(A.shape[0] >= 1 and B.shape[1] == A.shape[0], where, "A [r, in] and B [out, r] with the same r >= 1",
+          f"A {tuple(A.shape)}, B {tuple(B.shape)}")
+    check(A.device == B.device, where, "A and B on one device", f"{A.device} and {B.device}")
+    if isinstance(sc, torch.Tensor):
+        check(sc.numel() == 1, f"{where}.scale", "a float", f"tensor of shape {tuple(sc.shape)}")
+        sc = float(sc)
+    check(isinstance(sc, (int, float)) and math.isfinite(float(sc)), f"{where}.scale", "a finite float", sc,
+          TypeError if not isinstance(sc, (int, float)) else ValueError)
+    return LoRAFactors(A, B, float(sc))
+
+
+def as_client(adapter: ClientAdapter, where: str = "client") -> Dict[str, LoRAFactors]:
+    """Normalise one client adapter to ``{layer: LoRAFactors}`` (no copies). Raises TypeError/ValueError."""
+    if not isinstance(adapter, Mapping):
+        raise TypeError(f"{where}: expected a mapping layer name -> (A, B[, scale]), got {type(adapter).__name__}")
+    check(len(adapter) >= 1, where, "at least one layer", "an empty mapping")
+    return {k: _as_layer(v, f"{where}[{k!r}]") for k, v in adapter.items()}
+
+
+def check_clients(clients: Sequence[ClientAdapter], name: str = "clients") -> List[Dict[str, LoRAFactors]]:
+    """Normalise and cross-check K client adapters: same layer names, same (in, out) per layer, one device.
+
+    Returns the normalised list. Raises TypeError/ValueError naming the client and layer; reads no tensor data.
+    """
+    if isinstance(clients, Mapping) or not isinstance(clients, Sequence):
+        raise TypeError(f"{name}: expected a sequence of client adapters, got {type(clients).__name__}")
+    check(len(clients) >= 1, name, "at least one client", 0)
+    norm = [as_client(c, f"{name}[{k}]") for k, c in enumerate(clients)]
+    ref = norm[0]
+    dev = next(iter(ref.values())).A.device
+    for k, c in enumerate(norm):
+        if set(c) != set(ref):
+            missing, extra = sorted(set(ref) - set(c)), sorted(set(c) - set(ref))
+            raise ValueError(f"{name}[{k}]: expected the layers of {name}[0], got missing {missing}, extra {extra}")
+        for lname, f in c.items():
+            f0 = ref[lname]
+            check(f.A.shape[1] == f0.A.shape[1] and f.B.shape[0] == f0.B.shape[0], f"{name}[{k}][{lname!r}]",
+                  f"in={f0.A.shape[1]}, out={f0.B.shape[0]} (as {name}[0])",
+                  f"in={f.A.shape[1]}, out={f.B.shape[0]}")
+            check(f.A.device == dev, f"{name}[{k}][{lname!r}]", f"device {dev}", f.A.device)
+    return norm
+
+
+def check_client_weights(weights: Optional[Sequence[float]], K: int, name: str = "weights") -> List[float]:
+    """Normalised aggregation weights ``p_k = w_k / sum(w)`` (uniform when None).
+
+    Raises ValueError for a wrong length, a negative or non-finite weight, or weights summing to zero.
+    """
+    if weights is None:
+        return [1.0 / K] * K
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().double().reshape(-1).tolist()
+    ws = [float(w) for w in weights]
+    check(len(ws) == K, name, f"{K} weights (one per client)", len(ws))
+    check(all(math.isfinite(w) for w in ws), name, "finite values", ws)
+    check(all(w >= 0 for w in ws), name, "non-negative values", ws)
+    total = math.fsum(ws)
+    check(total > 0, name, "a positive sum (not all zero)", ws)
+    return [w / total for w in ws]

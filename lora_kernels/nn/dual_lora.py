@@ -1,0 +1,112 @@
+"""DualLoRALinear: a base linear layer plus the batched multi-adapter Dual-LoRA delta (trainable)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..batch import LoRABatch
+from ..context import current_batch
+from ..dual_weights import DualLoRAWeights
+from ..ops.dual_lora import dual_lora
+
+__all__ = ["DualLoRALinear"]
+
+
+class DualLoRALinear(nn.Module):
+    """``y = base(x) + s_i * B_i (ReLU(T_i x) * LN_r(A_i x))`` per token, ``i`` its adapter in the current batch.
+
+    Args:
+        base: a module mapping [..., in] -> [..., out] (an ``nn.Linear`` usually, frozen or not).
+        w_dual: the layer's :class:`~lora_kernels.DualLoRAWeights`; created empty (base's dtype and device)
+            from ``max_adapters`` / ``max_rank`` when omitted.
+        batch: a fixed :class:`~lora_kernels.LoRABatch` to read; None (usual) reads
+            :func:`lora_kernels.current_batch`.
+        trainable: register the adapter storage (``dual_a`` = stacked A/T rows, ``dual_b``, ``ln_weight``,
+            ``ln_bias``) as parameters with ``requires_grad=True``; they share memory with ``w_dual``'s tensors
+            (which are replaced by these Parameter objects), so gradients land in the paged layout and
+            optimiser steps are seen by the kernels. Rows of free slots get zero gradients.
+
+    Adapters: ``layer.new_adapter(rank, alpha)`` (A/T Kaiming-uniform, B = 0, LN weight 1 / bias 0, scale
+    ``alpha / rank``) or ``layer.w_dual.add(A, T, B, ...)``. Tokens with id -1 get ``base(x)`` alone.
+
+    Example::
+
+        layer = DualLoRALinear(nn.Linear(64, 64), max_adapters=4, max_rank=8)
+        i = layer.new_adapter(8, alpha=16)
+        with lk.use_batch(lk.LoRABatch.from_ids(ids, 4, ranks=layer.w_dual.ranks)):
+            y = layer(x)                   # y.sum().backward() fills layer.dual_a.grad, ...
+
+    The forward is custom ops only (shape checks in Python), so ``torch.compile(model, fullgraph=True)``
+    traces it; the batch and the weights are guarded by identity.
+
+    Raises:
+        TypeError / ValueError for mismatched arguments; RuntimeError from forward when no batch is current.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        w_dual: Optional[DualLoRAWeights] = None,
+        *,
+        batch: Optional[LoRABatch] = None,
+        max_adapters: Optional[int] = None,
+        max_rank: Optional[int] = None,
+        trainable: bool = True,
+    ):
+        super().__init__()
+        in_f = getattr(base, "in_features", None)
+        out_f = getattr(base, "out_features", None)
+        if w_dual is None:
+            if None in (in_f, out_f, max_adapters, max_rank):
+                raise ValueError("w_dual: expected a DualLoRAWeights, or base with in/out_features plus max_adapters "
+                                 f"and max_rank, got w_dual=None, max_adapters={max_adapters}, max_rank={max_rank}")
+            p = next(base.parameters(), None)
+            w_dual = DualLoRAWeights(in_f, out_f, max_adapters, max_rank,
+                                     dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32,
+                                     device=p.device if p is not None else "cpu")
+        if not isinstance(w_dual, DualLoRAWeights):
+            raise TypeError(f"w_dual: expected a DualLoRAWeights, got {type(w_dual).__name__}")
+        if in_f is not None and in_f != w_dual.in_features:
+            raise ValueError(f"w_dual: expected in_features {in_f} (base.in_features), got {w_dual.in_features}")
+        if out_f is not None and out_f != w_dual.out_features:
+            raise ValueError(f"w_dual: expected out_features {out_f} (base.out_features), got {w_dual.out_features}")
+        if batch is not None and not isinstance(batch, LoRABatch):
+            raise TypeError(f"batch: expected a LoRABatch or None, got {type(batch).__name__}")
+        self.base = base
+        self.w_dual = w_dual
+        self.batch = batch
+        # Parameters sharing the storage; the weights object then holds these very tensors.
+        self.dual_a = nn.Parameter(w_dual.a, requires_grad=trainable)
+        self.dual_b = nn.Parameter(w_dual.b, requires_grad=trainable)
+        self.ln_weight = nn.Parameter(w_dual.ln_weight, requires_grad=trainable)
+        self.ln_bias = nn.Parameter(w_dual.ln_bias, requires_grad=trainable)
+        w_dual.a, w_dual.b = self.dual_a, self.dual_b
+        w_dual.ln_weight, w_dual.ln_bias = self.ln_weight, self.ln_bias
+
+    def new_adapter(self, rank: int, alpha: Optional[float] = None, *, adapter_id: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None) -> int:
+        """Create a fresh adapter (see :meth:`DualLoRAWeights.new_adapter`); returns its id."""
+        return self.w_dual.new_adapter(rank, alpha, adapter_id=adapter_id, generator=generator)
+
+    @property
+    def in_features(self) -> int:
+        return self.w_dual.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.w_dual.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.batch if self.batch is not None else current_batch()
+        if batch is None:
+            raise RuntimeError("DualLoRALinear: no LoRABatch; pass batch= to the layer or run under "
+                               "lk.use_batch(batch) (a batch of all -1 ids serves the base layer alone)")
+        y = self.base(x)
+        delta = dual_lora(x.reshape(-1, x.shape[-1]), self.w_dual, batch)
+        return y + delta.view(*y.shape[:-1], delta.shape[-1]).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"w_dual={self.w_dual!r}"

@@ -1,0 +1,665 @@
+"""AdapterPool: many named LoRA adapters (PEFT files) served from the rank-paged LoRAWeights of every layer.
+
+API (stable; integrations build on it)::
+
+    pool = lk.AdapterPool(model_or_layers, max_adapters=None, capacity_rows=None, prefetch=True)
+    pool.register(name, path, *, config=None, pin=True)      # read + validate, host copy only (no slot)
+    pool.load(name, path, *, config=None, pin=True) -> int   # register + make resident now; returns the slot id
+    pool.load_many({name: path, ...}, *, resident=False, progress=True) -> None
+    pool.prefetch(name) -> int        # resident asynchronously: pinned host copy -> device on a side stream
+    ids = pool.acquire(names)         # list[int]; refcount +1 per name; stream waits only for these adapters
+    pool.release(names)               # refcount -1 (the adapter becomes evictable when it reaches 0)
+    with pool.use(names) as ids: ...  # acquire / release around a block
+    pool.evict(name)                  # drop the device copy (keeps the host copy); refuses a referenced one
+    pool.unload(name)                 # evict + forget entirely
+    pool.slot_of(name) -> int | None; pool.names; pool.resident; pool.stats (hits, misses, stalls, evictions)
+
+Semantics:
+    ``layers`` is a mapping ``{module path: LoRAWeights}`` (a tuple of paths as key for a fused group of
+    slices, one path per slice, in slice order) or an ``nn.Module`` whose LoRA layers are
+    :class:`~lora_kernels.nn.LoRALinear` modules (module path = the LoRALinear's name in the model, which is
+    the path of the linear it replaced; a fused LoRALinear names its slices with a ``lora_slice_names``
+    attribute: a tuple of module paths relative to its parent, e.g. ``("q_proj", "k_proj", "v_proj")``).
+    Module paths are those of PEFT's keys ``base_model.model.<module path>.lora_A.weight``.
+
+    An adapter is *registered* (validated, host copy, pinned when CUDA is present) and, while it holds a
+    slot, *resident*: it has the same slot id ``i`` in every layer, and ``adapter_ids == i`` selects it in a
+    :class:`~lora_kernels.LoRABatch`. A layer the adapter does not target holds rank 0 in slot ``i`` (no
+    delta). A slot and its rows are reused only after the adapter is evicted, and an adapter whose reference
+    count is above 0 is never evicted. When a slot or rows are short, the least recently used unreferenced
+    resident adapter is evicted (LRU over ``acquire``/``load``/``prefetch`` times).
+
+    On CUDA, device copies run on a side stream from pinned host memory; each adapter records an event after
+    its copies, and ``acquire`` makes the current stream wait on the events of the adapters it names only
+    (never a host sync). ``release`` records an event on the current stream; rows of an evicted adapter are
+    rewritten only after the side stream waited on that event, so a batch still running on the GPU never
+    reads rows of a newer adapter. On the CPU the copies are synchronous.
+
+    Every method is thread-safe (one lock around the pool's state; kernels are launched outside it). Any
+    method that raises leaves the pool unchanged: same adapters, slots, rows and reference counts.
+
+Errors: :class:`AdapterFormatError` (ValueError; malformed or incompatible adapter files, including rank
+above the layer's capacity), :class:`UnsupportedAdapterError` (a subclass: DoRA and other options this
+library does not implement), :class:`AdapterInUseError` (evicting a referenced adapter),
+:class:`PoolFullError` (no slot/rows free and every resident adapter referenced), KeyError (unknown name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .peft_format import AdapterFormatError, HostAdapter, UnsupportedAdapterError, read_peft_adapter
+from .weights import LoRAWeights
+
+__all__ = ["AdapterPool", "PoolStats", "AdapterFormatError", "UnsupportedAdapterError", "AdapterInUseError",
+           "PoolFullError"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+Names = Union[Optional[str], Sequence[Optional[str]]]
+
+
+class AdapterInUseError(RuntimeError):
+    """The adapter is referenced (acquired and not yet released); it cannot be evicted now."""
+
+
+class PoolFullError(RuntimeError):
+    """No free slot/rows for an adapter and every resident adapter that could make room is referenced."""
+
+
+@dataclass
+class PoolStats:
+    """Counters since construction (or :meth:`AdapterPool.reset_stats`).
+
+    * ``hits``: names acquired that were resident with their copy complete.
+    * ``misses``: names acquired that were not resident (made resident by ``acquire``).
+    * ``stalls``: names acquired whose device copy had not finished yet (the stream waits on its event).
+    * ``evictions``: adapters evicted (by LRU or :meth:`AdapterPool.evict`).
+    * ``loads``: host-to-device adapter copies issued.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    stalls: int = 0
+    evictions: int = 0
+    loads: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses + self.stalls
+        return self.hits / n if n else 0.0
+
+
+@dataclass
+class _Layer:
+    paths: Tuple[str, ...]  # PEFT module path of each slice
+    weights: LoRAWeights
+    budget: int  # rows this pool may use in the layer
+
+
+@dataclass
+class _Part:
+    """One adapter's factors for one layer, ready to copy: per slice A [r, in], B^T [r, out] (host, layer dtype)."""
+
+    A: List[torch.Tensor]
+    Bt: List[torch.Tensor]
+    scales: List[float]
+    nrows: int
+
+
+class _Entry:
+    __slots__ = ("name", "source", "parts", "slot", "refs", "ready", "last_use", "nbytes")
+
+    def __init__(self, name: str, source: str, parts: Dict[int, _Part]):
+        self.name = name
+        self.source = source
+        self.parts = parts
+        self.slot: Optional[int] = None
+        self.refs = 0
+        self.ready = None  # torch.cuda.Event recorded after the device copies (None: complete)
+        self.last_use = None  # torch.cuda.Event recorded at the last release
+        self.nbytes = sum(t.numel() * t.element_size() for p in parts.values() for t in p.A + p.Bt)
+
+
+def _layers_of(layers) -> List[Tuple[Tuple[str, ...], LoRAWeights]]:
+    if isinstance(layers, nn.Module):
+        from .nn.lora_linear import LoRALinear
+
+        out = []
+        for path, mod in layers.named_modules():
+            if not isinstance(mod, LoRALinear):
+                continue
+            w = mod.weights
+            if w.num_slices == 1:
+                out.append(((path,), w))
+                continue
+            rel = getattr(mod, "lora_slice_names", None)
+            if rel is None or len(rel) != w.num_slices:
+                raise ValueError(f"layers: expected the fused LoRALinear {path!r} ({w.num_slices} slices) to name its "
+                                 f"slices in lora_slice_names, got {rel!r}")
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            out.append((tuple(f"{parent}.{r}" if parent else r for r in rel), w))
+        if not out:
+            raise ValueError(f"layers: expected a model with LoRALinear modules, got {type(layers).__name__} with none")
+        return out
+    if isinstance(layers, Mapping):
+        out = []
+        for key, w in layers.items():
+            paths = (key,) if isinstance(key, str) else tuple(key)
+            if not isinstance(w, LoRAWeights):
+                raise TypeError(f"layers[{key!r}]: expected a LoRAWeights, got {type(w).__name__}")
+            if not paths or not all(isinstance(p, str) for p in paths) or len(paths) != w.num_slices:
+                raise ValueError(f"layers: expected key {key!r} to be one module path per slice "
+                                 f"({w.num_slices}), got {len(paths)}")
+            out.append((paths, w))
+        if not out:
+            raise ValueError("layers: expected at least one layer, got an empty mapping")
+        return out
+    raise TypeError(f"layers: expected a Mapping[str, LoRAWeights] or an nn.Module, got {type(layers).__name__}")
+
+
+class AdapterPool:
+    """Named LoRA adapters kept in the :class:`~lora_kernels.LoRAWeights` of many layers (module docstring).
+
+    Args:
+        layers: ``{module path (or tuple of paths per slice): LoRAWeights}`` or a model with LoRALinear modules.
+            The pool owns the slots of these weights: do not ``add``/``remove`` on them directly while it
+            lives (slots already loaded when the pool is built are left alone and never used).
+        max_adapters: most adapters resident at once (default and upper bound: the layers' ``max_adapters``).
+        capacity_rows: rows the pool may use per layer (default and upper bound: each layer's
+            ``capacity_rows``).
+        prefetch: on CUDA, copy on a side stream with events (True) or on the current stream (False).
+        pin: default for :meth:`register`'s ``pin``: keep pinned host copies (CUDA only).
+
+    Raises:
+        TypeError / ValueError naming the argument (layers on several devices, slots or paths that disagree).
+    """
+
+    def __init__(
+        self,
+        layers: Union[Mapping[Union[str, Tuple[str, ...]], LoRAWeights], nn.Module],
+        *,
+        max_adapters: Optional[int] = None,
+        capacity_rows: Optional[int] = None,
+        prefetch: bool = True,
+        pin: bool = True,
+    ):
+        found = _layers_of(layers)
+        devs = {w.device for _, w in found}
+        if len(devs) != 1:
+            raise ValueError(f"layers: expected LoRAWeights on one device, got {sorted(map(str, devs))}")
+        n_slots = min(w.max_adapters for _, w in found)
+        if max_adapters is not None and (not isinstance(max_adapters, int) or isinstance(max_adapters, bool)
+                                         or not 1 <= max_adapters <= n_slots):
+            raise ValueError(f"max_adapters: expected an int in [1, {n_slots}] (the layers' slots), "
+                             f"got {max_adapters!r}")
+        if capacity_rows is not None and (not isinstance(capacity_rows, int) or isinstance(capacity_rows, bool)
+                                          or capacity_rows < 1):
+            raise ValueError(f"capacity_rows: expected an int >= 1, got {capacity_rows!r}")
+        self._layers: List[_Layer] = []
+        self._index: Dict[str, Tuple[int, int]] = {}  # module path -> (layer, slice)
+        for paths, w in found:
+            for s, p in enumerate(paths):
+                if p in self._index:
+                    raise ValueError(f"layers: expected each module path once, got {p!r} twice")
+                self._index[p] = (len(self._layers), s)
+            budget = w.capacity_rows if capacity_rows is None else min(capacity_rows, w.capacity_rows)
+            self._layers.append(_Layer(paths, w, budget))
+        self.device = devs.pop()
+        taken = set().union(*(w.loaded for _, w in found))
+        self._free_slots = [i for i in range(n_slots) if i not in taken][: max_adapters or n_slots]
+        self.max_adapters = len(self._free_slots)
+        #: Slot ids are < num_slots: size a LoRABatch with ``max_adapters=pool.num_slots``.
+        self.num_slots = n_slots
+        self._used_rows = [0] * len(self._layers)
+        self._entries: Dict[str, _Entry] = {}
+        self._lru: "OrderedDict[str, None]" = OrderedDict()  # resident names, least recently used first
+        self._lock = threading.RLock()
+        self._stats = PoolStats()
+        self._cuda = self.device.type == "cuda"
+        self._prefetch = bool(prefetch)
+        self._pin = bool(pin)
+        self._side = None  # side stream, created on first use
+
+    # ---- introspection -------------------------------------------------------------------------------
+    @property
+    def layers(self) -> List[Tuple[Tuple[str, ...], LoRAWeights]]:
+        """``(module paths per slice, LoRAWeights)`` of every layer, in order."""
+        return [(lay.paths, lay.weights) for lay in self._layers]
+
+    @property
+    def names(self) -> List[str]:
+        """Registered adapter names (resident or not), in registration order."""
+        with self._lock:
+            return list(self._entries)
+
+    @property
+    def resident(self) -> Dict[str, int]:
+        """``{name: slot}`` of resident adapters, least recently used first."""
+        with self._lock:
+            return {n: self._entries[n].slot for n in self._lru}
+
+    @property
+    def stats(self) -> PoolStats:
+        """A snapshot of the counters (see :class:`PoolStats`)."""
+        with self._lock:
+            return PoolStats(**vars(self._stats))
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = PoolStats()
+
+    def slot_of(self, name: str) -> Optional[int]:
+        """The slot id of a resident adapter, None when it is registered but not resident (KeyError if unknown)."""
+        with self._lock:
+            return self._entry(name).slot
+
+    def refcount(self, name: str) -> int:
+        with self._lock:
+            return self._entry(name).refs
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return (f"AdapterPool(layers={len(self._layers)}, registered={len(self._entries)}, "
+                    f"resident={len(self._lru)}/{self.max_adapters}, device={self.device}, stats={self._stats})")
+
+    # ---- registering ---------------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        source: PathLike,
+        *,
+        config=None,
+        pin: Optional[bool] = None,
+        adapter_name: Optional[str] = None,
+    ) -> None:
+        """Read and validate an adapter (see :func:`~lora_kernels.peft_format.read_peft_adapter`) and keep a host
+        copy in each layer's dtype (pinned on CUDA when ``pin``); it takes no slot until used.
+
+        Raises:
+            AdapterFormatError / UnsupportedAdapterError: the file is malformed, unsupported or does not fit
+                these layers (unknown module, wrong shape, rank above a layer's ``max_rank`` or row budget).
+            ValueError: ``name`` already registered (``unload`` it first). The pool is unchanged on any error.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name: expected a non-empty str, got {name!r}")
+        with self._lock:
+            if name in self._entries:
+                raise ValueError(f"name: expected a new adapter name, got {name!r} (already registered; unload() it)")
+        entry = self._read(name, source, config, self._pin if pin is None else bool(pin), adapter_name)
+        with self._lock:
+            if name in self._entries:  # registered by another thread meanwhile
+                raise ValueError(f"name: expected a new adapter name, got {name!r} (already registered; unload() it)")
+            self._entries[name] = entry
+
+    def _read(self, name, source, config, pin, adapter_name) -> _Entry:
+        expected = {p: (self._layers[li].weights.in_features, self._layers[li].weights.slice_outs[s])
+                    for p, (li, s) in self._index.items()}
+        host = read_peft_adapter(source, name=name, config=config, expected=expected, adapter_name=adapter_name)
+        return self._prepare(host, pin)
+
+    def _prepare(self, host: HostAdapter, pin: bool) -> _Entry:
+        by_layer: Dict[int, Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        for p, fac in host.modules.items():
+            li, s = self._index[p]
+            by_layer.setdefault(li, {})[s] = fac
+        parts: Dict[int, _Part] = {}
+        pin = pin and self._cuda and torch.cuda.is_available()
+        for li, facs in sorted(by_layer.items()):
+            lay = self._layers[li]
+            w = lay.weights
+            As, Bts, scales = [], [], []
+            for s in range(w.num_slices):
+                if s in facs:
+                    A, B, sc = facs[s]
+                    path = lay.paths[s]
+                    if A.shape[0] > w.max_rank:
+                        raise AdapterFormatError(f"{host.source}: module {path!r}: expected rank <= {w.max_rank} (the "
+                                                 f"layer's max_rank), got {A.shape[0]}")
+                    A, Bt = A.to(w.dtype).contiguous(), B.to(w.dtype).t().contiguous()
+                    for what, t in (("lora_A", A), ("lora_B", Bt)):
+                        if not bool(torch.isfinite(t).all()):
+                            raise AdapterFormatError(f"{host.source}: module {path!r}: {what}.weight: expected "
+                                                     f"values finite in {w.dtype}, got NaN/Inf after conversion")
+                else:
+                    # A fused group where this adapter has no LoRA on slice s: one zero row with scale 0 is an
+                    # exact zero delta (LoRAWeights needs rank >= 1 in every slice of a stored adapter).
+                    A = torch.zeros(1, w.in_features, dtype=w.dtype)
+                    Bt = torch.zeros(1, w.slice_outs[s], dtype=w.dtype)
+                    sc = 0.0
+                As.append(A.pin_memory() if pin else A)
+                Bts.append(Bt.pin_memory() if pin else Bt)
+                scales.append(float(sc))
+            nrows = max(a.shape[0] for a in As)
+            if nrows > lay.budget:
+                raise AdapterFormatError(f"{host.source}: layer {lay.paths[0]!r}: expected at most {lay.budget} rows "
+                                         f"(the pool's capacity_rows for this layer), got rank {nrows}")
+            parts[li] = _Part(As, Bts, scales, nrows)
+        return _Entry(host.name, host.source, parts)
+
+    def load(
+        self,
+        name: str,
+        source: Optional[PathLike] = None,
+        *,
+        config=None,
+        pin: Optional[bool] = None,
+        adapter_name: Optional[str] = None,
+    ) -> int:
+        """Register ``name`` from ``source`` (skipped when ``source`` is None and the name is registered) and make
+        it resident now (synchronous copy, evicting LRU adapters as needed); returns its slot id.
+
+        The id stays valid until the adapter is evicted; batches in flight must :meth:`acquire` what they use.
+
+        Raises:
+            as :meth:`register`; PoolFullError when no room can be made (the registration is then undone).
+        """
+        if source is not None:
+            self.register(name, source, config=config, pin=pin, adapter_name=adapter_name)
+        with self._lock:
+            e = self._entry(name)
+            if e.slot is not None:
+                self._lru.move_to_end(name)
+                return e.slot
+            try:
+                return self._make_resident(e, asynchronous=False)
+            except BaseException:
+                if source is not None and self._entries.get(name) is not None and self._entries[name].slot is None:
+                    del self._entries[name]
+                raise
+
+    def load_many(
+        self,
+        sources: Union[Mapping[str, PathLike], Iterable[Tuple[str, PathLike]]],
+        *,
+        config=None,
+        resident: bool = False,
+        progress: bool = True,
+    ) -> None:
+        """Register many adapters (a tqdm progress bar when ``progress`` and tqdm is installed); with
+        ``resident`` also prefetch them, in order, while slots last (never evicting one of them for another).
+
+        Raises: as :meth:`register`; on any error the adapters this call registered are unloaded again.
+        """
+        items = list(sources.items() if isinstance(sources, Mapping) else sources)
+        bar = items
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(items, desc="adapters", unit="adapter")
+            except ImportError:
+                pass
+        done: List[str] = []
+        try:
+            for name, src in bar:
+                self.register(name, src, config=config)
+                done.append(name)
+            if resident:
+                with self._lock:
+                    for name in done[: self.max_adapters]:
+                        e = self._entries[name]
+                        if e.slot is None:
+                            if self._plan(e, set(done)) is None:
+                                break
+                            self._make_resident(e, asynchronous=True, protect=set(done))
+        except BaseException:
+            with self._lock:
+                for name in done:
+                    e = self._entries.get(name)
+                    if e is not None and e.refs == 0:
+                        if e.slot is not None:
+                            self._evict(e)
+                        del self._entries[name]
+            raise
+        finally:
+            if bar is not items:
+                bar.close()
+
+    # ---- residency -----------------------------------------------------------------------------------
+    def prefetch(self, name: str) -> int:
+        """Make ``name`` resident, copying asynchronously on CUDA (side stream, event recorded); returns its slot.
+        A resident adapter is only marked recently used. Raises KeyError, PoolFullError (pool unchanged)."""
+        with self._lock:
+            e = self._entry(name)
+            if e.slot is not None:
+                self._lru.move_to_end(name)
+                return e.slot
+            return self._make_resident(e, asynchronous=True)
+
+    def acquire(self, names: Names) -> List[int]:
+        """Reference adapters for a batch and return their slot ids (``None`` -> ``-1``), in the order given.
+
+        Each occurrence of a name adds one reference (release the same list). Names not resident are made
+        resident (misses); on CUDA the current stream then waits on the copy events of exactly these adapters
+        (``stalls`` counts those not finished yet); no host sync.
+
+        Raises:
+            KeyError (unknown name), PoolFullError (the names do not fit at once): no reference is taken then
+            (adapters already made resident by this call stay resident).
+        """
+        lst = [names] if names is None or isinstance(names, str) else list(names)
+        with self._lock:
+            for n in lst:
+                if n is not None:
+                    self._entry(n)
+            ids: List[int] = []
+            taken: List[_Entry] = []
+            seen = set()
+            try:
+                for n in lst:
+                    if n is None:
+                        ids.append(-1)
+                        continue
+                    e = self._entries[n]
+                    if e.slot is None:
+                        self._stats.misses += 1
+                        self._make_resident(e, asynchronous=True)
+                    elif n not in seen:
+                        if e.ready is not None and not e.ready.query():
+                            self._stats.stalls += 1
+                        else:
+                            self._stats.hits += 1
+                    e.refs += 1
+                    taken.append(e)
+                    seen.add(n)
+                    self._lru.move_to_end(n)
+                    ids.append(e.slot)
+            except BaseException:
+                for e in taken:
+                    e.refs -= 1
+                raise
+            if self._cuda:
+                stream = torch.cuda.current_stream(self.device)
+                for n in seen:
+                    e = self._entries[n]
+                    if e.ready is not None:
+                        stream.wait_event(e.ready)
+                        if e.ready.query():
+                            e.ready = None
+            return ids
+
+    def release(self, names: Names) -> None:
+        """Drop one reference per occurrence (``None`` entries are skipped). On CUDA an event on the current
+        stream marks the last use: the adapter's rows are rewritten only after it.
+
+        Raises KeyError (unknown name) or ValueError (more releases than acquires); nothing changes then.
+        """
+        lst = [names] if names is None or isinstance(names, str) else list(names)
+        with self._lock:
+            count: Dict[str, int] = {}
+            for n in lst:
+                if n is not None:
+                    self._entry(n)
+                    count[n] = count.get(n, 0) + 1
+            for n, c in count.items():
+                if self._entries[n].refs < c:
+                    raise ValueError(f"names: expected at most {self._entries[n].refs} releases of {n!r} (its "
+                                     f"reference count), got {c}")
+            ev = None
+            if self._cuda and count:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+            for n, c in count.items():
+                e = self._entries[n]
+                e.refs -= c
+                if ev is not None:
+                    e.last_use = ev
+
+    @contextlib.contextmanager
+    def use(self, names: Names) -> Iterator[List[int]]:
+        """``with pool.use(names) as ids:`` acquire before the block, release after it (also on error)."""
+        ids = self.acquire(names)
+        try:
+            yield ids
+        finally:
+            self.release(names)
+
+    def evict(self, name: str) -> bool:
+        """Drop the device copy of ``name`` (the host copy stays). Returns False when it was not resident.
+        Raises KeyError, AdapterInUseError (referenced; nothing changes)."""
+        with self._lock:
+            e = self._entry(name)
+            if e.slot is None:
+                return False
+            if e.refs:
+                raise AdapterInUseError(f"name: expected an unreferenced adapter, got {name!r} with {e.refs} "
+                                        "reference(s) (release() it first)")
+            self._evict(e)
+            return True
+
+    def unload(self, name: str) -> None:
+        """Evict ``name`` and forget it. Raises KeyError, AdapterInUseError (nothing changes)."""
+        with self._lock:
+            self.evict(name)
+            del self._entries[name]
+
+    # ---- internals (called with the lock held) -----------------------------------------------------------
+    def _entry(self, name) -> _Entry:
+        e = self._entries.get(name)
+        if e is None:
+            raise KeyError(f"name: expected a registered adapter, got {name!r}")
+        return e
+
+    def _fits(self, li: int, nrows: int, free: List[Tuple[int, int]], used: int) -> bool:
+        return used + nrows <= self._layers[li].budget and any(n >= nrows for _, n in free)
+
+    def _plan(self, e: _Entry, protect=()) -> Optional[List[_Entry]]:
+        """The LRU victims to evict so that ``e`` fits (a slot and rows in every layer it targets), or None when
+        even evicting every unreferenced resident adapter would not do. Reads host state only; changes nothing."""
+        free = {li: self._layers[li].weights.free_ranges for li in e.parts}
+        used = {li: self._used_rows[li] for li in e.parts}
+        slots = len(self._free_slots)
+        victims: List[_Entry] = []
+
+        def ok():
+            return slots > 0 and all(self._fits(li, p.nrows, free[li], used[li]) for li, p in e.parts.items())
+
+        candidates = (self._entries[n] for n in self._lru)
+        while not ok():
+            v = next((c for c in candidates if c.refs == 0 and c is not e and c.name not in protect), None)
+            if v is None:
+                return None
+            victims.append(v)
+            slots += 1
+            for li in e.parts:
+                if li in v.parts:
+                    free[li] = _coalesce(free[li] + [self._layers[li].weights.rows_of(v.slot)])
+                    used[li] -= v.parts[li].nrows
+        return victims
+
+    def _make_resident(self, e: _Entry, asynchronous: bool, protect=()) -> int:
+        victims = self._plan(e, protect)
+        if victims is None:
+            need = {self._layers[li].paths[0]: p.nrows for li, p in e.parts.items()}
+            raise PoolFullError(f"{e.name!r}: expected a free slot and rows {need} after evicting unreferenced "
+                                f"adapters, but {sum(x.refs > 0 for x in self._entries.values())} resident adapters "
+                                "are referenced (release some or raise max_adapters/capacity_rows)")
+        for v in victims:
+            self._evict(v)
+        slot = self._free_slots.pop(0)
+        use_side = self._cuda and self._prefetch
+        ctx = torch.cuda.stream(self._side_stream()) if use_side else contextlib.nullcontext()
+        done: List[int] = []
+        try:
+            with ctx:
+                for li, p in e.parts.items():
+                    w = self._layers[li].weights
+                    w.add(p.A if w.num_slices > 1 else p.A[0],
+                          [bt.t() for bt in p.Bt] if w.num_slices > 1 else p.Bt[0].t(),
+                          scale=p.scales, adapter_id=slot, non_blocking=self._cuda)  # stream-ordered
+                    done.append(li)
+                    self._used_rows[li] += p.nrows
+                if use_side:
+                    e.ready = torch.cuda.Event()
+                    e.ready.record(self._side)
+                    if not asynchronous:  # load(): resident for everything queued next on the current stream
+                        torch.cuda.current_stream(self.device).wait_event(e.ready)
+        except BaseException:  # only on a failure the plan did not foresee: undo, leave the pool as it was
+            for li in done:
+                self._layers[li].weights.remove(slot)
+                self._used_rows[li] -= e.parts[li].nrows
+            self._free_slots.append(slot)
+            self._free_slots.sort()
+            raise
+        e.slot = slot
+        self._lru[e.name] = None
+        self._lru.move_to_end(e.name)
+        self._stats.loads += 1
+        return slot
+
+    def _evict(self, e: _Entry) -> None:
+        slot = e.slot
+        ctx = contextlib.nullcontext()
+        if self._cuda:
+            # Rows and metadata of this slot are rewritten on the copy stream (the side stream, or the current
+            # one without prefetch), in order, after every batch queued so far on the current stream (and the
+            # adapter's last release, maybe on another stream) is done with them.
+            cur = torch.cuda.current_stream(self.device)
+            if e.last_use is not None:
+                cur.wait_event(e.last_use)
+            if self._prefetch:
+                side = self._side_stream()
+                side.wait_stream(cur)
+                ctx = torch.cuda.stream(side)
+        with ctx:
+            for li, p in e.parts.items():
+                self._layers[li].weights.remove(slot)
+                self._used_rows[li] -= p.nrows
+        e.slot = None
+        e.ready = None
+        e.last_use = None
+        del self._lru[e.name]
+        self._free_slots.append(slot)
+        self._free_slots.sort()
+        self._stats.evictions += 1
+
+    def _side_stream(self):
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
+
+
+def _coalesce(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    out: List[Tuple[int, int]] = []
+    for start, n in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((start, n))
+    return out

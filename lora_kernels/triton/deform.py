@@ -1,0 +1,393 @@
+"""Multi-scale deformable pooling (VCE) in Triton: ``_deform_pool_fwd_kernel`` and ``_deform_pool_bwd_kernel``.
+
+Semantics: :func:`lora_kernels.reference.deform_pool` (grid_sample, align_corners=False, zero padding).
+
+Grid: (query tiles of BLOCK_Q, B * H). A program holds a [BLOCK_Q, BLOCK_D] tile of one head's channels
+(BLOCK_D = D rounded up to a power of two) and loops over levels and points; the location, weight and the four
+bilinear corner weights are computed once per (query, level, point) as [BLOCK_Q] vectors and broadcast over
+the channels, and each corner is one gather of BLOCK_Q rows of D contiguous channels. fp32 accumulation;
+pixel coordinates ``x = loc_x * W_l - 0.5``. A sample is skipped (zero value, zero gradients) unless
+``-1 <= x < W_l`` and ``-1 <= y < H_l``: every sample outside that box is entirely in the zero padding, and
+NaN/Inf locations fail the test, so they contribute nothing (the reference's documented behaviour).
+
+Backward: grad_out tile loaded once; per (level, point): grad of the attention weight and of the location are
+reductions over the channel axis (``tl.sum``), written once by the program that owns the query (no atomics);
+grad of value is scattered with fp32 ``tl.atomic_add`` into a zeroed fp32 buffer [B, S, H, D] (the caller
+casts it), so its last bits depend on the order of the atomics (not bit-reproducible run to run); or, in the
+deterministic mode, computed by keys + a stable sort + a segmented gather (see below), bit-reproducible.
+
+The fused form (``_deform_sample_*_kernel``, VCE: softmax over L*P and ``loc = ref + offset / (W_l, H_l)`` formed
+in the kernel) runs the same tile bodies (``_fwd_tile`` / ``_bwd_tile`` with ``FUSED``), which differ only in where
+a sample's location and weight come from (``_sample_point``) and in the softmax pass closing the backward.
+
+No intermediate of size B*Q*H*L*P*D; no host sync; no allocation beyond the outputs (and the fp32 grad buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["deform_pool_fwd", "deform_pool_bwd", "deform_pool_grad_value_deterministic", "deform_sample_fwd",
+           "deform_sample_bwd", "sample_locations_weights"]
+
+
+# ---- shared sampling code: deform_pool reads locations and weights; deform_sample (FUSED) forms them -------------
+@triton.jit
+def _softmax_stats(logits, lrow, qm, LP):
+    """Running max and sum of exp over the L*P logits of each query row (fp32)."""
+    m = tl.load(logits + lrow * LP, mask=qm, other=0.0).to(tl.float32)
+    for i in range(1, LP):
+        m = tl.maximum(m, tl.load(logits + lrow * LP + i, mask=qm, other=0.0).to(tl.float32))
+    ssum = tl.zeros_like(m)
+    for i in range(LP):
+        ssum += tl.exp(tl.load(logits + lrow * LP + i, mask=qm, other=0.0).to(tl.float32) - m)
+    return m, ssum
+
+
+@triton.jit
+def _row_source(ref, attn, qs, row, qm, LP, FUSED: tl.constexpr):
+    """Per query row: (ref x, ref y, softmax max, softmax sum) for FUSED (attn holds the logits), else neutral."""
+    if FUSED:
+        m, ssum = _softmax_stats(attn, row, qm, LP)
+        rx = tl.load(ref + 2 * qs, mask=qm, other=0.0).to(tl.float32)
+        ry = tl.load(ref + 2 * qs + 1, mask=qm, other=0.0).to(tl.float32)
+    else:
+        m = tl.zeros_like(qs).to(tl.float32)
+        ssum = m + 1.0
+        rx = m
+        ry = m
+    return rx, ry, m, ssum
+
+
+@triton.jit
+def _sample_point(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED: tl.constexpr):
+    """(loc_x, loc_y, weight) of samples ``idx``: read, or (FUSED) ``ref + offset / (W_l, H_l)`` and the softmax."""
+    lx = tl.load(loc + 2 * idx, mask=qm, other=0.0).to(tl.float32)
+    ly = tl.load(loc + 2 * idx + 1, mask=qm, other=0.0).to(tl.float32)
+    a = tl.load(attn + idx, mask=qm, other=0.0).to(tl.float32)
+    if FUSED:
+        lx = rx + tl.math.div_rn(lx, wf)
+        ly = ry + tl.math.div_rn(ly, hf)
+        a = tl.exp(a - m) / ssum
+    return lx, ly, a
+
+
+@triton.jit
+def _bilinear_geometry(lx, ly, wf, hf, qm):
+    """(ok, fx, fy, x0, y0): ok is False outside the box where any corner can be in the image (and for NaN/Inf)."""
+    x = lx * wf - 0.5
+    y = ly * hf - 0.5
+    ok = qm & (x >= -1.0) & (x < wf) & (y >= -1.0) & (y < hf)
+    x = tl.where(ok, x, 0.0)
+    y = tl.where(ok, y, 0.0)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return ok, x - x0f, y - y0f, x0f.to(tl.int64), y0f.to(tl.int64)
+
+
+@triton.jit
+def _tile(Q, H, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (b, h), its BLOCK_Q queries and BLOCK_D channels, and their masks (grid: (query tiles, B*H))."""
+    bh = tl.program_id(1)
+    qs = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ds = tl.arange(0, BLOCK_D)
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), qs, ds, qs < Q, ds < D
+
+
+@triton.jit
+def _level(shapes, starts, lvl):
+    """(H_l, W_l, start_l) and H_l, W_l as fp32."""
+    hl = tl.load(shapes + 2 * lvl)
+    wl = tl.load(shapes + 2 * lvl + 1)
+    return hl, wl, tl.load(starts + lvl), hl.to(tl.float32), wl.to(tl.float32)
+
+
+@triton.jit
+def _fwd_tile(value, shapes, starts, loc, attn, ref, out, S, Q, H, D, L, P, BLOCK_Q: tl.constexpr,
+              BLOCK_D: tl.constexpr, FUSED: tl.constexpr):
+    b, h, qs, ds, qm, dm = _tile(Q, H, D, BLOCK_Q, BLOCK_D)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    vbase = value + b * S * H * D + h * D
+    row = (b * Q + qs.to(tl.int64)) * H + h  # index of (b, q, h) in [B, Q, H]
+    rx, ry, m, ssum = _row_source(ref, attn, qs, row, qm, L * P, FUSED)
+    for lvl in range(L):
+        hl, wl, st, hf, wf = _level(shapes, starts, lvl)
+        for pt in range(P):
+            idx = (row * L + lvl) * P + pt
+            lx, ly, a = _sample_point(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
+            ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, qm)
+            for corner in tl.static_range(4):
+                dy = corner // 2
+                dx = corner % 2
+                xi = x0 + dx
+                yi = y0 + dy
+                inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
+                wx = fx if dx == 1 else 1.0 - fx
+                wy = fy if dy == 1 else 1.0 - fy
+                off = (st + yi * wl + xi) * H * D
+                v = tl.load(vbase + off[:, None] + ds[None, :], mask=inb[:, None] & dm[None, :], other=0.0)
+                acc += (a * wx * wy)[:, None] * v.to(tl.float32)
+    tl.store(out + row[:, None] * D + ds[None, :], acc.to(out.dtype.element_ty), mask=qm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _bwd_tile(grad_out, value, shapes, starts, loc, attn, ref, grad_value, grad_loc, grad_attn, S, Q, H, D, L, P,
+              BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_GV: tl.constexpr, FUSED: tl.constexpr):
+    """FUSED: grad_loc / grad_attn are grad offsets / grad logits (an fp32 buffer: it holds dL/dw_j until the
+    softmax pass at the end turns it into dL/dlogit_j)."""
+    b, h, qs, ds, qm, dm = _tile(Q, H, D, BLOCK_Q, BLOCK_D)
+    row = (b * Q + qs.to(tl.int64)) * H + h
+    g = tl.load(grad_out + row[:, None] * D + ds[None, :], mask=qm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    vbase = value + b * S * H * D + h * D
+    gvbase = grad_value + b * S * H * D + h * D
+    rx, ry, m, ssum = _row_source(ref, attn, qs, row, qm, L * P, FUSED)
+    dot = tl.zeros([BLOCK_Q], dtype=tl.float32)  # FUSED: sum_j w_j * dL/dw_j, for the softmax backward
+    for lvl in range(L):
+        hl, wl, st, hf, wf = _level(shapes, starts, lvl)
+        for pt in range(P):
+            idx = (row * L + lvl) * P + pt
+            lx, ly, a = _sample_point(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
+            ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, qm)
+            # corners: 00 = (y0, x0), 01 = (y0, x0 + 1), 10 = (y0 + 1, x0), 11 = (y0 + 1, x0 + 1)
+            in_x0 = (x0 >= 0) & (x0 < wl)
+            in_x1 = (x0 + 1 >= 0) & (x0 + 1 < wl)
+            in_y0 = (y0 >= 0) & (y0 < hl)
+            in_y1 = (y0 + 1 >= 0) & (y0 + 1 < hl)
+            m00 = ok & in_y0 & in_x0
+            m01 = ok & in_y0 & in_x1
+            m10 = ok & in_y1 & in_x0
+            m11 = ok & in_y1 & in_x1
+            o00 = (st + y0 * wl + x0) * H * D
+            o01 = o00 + H * D
+            o10 = o00 + wl * H * D
+            o11 = o10 + H * D
+            dd = ds[None, :]
+            v00 = tl.load(vbase + o00[:, None] + dd, mask=m00[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            v01 = tl.load(vbase + o01[:, None] + dd, mask=m01[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            v10 = tl.load(vbase + o10[:, None] + dd, mask=m10[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            v11 = tl.load(vbase + o11[:, None] + dd, mask=m11[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            w00 = (1.0 - fx) * (1.0 - fy)
+            w01 = fx * (1.0 - fy)
+            w10 = (1.0 - fx) * fy
+            w11 = fx * fy
+            val = w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
+            ga = tl.sum(g * val, axis=1)
+            gx = tl.sum(g * ((1.0 - fy)[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)), axis=1) * a
+            gy = tl.sum(g * ((1.0 - fx)[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)), axis=1) * a
+            if FUSED:  # d loc / d offset = 1 / W_l (1 / H_l) cancels the W_l (H_l) of d x / d loc
+                dot += a * ga
+            else:
+                gx = gx * wf
+                gy = gy * hf
+            tl.store(grad_attn + idx, ga.to(grad_attn.dtype.element_ty), mask=qm)
+            tl.store(grad_loc + 2 * idx, gx.to(grad_loc.dtype.element_ty), mask=qm)
+            tl.store(grad_loc + 2 * idx + 1, gy.to(grad_loc.dtype.element_ty), mask=qm)
+            if WRITE_GV:
+                ag = a[:, None] * g
+                tl.atomic_add(gvbase + o00[:, None] + dd, w00[:, None] * ag, mask=m00[:, None] & dm[None, :])
+                tl.atomic_add(gvbase + o01[:, None] + dd, w01[:, None] * ag, mask=m01[:, None] & dm[None, :])
+                tl.atomic_add(gvbase + o10[:, None] + dd, w10[:, None] * ag, mask=m10[:, None] & dm[None, :])
+                tl.atomic_add(gvbase + o11[:, None] + dd, w11[:, None] * ag, mask=m11[:, None] & dm[None, :])
+    if FUSED:
+        tl.debug_barrier()
+        for i in range(L * P):
+            j = row * (L * P) + i
+            w = tl.exp(tl.load(attn + j, mask=qm, other=0.0).to(tl.float32) - m) / ssum
+            gw = tl.load(grad_attn + j, mask=qm, other=0.0)
+            tl.store(grad_attn + j, w * (gw - dot), mask=qm)
+
+
+@triton.jit
+def _deform_pool_fwd_kernel(value, shapes, starts, loc, attn, out, S, Q, H, D, L, P,
+                            BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    _fwd_tile(value, shapes, starts, loc, attn, loc, out, S, Q, H, D, L, P, BLOCK_Q, BLOCK_D, False)
+
+
+@triton.jit
+def _deform_pool_bwd_kernel(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
+                            S, Q, H, D, L, P, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                            WRITE_GV: tl.constexpr):
+    _bwd_tile(grad_out, value, shapes, starts, loc, attn, loc, grad_value, grad_loc, grad_attn, S, Q, H, D, L, P,
+              BLOCK_Q, BLOCK_D, WRITE_GV, False)
+
+
+def _blocks(Q: int, D: int):
+    block_d = max(16, triton.next_power_of_2(D))
+    # Keep the per-program tile near 2K elements: 32 queries x 64 channels.
+    block_q = max(1, min(triton.next_power_of_2(max(Q, 1)), max(1, 2048 // block_d)))
+    return block_q, block_d
+
+
+def deform_pool_fwd(value, shapes, starts, loc, attn) -> torch.Tensor:
+    """Launch the forward on contiguous inputs (validated by the caller). Returns [B, Q, H * D] in value's dtype."""
+    B, S, H, D = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    out = torch.empty(B, Q, H * D, dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out
+    if L == 0 or P == 0:
+        return out.zero_()
+    bq, bd = _blocks(Q, D)
+    _deform_pool_fwd_kernel[(triton.cdiv(Q, bq), B * H)](value, shapes, starts, loc, attn, out, S, Q, H, D, L, P,
+                                                       BLOCK_Q=bq, BLOCK_D=bd, num_warps=4)
+    return out
+
+
+def deform_pool_bwd(grad_out, value, shapes, starts, loc, attn, deterministic: bool = False):
+    """Launch the backward. Returns (grad_value, grad_loc, grad_attn) in the inputs' dtypes. ``deterministic``:
+    grad value by :func:`deform_pool_grad_value_deterministic` instead of atomics (bit-reproducible)."""
+    B, S, H, D = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    gv = torch.zeros(B, S, H, D, dtype=torch.float32, device=value.device)
+    gl = torch.zeros(loc.shape, dtype=loc.dtype, device=loc.device)
+    ga = torch.zeros(attn.shape, dtype=attn.dtype, device=attn.device)
+    if B * Q * H * D and L and P:
+        bq, bd = _blocks(Q, D)
+        _deform_pool_bwd_kernel[(triton.cdiv(Q, bq), B * H)](grad_out, value, shapes, starts, loc, attn, gv, gl, ga,
+                                                           S, Q, H, D, L, P, BLOCK_Q=bq, BLOCK_D=bd,
+                                                           WRITE_GV=not deterministic, num_warps=4)
+        if deterministic:
+            gv = deform_pool_grad_value_deterministic(grad_out, value, shapes, starts, loc, attn)
+    return gv.to(value.dtype), gl, ga
+
+
+# ---- deterministic grad value: keys + stable sort + segmented gather ----------------------------------------------
+# Instead of scattering with atomics, every (sample, corner) pair gets a key (the flat index (b, s, h) of the value
+# row it touches, or a sentinel past the end when it touches none) and its weight a * w_corner; a stable sort by key
+# groups the pairs of each value row in a fixed order, and a gather kernel sums each row's pairs in that order
+# (fp32). Same bits on every run and for every launch configuration. Extra memory: about 28 bytes per (sample,
+# corner) pair (keys, weights, the sort's permutation), nothing of size B*Q*H*L*P*D.
+@triton.jit
+def _deform_pool_keys_kernel(shapes, starts, loc, attn, keys, wts, N, S, Q, H, L, P, SENTINEL,
+                             BLOCK: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    nm = n < N
+    bqh = n // (L * P)
+    lvl = (n // P) % L
+    b = bqh // (Q * H)
+    h = bqh % H
+    hl = tl.load(shapes + 2 * lvl, mask=nm, other=1)
+    wl = tl.load(shapes + 2 * lvl + 1, mask=nm, other=1)
+    st = tl.load(starts + lvl, mask=nm, other=0)
+    hf = hl.to(tl.float32)
+    wf = wl.to(tl.float32)
+    lx = tl.load(loc + 2 * n, mask=nm, other=0.0).to(tl.float32)
+    ly = tl.load(loc + 2 * n + 1, mask=nm, other=0.0).to(tl.float32)
+    a = tl.load(attn + n, mask=nm, other=0.0).to(tl.float32)
+    ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, nm)
+    for corner in tl.static_range(4):
+        dy = corner // 2
+        dx = corner % 2
+        xi = x0 + dx
+        yi = y0 + dy
+        inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
+        wx = fx if dx == 1 else 1.0 - fx
+        wy = fy if dy == 1 else 1.0 - fy
+        key = (b * S + st + yi * wl + xi) * H + h
+        tl.store(keys + 4 * n + corner, tl.where(inb, key, SENTINEL), mask=nm)
+        tl.store(wts + 4 * n + corner, tl.where(inb, a * wx * wy, 0.0), mask=nm)
+
+
+@triton.jit
+def _deform_pool_gather_kernel(grad_out, perm, wts, seg, grad_value, R, D, LP, BLOCK_R: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ds = tl.arange(0, BLOCK_D)
+    rm = r < R
+    dm = ds < D
+    lo = tl.load(seg + r, mask=rm, other=0)
+    hi = tl.load(seg + r + 1, mask=rm, other=0)
+    cnt = hi - lo
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    n_max = tl.max(cnt, axis=0)
+    for j in range(0, n_max):
+        m = rm & (j < cnt)
+        e = tl.load(perm + lo + j, mask=m, other=0)
+        w = tl.load(wts + e, mask=m, other=0.0)
+        bqh = (e // 4) // LP
+        g = tl.load(grad_out + bqh[:, None] * D + ds[None, :], mask=m[:, None] & dm[None, :], other=0.0)
+        acc += w[:, None] * g.to(tl.float32)
+    tl.store(grad_value + r[:, None] * D + ds[None, :], acc, mask=rm[:, None] & dm[None, :])
+
+
+def deform_pool_grad_value_deterministic(grad_out, value, shapes, starts, loc, attn) -> torch.Tensor:
+    """grad value (fp32 [B, S, H, D]) summed in a fixed order: bit-reproducible. See the comment above."""
+    B, S, H, D = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    N = B * Q * H * L * P
+    R = B * S * H
+    gv = torch.zeros(B, S, H, D, dtype=torch.float32, device=value.device)
+    if N == 0 or R == 0 or D == 0:
+        return gv
+    keys = torch.empty(4 * N, dtype=torch.int64, device=value.device)
+    wts = torch.empty(4 * N, dtype=torch.float32, device=value.device)
+    blk = 256
+    _deform_pool_keys_kernel[(triton.cdiv(N, blk),)](shapes, starts, loc, attn, keys, wts, N, S, Q, H, L, P, R,
+                                                     BLOCK=blk, num_warps=4)
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    seg = torch.searchsorted(sorted_keys, torch.arange(R + 1, dtype=torch.int64, device=value.device))
+    bd = max(16, triton.next_power_of_2(D))
+    br = max(1, min(64, 4096 // bd))
+    _deform_pool_gather_kernel[(triton.cdiv(R, br),)](grad_out, perm, wts, seg, gv, R, D, L * P, BLOCK_R=br,
+                                                      BLOCK_D=bd, num_warps=4)
+    return gv
+
+
+# ---- fused sampling (VCE): softmax over levels x points and loc = ref + offset / (W_l, H_l) inside the kernel -----
+@triton.jit
+def _deform_sample_fwd_kernel(value, shapes, starts, ref, offsets, logits, out, S, Q, H, D, L, P,
+                              BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    _fwd_tile(value, shapes, starts, offsets, logits, ref, out, S, Q, H, D, L, P, BLOCK_Q, BLOCK_D, True)
+
+
+@triton.jit
+def _deform_sample_bwd_kernel(grad_out, value, shapes, starts, ref, offsets, logits, grad_value, grad_off,
+                              grad_logits, S, Q, H, D, L, P, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                              WRITE_GV: tl.constexpr):
+    _bwd_tile(grad_out, value, shapes, starts, offsets, logits, ref, grad_value, grad_off, grad_logits, S, Q, H, D,
+              L, P, BLOCK_Q, BLOCK_D, WRITE_GV, True)
+
+
+def sample_locations_weights(shapes, ref, offsets, logits):
+    """(loc, w) in fp32 as the fused kernels form them: loc = ref + offset / (W_l, H_l), w = softmax over L*P.
+    (The deterministic grad value path uses these with the keys kernel.)"""
+    B, Q, H, L, P, _ = offsets.shape
+    wh = shapes.flip(-1).to(torch.float32).view(1, 1, 1, L, 1, 2)
+    loc = ref.to(torch.float32).view(1, Q, 1, 1, 1, 2) + offsets.to(torch.float32) / wh
+    w = torch.softmax(logits.to(torch.float32).view(B, Q, H, L * P), -1).view(B, Q, H, L, P)
+    return loc, w
+
+
+def deform_sample_fwd(value, shapes, starts, ref, offsets, logits) -> torch.Tensor:
+    """Fused forward on contiguous inputs. Returns [B, Q, H * D] in value's dtype."""
+    B, S, H, D = value.shape
+    Q, L, P = offsets.shape[1], offsets.shape[3], offsets.shape[4]
+    out = torch.empty(B, Q, H * D, dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out
+    if L == 0 or P == 0:
+        return out.zero_()
+    bq, bd = _blocks(Q, D)
+    _deform_sample_fwd_kernel[(triton.cdiv(Q, bq), B * H)](value, shapes, starts, ref, offsets, logits, out, S, Q, H,
+                                                         D, L, P, BLOCK_Q=bq, BLOCK_D=bd, num_warps=4)
+    return out
+
+
+def deform_sample_bwd(grad_out, value, shapes, starts, ref, offsets, logits, deterministic: bool = False):
+    """Fused backward. Returns (grad_value, grad_offsets, grad_logits) in value's / offsets' / logits' dtypes."""
+    B, S, H, D = value.shape
+    Q, L, P = offsets.shape[1], offsets.shape[3], offsets.shape[4]
+    gv = torch.zeros(B, S, H, D, dtype=torch.float32, device=value.device)
+    go = torch.zeros(offsets.shape, dtype=offsets.dtype, device=offsets.device)
+    gl = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    if B * Q * H * D and L and P:
+        bq, bd = _blocks(Q, D)
+        _deform_sample_bwd_kernel[(triton.cdiv(Q, bq), B * H)](grad_out, value, shapes, starts, ref, offsets, logits,
+                                                             gv, go, gl, S, Q, H, D, L, P, BLOCK_Q=bq, BLOCK_D=bd,
+                                                             WRITE_GV=not deterministic, num_warps=4)
+        if deterministic:
+            loc, w = sample_locations_weights(shapes, ref, offsets, logits)
+            gv = deform_pool_grad_value_deterministic(grad_out, value, shapes, starts, loc, w)
+    return gv.to(value.dtype), go, gl.to(logits.dtype)
