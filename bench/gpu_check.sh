@@ -168,6 +168,7 @@ do_serve() {  # issue 7: patched model vs PEFT mixed batch, eager and CUDA graph
 }
 export -f do_serve
 do_vce() {  # issue 6: deform_pool fwd and fwd+bwd at the VCE shapes vs grid_sample, torch.compile, DETR fp32 (vce.json)
+  # (and the fused deform_sample vs the module-style unfused step: rows lk-sample-* / lk-unfused-*)
   "$PY" -m lora_kernels vce --out "$LOGS/vce.json" --no-progress --reps 30 \
     --time-budget $(( STEP_LIMIT - 40 > 10 ? STEP_LIMIT - 40 : 10 ))  # returned inside logs.tar.gz
   local rc=$?

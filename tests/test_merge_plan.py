@@ -268,8 +268,12 @@ def test_vectorised_plan_equals_per_layer_plan(lambdas):
     ws, W0s = _layers(torch.float32)
     with torch.no_grad():
         ws[2].scales[:, 0] = 0.1  # a scale whose product with the lambdas rounds
-    host = {id(w): w.scales.reshape(-1).float() for w in ws}
-    fast = M._plan_fast(W0s, ws, [1, 0], lambdas, host)
+    flat = torch.cat([w.scales.reshape(-1).float() for w in ws])
+    off, pos = {}, 0
+    for w in ws:
+        off[id(w)] = pos
+        pos += w.scales.numel()
+    fast = M._plan_fast(W0s, ws, [1, 0], lambdas, flat, off)
     assert fast is not None
     plans, terms, coefs = fast
     slow = [M._plan(W, w, [1, 0], lambdas, "W") for W, w in zip(W0s, ws)]
@@ -282,9 +286,78 @@ def test_vectorised_plan_equals_per_layer_plan(lambdas):
         assert [math.copysign(1.0, c) for c in p["coefs"]] == [math.copysign(1.0, c) for c in q["coefs"]]
         assert p["coefs"] == q["coefs"]
     # lambda * scale overflowing fp32, or a layer failing a cheap check: the per-layer path raises, naming it.
-    assert M._plan_fast(W0s, ws, [1, 0], [3e38, 1e38], host) is None
+    assert M._plan_fast(W0s, ws, [1, 0], [3e38, 1e38], flat, off) is None
     with pytest.raises(ValueError, match="lambda \\* scale finite"):
         M.merge_many_([W.clone() for W in W0s], ws, [1, 0], [3e38, 1e38])
-    assert M._plan_fast([W0s[0], W0s[1].t()], ws[:2], [1], None, host) is None
+    assert M._plan_fast([W0s[0], W0s[1].t()], ws[:2], [1], None, flat, off) is None
     with pytest.raises(ValueError, match=r"Ws\[1\]"):
         M.merge_many_([W0s[0].clone(), W0s[1].clone()[:, :-1]], ws[:2], [1])
+
+
+def test_bench_host_planning_field_leaves_weights_and_launch_alone():
+    from lora_kernels.bench.merge_host import host_planning
+    from lora_kernels.nn import LoRALinear
+
+    ws, W0s = _layers(torch.float32)
+    Ws = [W0.clone() for W0 in W0s]
+    layers = []
+    for W, w in zip(Ws, ws):
+        lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+        lin.weight = torch.nn.Parameter(W, requires_grad=False)
+        layers.append(LoRALinear(lin, w))
+    run, select = M._run, M._select
+    hp = host_planning(Ws, ws, layers, 0, 1, reps=2)
+    assert M._run is run and M._select is select
+    assert hp["weights"] == len(Ws)
+    for op in ("merge", "unmerge", "switch", "set_mode"):
+        assert 0 < hp[op + "_warm_ms"] < 1e4 and 0 < hp[op + "_cold_ms"] < 1e4
+    for W, W0 in zip(Ws, W0s):
+        assert_bits_equal(W, W0, "host planning must not change the weights")
+    assert all(layer.mode == "unmerged" for layer in layers)
+
+
+def test_lora_bench_merge_reports_host_planning(tmp_path):
+    import json
+
+    from lora_kernels.cli import main
+
+    out = tmp_path / "merge.json"
+    main(["merge", "--cpu", "--sections", "model", "--layers", "1", "--hidden", "16", "--mlp", "24", "--rank", "2",
+          "--impls", "no-such-impl", "--no-progress", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    hp = doc["cases"][0]["host_planning"]
+    assert doc["host_planning"][doc["cases"][0]["case"]] == hp
+    assert hp["weights"] == 7 and "error" not in hp
+    for op in ("merge", "unmerge", "switch", "set_mode"):
+        assert hp[op + "_cold_ms"] > 0 and hp[op + "_warm_ms"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_cached_and_uncached_bit_identical(backend):
+    """On the GPU: warm (cached plan, re-pointed code column, unmerge tables derived from the merge's) and
+    uncached merges give the same W, codes and escapes, over several cycles; bf16, fused slices, in % 4 != 0."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    if backend == "cuda" and M._cuda_ops() is None:
+        pytest.skip("the compiled extension has no merge kernel (rebuild it)")
+    dt = torch.bfloat16
+    shapes = [(512, (256, 128, 128)), (98, (33,)), (1376, (512,))]
+    ws = []
+    for k, (i, o) in enumerate(shapes):
+        w = make_weights(i, o, [(8,) * len(o), (16,) * len(o)], dt, seed=40 + k, scale_b=0.3)
+        a, b = w.to_padded()
+        ws.append(lk.LoRAWeights.from_padded(a.cuda(), b.cuda(), ranks=w.ranks.cuda(), scales=w.scales.cuda(),
+                                             slice_outs=list(w.slice_outs)))
+    W0s = [adversarial_W(dt, (w.out_features, w.in_features), seed=50 + k).cuda() for k, w in enumerate(ws)]
+    MP.set_enabled(False)
+    ref_ = _merge(W0s, ws, [1, 0], [0.5, 1.5], backend)
+    _unmerge_check(ref_, W0s, "uncached")
+    MP.set_enabled(True)
+    assert sum(r.escapes for r in ref_[2]) > 0
+    for cycle in range(3):
+        got = _merge(W0s, ws, [1, 0], [0.5, 1.5], backend)
+        assert got[2][0]._plan.key is not None
+        _assert_same(ref_, got, f"cycle {cycle}")
+        _unmerge_check(got, W0s, f"cycle {cycle}")
+    assert MP.info()["hits"] == 2

@@ -184,6 +184,21 @@ def test_forced_backend_env_changes_are_seen_per_call(monkeypatch):
     assert lk.backends.env("LORA_KERNELS_BACKEND") == "reference" == lk.backends.forced()
 
 
+def test_trainable_weights_in_grad_mode_record_no_graph_on_either_path():
+    """The custom op runs below autograd; the fast path must not let the reference record a graph through
+    weights that require grad (it defers to the dispatcher then)."""
+    w, batch, ids, x, y = setup(T=5)
+    w.requires_grad_()
+    got = {}
+    for fast in (True, False):
+        with path(fast):
+            yy = y.clone()
+            lk.add_lora_(yy, x, w, batch)
+            assert not yy.requires_grad and yy.grad_fn is None, fast
+            got[fast] = yy
+    assert torch.equal(got[True], got[False]) and not torch.equal(got[True], y)
+
+
 @torch.no_grad()
 def test_fast_path_bumps_the_version_counter_like_the_mutating_op():
     w, batch, ids, x, y = setup(T=5)

@@ -227,7 +227,8 @@ def lora_linear(
         if bias is not None:
             check_tensor("bias", bias, shape=(weights.out_features,), dtypes=(x.dtype,), device=x.device)
         _check_common(weights, batch, x.reshape(-1, x.shape[-1]).shape[0], x.device)
-    out = weights.out_features
+    if x.ndim == 2:  # no flattening views on the common 2-D call (~1 us each)
+        return _add(F.linear(x, W0, bias), x, weights, batch)
     x2 = x.reshape(-1, x.shape[-1])
     y0 = F.linear(x2, W0, bias)
-    return _add(y0, x2, weights, batch).view(*x.shape[:-1], out)
+    return _add(y0, x2, weights, batch).view(*x.shape[:-1], weights.out_features)

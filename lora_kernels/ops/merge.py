@@ -530,16 +530,16 @@ def _plan(W: torch.Tensor, weights: LoRAWeights, adapters: AdapterArg, lambdas: 
     )
 
 
-def _plan_fast(Ws, ws, adapters, lambdas, host):
+def _plan_fast(Ws, ws, adapters, lambdas, flat, off):
     """:func:`_plan` for every layer at once: ``(plans, terms int64 [n, 6], coefs fp32 [n])``, identical to
     the per-layer path (coefs: one fp32 multiply of the fp32 lambda and scale, the same single rounding as
     ``_f32(_f32(lambda) * scale)``), or None when a cheap check fails for some layer (the caller then runs
-    :func:`_plan` per layer, which raises naming the argument). ``host``: id(LoRAWeights) -> host fp32 scales."""
+    :func:`_plan` per layer, which raises naming the argument). ``flat``: every layer's scales (host fp32),
+    ``off[id(LoRAWeights)]``: where that layer's start in it."""
     ids, lams = _norm_adapters(ws[0], adapters, lambdas)
     rows: List[Tuple[int, ...]] = []
     sidx: List[int] = []
     lidx: List[int] = []
-    flat_parts, base = [], 0
     spans = []
     for li, (W, w) in enumerate(zip(Ws, ws)):
         a, b, alloc, hr = w.a, w.b, w._alloc, w._host_ranks
@@ -548,6 +548,7 @@ def _plan_fast(Ws, ws, adapters, lambdas, host):
                 and a.stride(-1) == 1 and b.stride(-1) == 1 and all(j in alloc for j in ids)):
             return None
         N = w.max_adapters
+        base = off[id(w)]
         start = len(rows)
         for s, (col, outw) in enumerate(zip(w.slice_cols, w.slice_outs)):
             for jj, j in enumerate(ids):
@@ -555,10 +556,7 @@ def _plan_fast(Ws, ws, adapters, lambdas, host):
                 sidx.append(base + s * N + j)
                 lidx.append(jj)
         spans.append((start, len(rows)))
-        hs = host[id(w)]
-        flat_parts.append(hs)
-        base += hs.numel()
-    sc = torch.cat(flat_parts)[torch.tensor(sidx, dtype=torch.int64)]
+    sc = flat[torch.tensor(sidx, dtype=torch.int64)]
     coefs = torch.tensor(lams, dtype=torch.float32)[torch.tensor(lidx, dtype=torch.int64)] * sc
     if not bool(torch.isfinite(coefs).all()):
         return None
@@ -780,19 +778,21 @@ def _cache_ids(adapters: AdapterArg, lambdas: LambdaArg):
 def _plan_many(Ws, ws, adapters, lambdas, exact, _single, key):
     """Validate every layer and plan the call from scratch (the uncached path). Returns ``(entry, backend)``;
     the entry is stored in the plan cache when ``key`` is not None."""
-    # Every layer's scales in one device->host copy (one sync for the whole model, not one per layer).
-    host = {}
+    # Every layer's scales in one device->host copy per device (one sync for the whole model, not one per
+    # layer); off[id(w)]: where w's scales start in the host vector.
+    parts, off, pos = [], {}, 0
     for dev_ in {w.scales.device for w in ws}:
         group = [w for w in ws if w.scales.device == dev_]
-        flat = torch.cat([w.scales.reshape(-1) for w in group]).to("cpu", torch.float32)
-        pos = 0
+        parts.append(torch.cat([w.scales.reshape(-1) for w in group]).to("cpu", torch.float32))
         for w in group:
-            host[id(w)] = flat[pos : pos + w.scales.numel()]
+            off[id(w)] = pos
             pos += w.scales.numel()
-    fast = _plan_fast(Ws, ws, adapters, lambdas, host)
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    fast = _plan_fast(Ws, ws, adapters, lambdas, flat, off)
     if fast is not None:
         plans, terms, coefs = fast
     else:  # a cheap check failed somewhere: the per-layer path names the argument (and raises), or plans it
+        host = {id(w): flat[off[id(w)] : off[id(w)] + w.scales.numel()] for w in ws}
         plans = []
         for i, (W, w) in enumerate(zip(Ws, ws)):
             plans.append(_plan(W, w, adapters, lambdas, "W" if _single else f"Ws[{i}]", host[id(w)]))

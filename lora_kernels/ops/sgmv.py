@@ -275,6 +275,14 @@ def _eager(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _below_autograd(*tensors: torch.Tensor) -> bool:
+    """True when running the implementation outside the dispatcher records no autograd graph either: grad mode
+    is off or none of ``tensors`` (the weights' storage the op reads) requires grad. The custom op runs its
+    implementation below autograd; called directly, the reference's torch ops would record one (x, y and h are
+    refused by :func:`_check_no_grad` on both paths)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
 def _nvtx_on() -> bool:
     # profiling.enabled() with the hot-path env read
     on = getattr(profiling, "_enabled", None)
@@ -375,7 +383,7 @@ def shrink(x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch, *, merged: N
     """
     if merged is not None:
         _refuse_merged(merged, "shrink")
-    if _eager(x) and _shrink_args_ok(x, weights, batch):
+    if _eager(x) and _shrink_args_ok(x, weights, batch) and _below_autograd(weights.a):
         _check_no_grad(x)
         args = (x, weights.a, weights.offsets, weights.ranks, batch.meta, batch.max_tokens, weights.max_rank)
         if _nvtx_on():
@@ -401,7 +409,7 @@ def expand_(
     """
     if merged is not None:
         _refuse_merged(merged, "expand_")
-    if _eager(y, h) and _expand_args_ok(y, h, weights, batch):
+    if _eager(y, h) and _expand_args_ok(y, h, weights, batch) and _below_autograd(weights.b):
         _check_no_grad(y, h)
         if y.shape[0]:
             args = (y, h, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta, weights.slice_info,
@@ -458,7 +466,7 @@ def add_lora_(
         when it raises.
     """
     m = -1 if merged is None else _check_merged(merged, weights)
-    if _eager(y, x) and _add_lora_args_ok(y, x, weights, batch):
+    if _eager(y, x) and _add_lora_args_ok(y, x, weights, batch) and _below_autograd(weights.a, weights.b):
         _check_no_grad(x, y)
         if x.shape[0]:
             args = (y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
