@@ -193,7 +193,8 @@ def run_merge(lk, results):
     if DEV == "cuda" and "cuda" not in backends_:
         results.append(("merge [cuda]", True, "skipped: the extension has no merge kernel"))
     layers = [(96, (80,), (4, 8, 16), torch.bfloat16), (64, (48, 16, 16), (8, 16, 4), torch.float16),
-              (37, (29,), (2, 33), torch.bfloat16), (128, (96,), (16,), torch.float32)]
+              (37, (29,), (2, 33), torch.bfloat16), (128, (96,), (16,), torch.float32),
+              (1030, (24,), (4, 8), torch.float16)]  # in > 1024: a partial second column tile of the CUDA kernel
     for be in backends_:
         ws, W0s = [], []
         for k, (in_f, outs, ranks, dtype) in enumerate(layers):

@@ -84,6 +84,7 @@ inline void deform_dispatch(const DeformPoolParams& p, int kind, bool loc_f32, b
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "ops.h"
 
@@ -131,6 +132,11 @@ DeformPoolParams make_params(const at::TensorBase& value, const at::TensorBase& 
   TORCH_CHECK(attn.dim() == 5 && attn.size(0) == p.B && attn.size(1) == p.Q && attn.size(2) == p.H &&
                   attn.size(3) == p.L && attn.size(4) == p.P,
               "deform_pool: attention_weights: expected [B, Q, H, L, P], got ", attn.sizes());
+  // The launches use one thread per (group, lane) with at most 32 lanes (one per channel in the baseline), in
+  // blocks of kDeformThreads along gridDim.x: refuse what would not fit in 2^31 - 1 blocks.
+  const int64_t lanes = p.D > 32 ? p.D : 32;
+  TORCH_CHECK(p.B * p.Q * p.H <= (static_cast<int64_t>(std::numeric_limits<int32_t>::max()) * kDeformThreads) / lanes,
+              "deform_pool: B * Q * H = ", p.B * p.Q * p.H, " is too large for one launch (grid limit)");
   p.value = value.const_data_ptr();
   p.shapes = shapes.const_data_ptr<int64_t>();
   p.starts = starts.const_data_ptr<int64_t>();

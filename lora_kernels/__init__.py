@@ -39,11 +39,14 @@ __all__ += ["dual_lora_", "dual_lora", "DualLoRAWeights"]
 __all__ += ["deform_pool", "deform_sample"]
 __all__ += ["lora_delta", "lora_linear"]
 __all__ += ["adapters", "integrations"]
+from .pool import AdapterInUseError, PoolFullError  # noqa: E402  (the pool's other two errors, as documented)
+
+__all__ += ["AdapterInUseError", "PoolFullError", "fusion", "federated"]
 
 
 def __getattr__(name):
     # Submodules that pull heavier dependencies load on first access.
-    if name in ("tuning", "triton", "cli") or name == "fusion":  # fusion: issue 8, `lk.fusion.ties(...)`
+    if name in ("tuning", "triton", "cli", "federated") or name == "fusion":  # fusion: issue 8, `lk.fusion.ties(...)`
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -181,12 +181,16 @@ class DualLoRAWeights:
         check_tensor("ln_weight", lw, shape=(r,), dtypes=FLOAT_DTYPES)
         check_tensor("ln_bias", lb, shape=(r,), dtypes=FLOAT_DTYPES)
         if scale is not None:
-            check(isinstance(scale, (int, float)) and math.isfinite(scale), "scale", "a finite float", scale)
+            check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale), "scale",
+                  "a finite float", repr(scale),
+                  TypeError if isinstance(scale, bool) or not isinstance(scale, (int, float)) else ValueError)
             s = float(scale)
         else:
-            al = float(r if alpha is None else alpha)
+            al = r if alpha is None else alpha
+            check(isinstance(al, (int, float)) and not isinstance(al, bool), "alpha", "a finite float", repr(alpha),
+                  TypeError)
             check(math.isfinite(al), "alpha", "a finite float", alpha)
-            s = al / r
+            s = float(al) / r
         dev = self.device
         stacked_a = torch.cat([A.to(dev, self.dtype), T.to(dev, self.dtype)])
         stacked_b = torch.cat([B.to(dev, self.dtype), torch.zeros(self.out_features, r, dtype=self.dtype,

@@ -138,6 +138,19 @@ class AdapterConfig:
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise AdapterFormatError(f"{source}: r: expected an int >= 1, got {r!r}")
         alpha = d.get("lora_alpha", 8)
+        for k in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(d.get(k) or {}, Mapping):
+                raise AdapterFormatError(f"{source}: {k}: expected an object {{module pattern: value}}, got "
+                                         f"{type(d[k]).__name__}")
+        for k in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(d.get(k) or False, bool):  # bool("no") is True: never guess a flag
+                raise AdapterFormatError(f"{source}: {k}: expected true/false, got {d[k]!r}")
+        for k in ("target_modules", "exclude_modules"):
+            v = d.get(k)
+            if v is not None and not isinstance(v, str) and not (
+                    isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in v)):
+                raise AdapterFormatError(f"{source}: {k}: expected a regex string or a list of module names, "
+                                         f"got {v!r}")
         rp = dict(d.get("rank_pattern") or {})
         ap = dict(d.get("alpha_pattern") or {})
         for name, v in [("lora_alpha", alpha)] + [(f"alpha_pattern[{k!r}]", v) for k, v in ap.items()]:
@@ -274,6 +287,11 @@ def read_peft_adapter(
             shapes, a rank that disagrees with the config, alpha 0, NaN/Inf values.
         UnsupportedAdapterError: DoRA and other options not implemented (see the module docstring).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike (a PEFT directory or .safetensors file), got "
+                        f"{type(path).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype: expected None or a floating-point torch.dtype, got {dtype!r}")
     weights, cfg_dict, cfg_src = _resolve(path, config)
     cfg = AdapterConfig.from_dict(cfg_dict, cfg_src)
     name = name if name is not None else Path(os.fspath(path)).stem
@@ -378,9 +396,34 @@ def save_peft_adapter(
 ) -> Path:
     """Write ``{module path: (A [r, in], B [out, r])}`` as a PEFT LoRA directory (the layout
     ``PeftModel.save_pretrained`` writes: keys ``base_model.model.<path>.lora_{A,B}.weight``). Returns the
-    directory. For examples and tests that need many adapter files without building PEFT models."""
+    directory. For examples and tests that need many adapter files without building PEFT models.
+
+    Raises:
+        TypeError / ValueError naming ``modules[path]`` (not a pair of float tensors, not 2-D, ranks of A and B
+        that differ or disagree with ``r`` / ``rank_pattern``, NaN/Inf values), ``r`` or ``lora_alpha`` (not finite):
+        structurally broken files are never written (nothing is written when it raises).
+    """
     from safetensors.torch import save_file
 
+    if not isinstance(modules, Mapping) or not modules:
+        raise ValueError(f"modules: expected a non-empty mapping {{module path: (A, B)}}, got {modules!r:.80}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r: expected an int >= 1, got {r!r}")
+    # alpha 0 is written (a valid PEFT file, which read_peft_adapter refuses as a no-op: tests need such files).
+    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
+    ranks = AdapterConfig(r=r, lora_alpha=float(lora_alpha), rank_pattern=dict(rank_pattern or {}))
+    for mp, pair in modules.items():
+        where = f"modules[{mp!r}]"
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+                isinstance(t, torch.Tensor) and t.is_floating_point() for t in pair):
+            raise TypeError(f"{where}: expected a pair (A, B) of floating-point tensors, got {type(pair).__name__}")
+        A, B = pair
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] != ranks.rank_for(mp):
+            raise ValueError(f"{where}: expected A [r, in] and B [out, r] with r = {ranks.rank_for(mp)} (r / "
+                             f"rank_pattern), got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            raise ValueError(f"{where}: expected finite values, got NaN/Inf")
     d = Path(os.fspath(directory))
     d.mkdir(parents=True, exist_ok=True)
     tensors = {}

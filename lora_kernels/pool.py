@@ -298,6 +298,9 @@ class AdapterPool:
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"name: expected a non-empty str, got {name!r}")
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"source: expected a str or os.PathLike (a PEFT directory or .safetensors file), got "
+                            f"{type(source).__name__}")
         with self._lock:
             if name in self._entries:
                 raise ValueError(f"name: expected a new adapter name, got {name!r} (already registered; unload() it)")
@@ -396,7 +399,12 @@ class AdapterPool:
 
         Raises: as :meth:`register`; on any error the adapters this call registered are unloaded again.
         """
+        if isinstance(sources, (str, bytes)):
+            raise TypeError(f"sources: expected a mapping or (name, source) pairs, got {type(sources).__name__}")
         items = list(sources.items() if isinstance(sources, Mapping) else sources)
+        for i, it in enumerate(items):
+            if not isinstance(it, (tuple, list)) or len(it) != 2:
+                raise TypeError(f"sources[{i}]: expected a (name, source) pair, got {it!r:.80}")
         bar = items
         if progress:
             try:
@@ -524,11 +532,13 @@ class AdapterPool:
     @contextlib.contextmanager
     def use(self, names: Names) -> Iterator[List[int]]:
         """``with pool.use(names) as ids:`` acquire before the block, release after it (also on error)."""
-        ids = self.acquire(names)
+        # A one-shot iterable (a generator) would be consumed by acquire and release nothing: keep the list.
+        lst = names if names is None or isinstance(names, str) else list(names)
+        ids = self.acquire(lst)
         try:
             yield ids
         finally:
-            self.release(names)
+            self.release(lst)
 
     def evict(self, name: str) -> bool:
         """Drop the device copy of ``name`` (the host copy stays). Returns False when it was not resident.
@@ -551,6 +561,8 @@ class AdapterPool:
 
     # ---- internals (called with the lock held) -----------------------------------------------------------
     def _entry(self, name) -> _Entry:
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected an adapter name (str, or None for no adapter), got {type(name).__name__}")
         e = self._entries.get(name)
         if e is None:
             raise KeyError(f"name: expected a registered adapter, got {name!r}")

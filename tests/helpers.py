@@ -27,6 +27,8 @@ __all__ = [
     "make_ids",
     "make_weights",
     "random_ranks",
+    "run_without_interpreter",
+    "triton_aot_compile",
 ]
 
 DISTRIBUTIONS = ("distinct", "uniform", "zipf", "identical", "skewed")
@@ -237,3 +239,36 @@ def lowp_add_lora_(
     """Shrink then expand, both by PyTorch in ``dtype`` (h rounded to ``dtype`` in between)."""
     h = lowp_shrink(x, w, ids, w.max_rank, dtype)
     return lowp_expand_(y, h, w, ids, dtype)
+
+
+# ---- Triton ahead-of-time compilation for real GPU targets, on a machine without a GPU ------------------------
+# (shared by tests/test_triton_compile.py, tests/triton_aot_driver.py and tests/test_deform.py)
+def triton_aot_compile(fn, signature: dict, constexprs: dict, arch: int = 90, options: dict | None = None):
+    """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` with Triton's own toolchain (no GPU needed)
+    and return the compiled kernel (``.asm`` has "ttir", "ptx", "cubin"; ``.metadata.shared`` is its shared
+    memory). Parameters missing from ``signature`` are typed "constexpr". Only works where ``TRITON_INTERPRET``
+    was unset when ``fn`` was decorated: run it through :func:`run_without_interpreter`."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    full = {p: signature.get(p, "constexpr") for p in inspect.signature(fn.fn).parameters}
+    return triton.compile(ASTSource(fn=fn, signature=full, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options=dict(options or {}))
+
+
+def run_without_interpreter(argv: Sequence[str], timeout: float = 600):
+    """Run ``python argv...`` from the repository root with ``TRITON_INTERPRET`` unset and the repository and
+    tests/ on PYTHONPATH (the interpreter swaps ``@triton.jit`` at import, so compiling for a GPU needs a fresh
+    process). Returns the ``subprocess.CompletedProcess`` (text output)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=root)

@@ -447,15 +447,11 @@ def test_extension_registers_deform_ops():
 
 
 _TRITON_AOT = r"""
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from helpers import triton_aot_compile
 from lora_kernels.triton import deform as T
 
 def comp(fn, sig, consts):
-    full = {p: sig.get(p, "constexpr") for p in inspect.signature(fn.fn).parameters}
-    k = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    k = triton_aot_compile(fn, sig, consts, arch=90)
     assert "cubin" in k.asm and len(k.asm["cubin"]) > 0
 
 ints = dict(S="i32", Q="i32", H="i32", D="i32", L="i32", P="i32")
@@ -482,15 +478,10 @@ print("compiled")
 def test_triton_kernels_compile_for_sm90():
     """The Triton kernels (the GPU default) compiled ahead of time for sm_90 by Triton's own toolchain, bf16 and
     fp32 locations, on this GPU-less machine: catches what the interpreter lets through (types, constexpr use)."""
-    import os
-    import subprocess
-    import sys
+    from helpers import run_without_interpreter
 
     pytest.importorskip("triton.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _TRITON_AOT], capture_output=True, text=True, env=env, timeout=600)
+    r = run_without_interpreter(["-c", _TRITON_AOT])
     if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
         pytest.skip("Triton's ptxas is not available here")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

@@ -154,9 +154,10 @@ __global__ void __launch_bounds__(kBuildBatchThreads, 1) lora_build_batch_kernel
   int32_t* const scalars = active + 3 * A;
 
   // 1. token_adapter, counts. Later phases read token_adapter (contiguous) instead of the strided ids.
+  // Token loops count in int64: i + kBuildBatchThreads would overflow int32 for T close to 2^31.
   int n_valid = 0, n_invalid = 0;
-  for (int i = tid; i < T; i += kBuildBatchThreads) {
-    const int32_t id = p.adapter_ids[static_cast<int64_t>(i) * p.ids_stride];
+  for (int64_t i = tid; i < T; i += kBuildBatchThreads) {
+    const int32_t id = p.adapter_ids[i * p.ids_stride];
     const bool valid = id >= 0 && id < N;
     n_valid += valid;
     n_invalid += (id < -1 || id >= N);
@@ -172,17 +173,18 @@ __global__ void __launch_bounds__(kBuildBatchThreads, 1) lora_build_batch_kernel
   const int P = static_cast<int>(p.walkers);
   const int keys = N + 1;
   const int chunk = static_cast<int>(p.chunk);
-  const int L = ((T + P - 1) / P + 31) / 32 * 32;  // tokens per walker
-  for (int c0 = 0; T > 0 && c0 < keys; c0 += chunk) {
-    const int C = keys - c0 < chunk ? keys - c0 : chunk;
+  const int64_t L = ((static_cast<int64_t>(T) + P - 1) / P + 31) / 32 * 32;  // tokens per walker (int64: T + 31)
+  // c0 is int64: c0 + chunk passes 2^31 - 1 on the last chunk when N is close to 2^31.
+  for (int64_t c0 = 0; T > 0 && c0 < keys; c0 += chunk) {
+    const int C = static_cast<int>(keys - c0 < chunk ? keys - c0 : chunk);
     for (int j = tid; j < P * C; j += kBuildBatchThreads) s_cursor[j] = 0;
     __syncthreads();
 
     // 2a. histogram per walker.
-    for (int i = tid; i < T; i += kBuildBatchThreads) {
+    for (int64_t i = tid; i < T; i += kBuildBatchThreads) {
       const int t = tok[i];
-      const int k = (t < 0 ? N : t) - c0;
-      if (k >= 0 && k < C) atomicAdd(&s_cursor[(i / L) * C + k], 1);
+      const int64_t k = (t < 0 ? N : t) - c0;
+      if (k >= 0 && k < C) atomicAdd(&s_cursor[static_cast<int>(i / L) * C + static_cast<int>(k)], 1);
     }
     __syncthreads();
 
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(kBuildBatchThreads, 1) lora_build_batch_kernel
         s_cursor[w * C + j] = pos;
         pos += n;
       }
-      const int a = c0 + j;
+      const int a = static_cast<int>(c0 + j);
       if (pos > start && a < N) {
         if (k < A) {
           active[k] = a;
@@ -229,16 +231,16 @@ __global__ void __launch_bounds__(kBuildBatchThreads, 1) lora_build_batch_kernel
     const int chunk_tokens = static_cast<int>(chunk_total >> 32);
     if (chunk_tokens > 0 && warp < P) {
       int* const cursor = s_cursor + warp * C;
-      const int lo = warp * L;
-      const int hi = min(lo + L, T);
+      const int64_t lo = warp * L;
+      const int64_t hi = min(lo + L, static_cast<int64_t>(T));
       int t_next = lo + lane < hi ? tok[lo + lane] : INT_MIN;  // INT_MIN: past the walker's range
-      for (int b = lo; b < hi; b += 32) {
+      for (int64_t b = lo; b < hi; b += 32) {
         const int t = t_next;
         t_next = b + 32 + lane < hi ? tok[b + 32 + lane] : INT_MIN;
         int key = -1;  // chunk-local key, -1: not in this chunk
         if (t != INT_MIN) {
-          const int kk = (t < 0 ? N : t) - c0;
-          if (kk >= 0 && kk < C) key = kk;
+          const int64_t kk = (t < 0 ? N : t) - c0;
+          if (kk >= 0 && kk < C) key = static_cast<int>(kk);
         }
         if (__ballot_sync(detail::kFullMask, key >= 0) == 0) continue;
         const unsigned peers = __match_any_sync(detail::kFullMask, key);
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(kBuildBatchThreads, 1) lora_build_batch_kernel
           cursor[key] = slot + __popc(peers);
         }
         slot = __shfl_sync(detail::kFullMask, slot, leader);
-        if (key >= 0) sorted[slot + __popc(peers & ((1u << lane) - 1u))] = b + lane;
+        if (key >= 0) sorted[slot + __popc(peers & ((1u << lane) - 1u))] = static_cast<int32_t>(b + lane);
         __syncwarp();  // orders the leader's cursor update before the next step's reads by other lanes
       }
     }

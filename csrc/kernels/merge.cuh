@@ -7,8 +7,10 @@
 // tile_start (first tile of each job, ascending, tile_start[0] == 0).
 //
 // Per weight, the fp32 delta is a fixed sequence of correctly rounded operations (terms in order, ranks in
-// order: d = fma(fl(coef * B[k, row]), A[k, col], d) from d = +0), written with __fmul_rn / __fmaf_rn so the
-// compiler cannot contract or reorder it: merge and unmerge compute the same bits.
+// order: d = fl(d + fl(fl(coef * B[k, row]) * A[k, col])) from d = +0), written with __fmul_rn / __fadd_rn so
+// the compiler cannot contract (no FMA) or reorder it: merge and unmerge compute the same bits, and they are
+// the bits of lora_kernels.reference.merge_delta (the same sequence), so this backend's merged weights and
+// codes equal the reference's bit for bit (tests/test_merge_emu.py checks that on a CPU emulation).
 //   merge:   W' = rnd(W + d); exact: R = rnd(W' - d), code = 0 (W is R) / 1 (one step above R) / 2 (one step
 //            below) / 3 (escape: W is left unwritten and counter[layer] is incremented; the caller collects it).
 //   unmerge: R = rnd(W' - d), moved by the code (exact); escapes are left for the caller.
@@ -110,7 +112,8 @@ __global__ void __launch_bounds__(kMergeThreads) merge_grouped_kernel(MergeGroup
   const int64_t t = pid - job[kJobTile0];
   const int64_t row = t / ntn;
   const int64_t col0 = (t - row * ntn) * kMergeCols + 4 * static_cast<int64_t>(threadIdx.x);
-  if (col0 >= in) return;
+  // row < rows holds when total_tiles is the tables' sum; checked anyway: a larger grid must not write past W.
+  if (col0 >= in || row >= job[kJobRows]) return;
   const int64_t base = (row0 + row) * in;
   int byte = 0;
   int n_esc = 0;
@@ -124,7 +127,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_grouped_kernel(MergeGroup
       const float coef = p.coefs[t0 + i];
       for (int64_t k = 0; k < r; ++k) {
         const float bk = __fmul_rn(coef, FA::to_f(B[(off + k) * sb + row]));
-        d = __fmaf_rn(bk, FA::to_f(A[(off + k) * sa + c]), d);
+        d = __fadd_rn(d, __fmul_rn(bk, FA::to_f(A[(off + k) * sa + c])));
       }
     }
     const int64_t flat = base + c;

@@ -17,7 +17,8 @@ Semantics:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+import numbers
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -55,6 +56,9 @@ def from_weights(weights: Union[LoRAWeights, Mapping[str, LoRAWeights]], adapter
 
     A single ``LoRAWeights`` is named ``name``; a slice ``s`` of a fused group is named ``"layer[s]"``.
     """
+    if not isinstance(weights, (LoRAWeights, Mapping)):
+        raise TypeError(f"weights: expected a LoRAWeights or a mapping layer name -> LoRAWeights, got "
+                        f"{type(weights).__name__}")
     layers = {name: weights} if isinstance(weights, LoRAWeights) else dict(weights)
     out: Dict[str, LoRAFactors] = {}
     for lname, w in layers.items():
@@ -140,6 +144,11 @@ def check_client_weights(weights: Optional[Sequence[float]], K: int, name: str =
         return [1.0 / K] * K
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().cpu().double().reshape(-1).tolist()
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise TypeError(f"{name}: expected None or a sequence of numbers (one per client), got {weights!r:.80}")
+    weights = list(weights)
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights):
+        raise TypeError(f"{name}: expected None or a sequence of numbers (one per client), got {weights!r:.80}")
     ws = [float(w) for w in weights]
     check(len(ws) == K, name, f"{K} weights (one per client)", len(ws))
     check(all(math.isfinite(w) for w in ws), name, "finite values", ws)

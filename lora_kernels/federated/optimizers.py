@@ -72,6 +72,13 @@ class ServerOptimizer:
                 raise TypeError(f"params[{k!r}]: expected a torch.Tensor, got {type(p).__name__}")
             if not p.is_floating_point():
                 raise TypeError(f"params[{k!r}]: expected a floating-point tensor, got {p.dtype}")
+        # The same tensor (or views of one buffer) listed twice would be stepped twice per round.
+        spans = sorted((p.data_ptr(), p.data_ptr() + (sum((n - 1) * st for n, st in zip(p.shape, p.stride())) + 1)
+                        * p.element_size(), k) for k, p in zip(self.keys, self.params)
+                       if p.numel() and p.device.type != "meta")
+        for (_, e0, k0), (s1, _, k1) in zip(spans, spans[1:]):
+            check(s1 >= e0, "params", "distinct tensors with disjoint memory", f"params[{k0!r}] and params[{k1!r}] "
+                  "overlapping (the same tensor twice, or views of one buffer)")
         check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lr", "a finite float > 0", lr)
         self.lr = float(lr)
         self.state: Dict[str, List[torch.Tensor]] = {}
@@ -85,6 +92,8 @@ class ServerOptimizer:
         for k, t, p in zip(self.keys, ts, self.params):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}[{k!r}]: expected a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}[{k!r}]: expected a floating-point tensor, got {t.dtype}")
             check(t.shape == p.shape, f"{name}[{k!r}]", f"shape {tuple(p.shape)}", tuple(t.shape))
             check(t.device == p.device, f"{name}[{k!r}]", f"device {p.device}", t.device)
         return [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(ts, self.params)]

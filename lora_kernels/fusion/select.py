@@ -41,7 +41,17 @@ def kth_largest_magnitude(
 
     Returns:
         ``dtype`` [n] on ``k``'s device.
+
+    Raises:
+        TypeError: ``dtype`` not float32/float64, ``k`` not an integer tensor, a chunk of another dtype.
+        ValueError: ``k`` not 1-D, a chunk without n rows, ``k[i]`` outside ``[1, numel(M_i)]`` (one host sync).
     """
+    if dtype not in _INT_OF:
+        raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
+    if not isinstance(k, torch.Tensor) or k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+        raise TypeError(f"k: expected an integer tensor [n], got {getattr(k, 'dtype', type(k).__name__)}")
+    if k.ndim != 1:
+        raise ValueError(f"k: expected 1 dim [n], got shape {tuple(k.shape)}")
     int_dtype, nbits = _INT_OF[dtype]
     dev = k.device
     n = k.shape[0]
@@ -52,6 +62,8 @@ def kth_largest_magnitude(
         shift = nbits - _DIGIT_BITS * (level + 1)
         hist = torch.zeros(n * _BINS, dtype=torch.int64, device=dev)
         for c in chunks():
+            if c.dtype != dtype or c.ndim < 1 or c.shape[0] != n:  # .view(int) of another dtype reads garbage
+                raise TypeError(f"chunks: expected tensors [{n}, ...] of {dtype}, got {c.dtype} {tuple(c.shape)}")
             bits = c.abs().reshape(n, -1).view(int_dtype).to(torch.int64)
             idx = ((bits >> shift) & (_BINS - 1)) + base
             if level:
@@ -59,6 +71,12 @@ def kth_largest_magnitude(
             hist += torch.bincount(idx.reshape(-1), minlength=n * _BINS)
         # Counts of the buckets from the top: the first whose running total reaches `remaining` holds the target.
         top = hist.view(n, _BINS).flip(-1).cumsum(-1)
+        if level == 0:  # top[:, -1] = numel(M_i): a k out of range would return an arbitrary value
+            bad = (remaining < 1) | (remaining > top[:, -1])
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"k: expected 1 <= k[i] <= numel(M_i), got k[{i}] = {int(remaining[i])} with "
+                                 f"numel {int(top[i, -1])}")
         j = torch.searchsorted(top, remaining.view(n, 1)).view(n).clamp_(max=_BINS - 1)
         above = torch.where(j > 0, top.gather(1, (j - 1).clamp(min=0).view(n, 1)).view(n), torch.zeros_like(j))
         remaining -= above

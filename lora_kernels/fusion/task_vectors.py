@@ -116,7 +116,12 @@ def _task_arithmetic_layer(layer: List[LoRAFactors], lams: List[float], rank, ch
 
 
 def ties_keep_count(density: float, numel: int) -> int:
-    """Entries TIES keeps per task (before ties at the threshold): ``max(1, round(density * numel))``."""
+    """Entries TIES keeps per task (before ties at the threshold): ``max(1, round(density * numel))``.
+
+    Raises ValueError for ``density`` outside (0, 1] or ``numel < 1``."""
+    check(isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1, "density",
+          "a float in (0, 1]", density)
+    check(isinstance(numel, int) and not isinstance(numel, bool) and numel >= 1, "numel", "an int >= 1", numel)
     return max(1, min(numel, round(density * numel)))
 
 

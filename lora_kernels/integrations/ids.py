@@ -4,6 +4,10 @@
 adapter per sequence; expanded to every token of [batch, seq] inputs) or int [batch, seq] (one per token);
 ``-1`` means no adapter. Adapter names are resolved by the caller (e.g. :class:`~.peft.PeftServing` maps
 names to ids); this module holds tensors only.
+
+The current ids are process-wide, like :func:`lora_kernels.use_batch` (not per thread): threads that run
+forwards concurrently must pass ``model(input_ids, adapter_ids=ids)`` instead, or each would serve the other's
+ids.
 """
 
 from __future__ import annotations

@@ -238,9 +238,15 @@ class PunicaWrapperLK:
         ys = y2[:, offset_start : offset_start + w.out_features]
         check(ys.shape[1] == w.out_features, "offset_start", f"room for {w.out_features} columns in y",
               offset_start)
+        batch = self._batch("token", h.shape[1])
         if not add_inputs:
-            ys.zero_()
-        expand_(ys, h.float().contiguous(), w, self._batch("token", h.shape[1]))
+            # Into a zeroed copy, then written back: zeroing ys first would change the caller's y even when
+            # expand_ refuses its arguments.
+            out = torch.zeros_like(ys)
+            expand_(out, h.float().contiguous(), w, batch)
+            ys.copy_(out)
+            return
+        expand_(ys, h.float().contiguous(), w, batch)
 
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
                            add_inputs: bool = True, **kwargs) -> None:

@@ -79,10 +79,20 @@ class DualLoRALinear(nn.Module):
         self.w_dual = w_dual
         self.batch = batch
         # Parameters sharing the storage; the weights object then holds these very tensors.
-        self.dual_a = nn.Parameter(w_dual.a, requires_grad=trainable)
-        self.dual_b = nn.Parameter(w_dual.b, requires_grad=trainable)
-        self.ln_weight = nn.Parameter(w_dual.ln_weight, requires_grad=trainable)
-        self.ln_bias = nn.Parameter(w_dual.ln_bias, requires_grad=trainable)
+        # A w_dual already wrapped by another DualLoRALinear keeps its Parameter objects (shared, like tied
+        # weights): new ones would leave the first module's parameters out of the kernels' reads (no grads).
+        def param(t: torch.Tensor, name: str) -> nn.Parameter:
+            if isinstance(t, nn.Parameter):
+                if t.requires_grad != bool(trainable):
+                    raise ValueError(f"trainable: expected {t.requires_grad} (w_dual.{name} is already a Parameter of "
+                                     f"another module with requires_grad={t.requires_grad}), got {trainable}")
+                return t
+            return nn.Parameter(t, requires_grad=trainable)
+
+        self.dual_a = param(w_dual.a, "a")
+        self.dual_b = param(w_dual.b, "b")
+        self.ln_weight = param(w_dual.ln_weight, "ln_weight")
+        self.ln_bias = param(w_dual.ln_bias, "ln_bias")
         w_dual.a, w_dual.b = self.dual_a, self.dual_b
         w_dual.ln_weight, w_dual.ln_bias = self.ln_weight, self.ln_bias
 
@@ -104,8 +114,9 @@ class DualLoRALinear(nn.Module):
         if batch is None:
             raise RuntimeError("DualLoRALinear: no LoRABatch; pass batch= to the layer or run under "
                                "lk.use_batch(batch) (a batch of all -1 ids serves the base layer alone)")
-        y = self.base(x)
+        # The delta first: its checks name x (a wrong width would otherwise fail inside base with torch's text).
         delta = dual_lora(x.reshape(-1, x.shape[-1]), self.w_dual, batch)
+        y = self.base(x)
         return y + delta.view(*y.shape[:-1], delta.shape[-1]).to(y.dtype)
 
     def extra_repr(self) -> str:

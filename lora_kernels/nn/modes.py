@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -52,6 +54,10 @@ def normalize_counts(adapter_counts: Union[Mapping[int, int], Sequence[int], tor
     items = adapter_counts.items() if isinstance(adapter_counts, Mapping) else enumerate(adapter_counts)
     out: Dict[int, int] = {}
     for k, v in items:
+        # int("3") or int(2.7) would guess: ids and counts must be integral numbers.
+        for what, z in (("adapter ids", k), ("counts", v)):
+            if isinstance(z, (str, bytes, bool)) or not isinstance(z, numbers.Real) or int(z) != z:
+                raise TypeError(f"adapter_counts: expected integer {what}, got {z!r}")
         k, v = int(k), int(v)
         if k < -1:
             raise ValueError(f"adapter_counts: expected adapter ids >= -1, got {k}")
@@ -97,6 +103,9 @@ class VLoRAPolicy:
             raise ValueError(f"dominant_fraction: expected a value in [0, 1), got {self.dominant_fraction}")
         if not 0.0 <= self.max_starving_fraction <= 1.0:
             raise ValueError(f"max_starving_fraction: expected a value in [0, 1], got {self.max_starving_fraction}")
+        if not isinstance(self.starving_credit, numbers.Real) or not math.isfinite(self.starving_credit):
+            # NaN would make every comparison False: no request would ever count as starving.
+            raise ValueError(f"starving_credit: expected a finite number, got {self.starving_credit!r}")
 
     def __call__(
         self,
@@ -115,6 +124,9 @@ class VLoRAPolicy:
         if waiting_credit is not None:
             credits = waiting_credit.tolist() if isinstance(waiting_credit, torch.Tensor) else list(waiting_credit)
             if credits:
+                if not all(isinstance(c, numbers.Real) and math.isfinite(c) for c in credits):
+                    raise ValueError(f"waiting_credit: expected finite numbers (NaN is never > the threshold), got "
+                                     f"{credits[:8]!r}")
                 starving = sum(1 for c in credits if float(c) > self.starving_credit)
                 if starving > self.max_starving_fraction * len(credits):
                     return "unmerged", None
@@ -175,6 +187,8 @@ class ModeController:
                     raise TypeError(f"model[{i}]: expected a LoRALinear, got {type(m).__name__}")
         if not layers:
             raise ValueError("model: expected a module containing LoRALinear layers, found none")
+        if len({id(m) for m in layers}) != len(layers):  # each switch would merge the same weight twice
+            raise ValueError("model: expected each LoRALinear once, got a layer listed twice")
         for i, layer in enumerate(layers):
             w = getattr(layer.base, "weight", None)
             shape = (layer.out_features, layer.in_features)
@@ -371,7 +385,10 @@ class ModeController:
         if sum(counts.values()) == 0:
             return self._mode, self._adapter
         pol = policy if policy is not None else self.policy
-        mode, adapter = pol(counts, waiting_credit)
+        res = pol(counts, waiting_credit)
+        if not isinstance(res, (tuple, list)) or len(res) != 2:
+            raise TypeError(f"policy: expected it to return a (mode, adapter) tuple, got {res!r:.80}")
+        mode, adapter = res
         if mode not in MODES:
             raise ValueError(f"policy: returned mode {mode!r}, expected one of {MODES}")
         return mode, (None if mode == "unmerged" else adapter)

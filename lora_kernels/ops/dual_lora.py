@@ -178,6 +178,8 @@ def dual_lora_(y: torch.Tensor, x: torch.Tensor, w_dual: DualLoRAWeights, batch:
     T = x.shape[0]
     check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES, device=x.device, inner_contiguous=True)
     check(tuple(y.shape) == (T, w_dual.out_features), "y", f"shape ({T}, {w_dual.out_features})", tuple(y.shape))
+    check(T <= 1 or y.stride(0) >= y.shape[1], "y", f"rows that do not overlap (row stride >= {y.shape[1]}; "
+          "e.g. not an expand())", f"strides {y.stride()}")
     _check_no_overlap(y, x, "x")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, w_dual.a, w_dual.b, w_dual.ln_weight,
                                                                   w_dual.ln_bias)):

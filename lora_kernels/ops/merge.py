@@ -34,10 +34,11 @@ bit for bit. ``merge_`` warns (RuntimeWarning) when it made finite weights non-f
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -490,6 +491,10 @@ def _norm_adapters(weights: LoRAWeights, adapters: AdapterArg, lambdas: LambdaAr
         check(len(ids) == 1, "lambdas", f"a sequence of {len(ids)} floats (one per adapter)", lambdas)
         lams = (float(lambdas),)
     else:
+        # float("1") would silently accept strings (and merge_ once turned "1" into ("1",)): numbers only.
+        ok = not isinstance(lambdas, (str, bytes)) and isinstance(lambdas, Sequence) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in lambdas)
+        check(ok, "lambdas", "None, a float or a sequence of floats", repr(lambdas)[:80], TypeError)
         lams = tuple(float(v) for v in lambdas)
         check(len(lams) == len(ids), "lambdas", f"{len(ids)} floats (one per adapter)", f"{len(lams)} values")
     check(all(math.isfinite(v) for v in lams), "lambdas", "finite floats", lams)
@@ -674,9 +679,9 @@ def merge_(
 
 
 def _as_lams(lambdas):
-    if isinstance(lambdas, (int, float)) and not isinstance(lambdas, bool):
-        return lambdas
-    return tuple(lambdas)
+    if isinstance(lambdas, (int, float, str, bytes)) and not isinstance(lambdas, bool):
+        return lambdas  # (a str is refused by _norm_adapters, naming lambdas)
+    return tuple(lambdas) if isinstance(lambdas, Iterable) else lambdas
 
 
 def merge_many_(
@@ -800,8 +805,12 @@ def _plan_many(Ws, ws, adapters, lambdas, exact, _single, key):
     dev = Ws[0].device
     for i, W in enumerate(Ws):
         check(W.device == dev, f"Ws[{i}]", f"device {dev} (as Ws[0])", W.device)
-    ptrs = [W.data_ptr() for W in Ws]
-    check(len(set(ptrs)) == len(ptrs), "Ws", "distinct weight tensors", "the same tensor twice")
+    # Distinct tensors may still share memory (views of one buffer): each layer's merge reads and rewrites its
+    # W, so overlapping layers would corrupt each other and the bit-exact unmerge. Ws are contiguous here.
+    spans = sorted((W.data_ptr(), W.data_ptr() + W.numel() * W.element_size(), i) for i, W in enumerate(Ws))
+    for (_, e0, i0), (s1, _, i1) in zip(spans, spans[1:]):
+        check(s1 >= e0, "Ws", "distinct weight tensors with disjoint memory",
+              f"Ws[{min(i0, i1)}] and Ws[{max(i0, i1)}] overlapping (the same tensor twice, or views of one buffer)")
     backend = _select(dev)
     entry = merge_plan.PlanEntry(key, ws, plans, terms, coefs, merge_plan.layer_sizes(Ws, exact))
     if key is not None and key[0] == backend:

@@ -189,6 +189,8 @@ def _check_y(y: torch.Tensor, weights: LoRAWeights, T: int, dev: torch.device) -
     check(tuple(y.shape) == (T, weights.out_features), "y",
           f"shape ({T}, {weights.out_features}) (T, sum of the slices' out_features {list(weights.slice_outs)})",
           tuple(y.shape))
+    check(_rows_disjoint(y), "y", f"rows that do not overlap (row stride >= {y.shape[1]}; e.g. not an expand())",
+          f"strides {y.stride()}")
 
 
 def _check_no_overlap(y: torch.Tensor, other: torch.Tensor, name: str) -> None:
@@ -321,7 +323,13 @@ def _x_ok(x, weights) -> bool:
 def _y_ok(y, weights, T: int, dev: torch.device) -> bool:
     """:func:`_check_y` as one predicate."""
     return (isinstance(y, _TENSOR) and y.dtype in _FLOATS and y.ndim == 2 and y.device == dev
-            and y.shape[0] == T and y.shape[1] == sum(weights.slice_outs) and _inner_ok(y))
+            and y.shape[0] == T and y.shape[1] == sum(weights.slice_outs) and _inner_ok(y) and _rows_disjoint(y))
+
+
+def _rows_disjoint(y: torch.Tensor) -> bool:
+    # rows that share memory (y = z.expand(T, out), or a row stride < out) would be written by several
+    # programs at once on the GPU: a data race, silently wrong sums.
+    return y.ndim != 2 or y.shape[0] <= 1 or y.stride(0) >= y.shape[1]
 
 
 def _add_lora_args_ok(y, x, weights, batch) -> bool:
@@ -340,7 +348,8 @@ def _add_lora_args_ok(y, x, weights, batch) -> bool:
             and n_out == sum(weights.slice_outs) and batch.num_tokens == T
             and batch.max_adapters <= weights.max_adapters and y.device == dev and weights.a.device == dev
             and (bdev == dev or _same_dev(bdev, dev))
-            and (n_in <= 1 or x.stride(1) == 1) and (n_out <= 1 or y.stride(1) == 1)):
+            and (n_in <= 1 or x.stride(1) == 1) and (n_out <= 1 or y.stride(1) == 1)
+            and (T <= 1 or y.stride(0) >= n_out)):
         return False
     if T and n_in and n_out:  # y must not overlap x (the op writes y while reading x)
         yp, xp = y.data_ptr(), x.data_ptr()

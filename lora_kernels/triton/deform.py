@@ -2,7 +2,7 @@
 
 Semantics: :func:`lora_kernels.reference.deform_pool` (grid_sample, align_corners=False, zero padding).
 
-Grid: (query tiles of BLOCK_Q, B * H). A program holds a [BLOCK_Q, BLOCK_D] tile of one head's channels
+Grid: (query tiles of BLOCK_Q x B * H,), flat. A program holds a [BLOCK_Q, BLOCK_D] tile of one head's channels
 (BLOCK_D = D rounded up to a power of two) and loops over levels and points; the location, weight and the four
 bilinear corner weights are computed once per (query, level, point) as [BLOCK_Q] vectors and broadcast over
 the channels, and each corner is one gather of BLOCK_Q rows of D contiguous channels. fp32 accumulation;
@@ -89,9 +89,13 @@ def _bilinear_geometry(lx, ly, wf, hf, qm):
 
 @triton.jit
 def _tile(Q, H, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (b, h), its BLOCK_Q queries and BLOCK_D channels, and their masks (grid: (query tiles, B*H))."""
-    bh = tl.program_id(1)
-    qs = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    """This program's (b, h), its BLOCK_Q queries and BLOCK_D channels, and their masks (grid: (query tiles *
+    B*H,), query tile fastest). One flat axis: grid axis 1 is limited to 65535 on CUDA, which B*H (e.g. 4096
+    images x 16 heads) can exceed; axis 0 is not."""
+    n_qt = (Q + (BLOCK_Q - 1)) // BLOCK_Q
+    pid = tl.program_id(0)
+    bh = pid // n_qt
+    qs = (pid - bh * n_qt) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     ds = tl.arange(0, BLOCK_D)
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64), qs, ds, qs < Q, ds < D
 
@@ -230,7 +234,7 @@ def deform_pool_fwd(value, shapes, starts, loc, attn) -> torch.Tensor:
     if L == 0 or P == 0:
         return out.zero_()
     bq, bd = _blocks(Q, D)
-    _deform_pool_fwd_kernel[(triton.cdiv(Q, bq), B * H)](value, shapes, starts, loc, attn, out, S, Q, H, D, L, P,
+    _deform_pool_fwd_kernel[(triton.cdiv(Q, bq) * B * H,)](value, shapes, starts, loc, attn, out, S, Q, H, D, L, P,
                                                        BLOCK_Q=bq, BLOCK_D=bd, num_warps=4)
     return out
 
@@ -245,7 +249,7 @@ def deform_pool_bwd(grad_out, value, shapes, starts, loc, attn, deterministic: b
     ga = torch.zeros(attn.shape, dtype=attn.dtype, device=attn.device)
     if B * Q * H * D and L and P:
         bq, bd = _blocks(Q, D)
-        _deform_pool_bwd_kernel[(triton.cdiv(Q, bq), B * H)](grad_out, value, shapes, starts, loc, attn, gv, gl, ga,
+        _deform_pool_bwd_kernel[(triton.cdiv(Q, bq) * B * H,)](grad_out, value, shapes, starts, loc, attn, gv, gl, ga,
                                                            S, Q, H, D, L, P, BLOCK_Q=bq, BLOCK_D=bd,
                                                            WRITE_GV=not deterministic, num_warps=4)
         if deterministic:
@@ -370,7 +374,7 @@ def deform_sample_fwd(value, shapes, starts, ref, offsets, logits) -> torch.Tens
     if L == 0 or P == 0:
         return out.zero_()
     bq, bd = _blocks(Q, D)
-    _deform_sample_fwd_kernel[(triton.cdiv(Q, bq), B * H)](value, shapes, starts, ref, offsets, logits, out, S, Q, H,
+    _deform_sample_fwd_kernel[(triton.cdiv(Q, bq) * B * H,)](value, shapes, starts, ref, offsets, logits, out, S, Q, H,
                                                          D, L, P, BLOCK_Q=bq, BLOCK_D=bd, num_warps=4)
     return out
 
@@ -384,7 +388,7 @@ def deform_sample_bwd(grad_out, value, shapes, starts, ref, offsets, logits, det
     gl = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     if B * Q * H * D and L and P:
         bq, bd = _blocks(Q, D)
-        _deform_sample_bwd_kernel[(triton.cdiv(Q, bq), B * H)](grad_out, value, shapes, starts, ref, offsets, logits,
+        _deform_sample_bwd_kernel[(triton.cdiv(Q, bq) * B * H,)](grad_out, value, shapes, starts, ref, offsets, logits,
                                                              gv, go, gl, S, Q, H, D, L, P, BLOCK_Q=bq, BLOCK_D=bd,
                                                              WRITE_GV=not deterministic, num_warps=4)
         if deterministic:

@@ -97,7 +97,8 @@ def _sgmv_outer_kernel(
     n_mask = offs_n < width
     offs_m = tl.arange(0, BLOCK_M)
     h_base = h_ptr + s.to(tl.int64) * stride_hs + offs_r[:, None] * stride_hr
-    x_cols = x_ptr + (col0 + offs_n)[None, :] * stride_xn
+    # int64 before the stride: every offset added to a data tensor's base is 64-bit (tests/test_triton_compile.py)
+    x_cols = x_ptr + (col0 + offs_n).to(tl.int64)[None, :] * stride_xn
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for m0 in range(part * BLOCK_M, length, SPLIT_M * BLOCK_M):
         m_mask = (m0 + offs_m) < length
@@ -168,6 +169,10 @@ def outer_(
     lay = MetaLayout.from_meta(meta, max_tokens)
     n_seg = min(lay.max_active, T)
     cfg = {**default_outer_config(T, n_seg, h.shape[2]), **(config or {})}
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_R"):
+        # tl.dot needs every dimension >= 16 on a GPU (the CPU interpreter accepts smaller ones)
+        if cfg[k] not in (16, 32, 64, 128, 256):
+            raise ValueError(f"config[{k!r}]: expected a power of two in [16, 256], got {cfg[k]!r}")
     bm, bn, br, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_R"], cfg["SPLIT_M"]
     per_slice = slice_info is None
     if per_slice:
