@@ -38,7 +38,9 @@
 #     vce         lora-bench vce: deform_pool fwd and fwd+bwd at the VCE shapes (B 1 and 8) vs grid_sample, its
 #                 torch.compile and an fp32 Deformable-DETR-style kernel (vce.json inside logs.tar.gz; copy to
 #                 bench/results/<gpu>/vce-<date>.json). Its cuda tests (tests/test_deform.py) run in the pytest step,
-#                 its kernels in the sanitize steps, and tune verifies "deform_cuda".
+#                 its kernels in the sanitize steps, and tune verifies "deform_cuda". Unvalidated metadata that
+#                 points outside value (tests/test_deform_guard.py -m cuda; sanitize_ops run_deform_bad_metadata
+#                 under memcheck) must give the reference's result with no out-of-range access.
 #     pool        python/many_adapters.py: 1,000 PEFT adapters on disk, a 64-slot AdapterPool, Zipf requests,
 #                 side-stream prefetch; hit rate, prefetch stalls and ms/step in logs/pool.log (and the summary)
 #     overhead    lora-bench overhead: host us per call of add_lora_/shrink/expand_/LoRALinear/lora_linear, kernels

@@ -382,6 +382,61 @@ def run_deform(lk, results):
             results.append((tag, False, f"{type(e).__name__}: {e}"))
 
 
+def run_deform_bad_metadata(lk, results):
+    """deform_pool / deform_sample with validate=False and level metadata pointing outside value (a negative start,
+    a level running past S, a level far past S): every kernel must mask those corners (the sanitizer reports any
+    out-of-range read or atomic) and match the reference's defined result (they contribute nothing)."""
+    from lora_kernels import reference
+    from lora_kernels.ops import deform
+
+    bes = ["triton"] + (["cuda"] if DEV == "cuda" and deform._cuda_ops(fused=True) is not None else [])
+    metas = ((16, ((5, 4), (2, 2)), (-3, 14)), (16, ((3, 4), (2, 2), (1, 1)), (0, 100, -1)))
+    runs = [(be, det) for be in bes for det in (False, True)] + ([("baseline", False)] if "cuda" in bes else [])
+    for be, det in runs:
+        for S, shapes, starts in metas:
+            for D in (32, 5):
+                tag = f"deform bad metadata [{be}{', deterministic' if det else ''}] D={D} starts={starts}"
+                try:
+                    g = torch.Generator().manual_seed(80 + D)
+                    B, Q, H, L, P = 2, 7, 2, len(shapes), 3
+                    value = torch.randn(B, S, H, D, generator=g)
+                    loc = torch.rand(B, Q, H, L, P, 2, generator=g) * 1.2 - 0.1
+                    attn = torch.rand(B, Q, H, L, P, generator=g)
+                    dy = torch.randn(B, Q, H * D, generator=g)
+                    ss, st = torch.tensor(shapes, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
+                    ref_in = [t.double().requires_grad_(True) for t in (value, loc, attn)]
+                    ref = reference.deform_pool(ref_in[0], ss, st, ref_in[1], ref_in[2])
+                    ref.backward(dy.double())
+                    if be == "baseline":
+                        from lora_kernels.bench import vce
+
+                        dev_in = [t.to(DEV) for t in (value, ss, st, loc, attn)]
+                        out = vce.baseline_fwd(*dev_in)
+                        grads = vce.baseline_bwd(dy.to(DEV), *dev_in)
+                    else:
+                        ins = [t.to(DEV).requires_grad_(True) for t in (value, loc, attn)]
+                        with lk.backends.use_backend(be):
+                            out = lk.deform_pool(ins[0], ss.to(DEV), st.to(DEV), ins[1], ins[2], validate=False,
+                                                 deterministic=det)
+                        out.backward(dy.to(DEV))
+                        grads = [t.grad for t in ins]
+                    _close(f"{tag} out", out.detach(), ref.detach().float(), torch.float32, results)
+                    _close(f"{tag} grad value", grads[0], ref_in[0].grad.float(), torch.float32, results)
+                    _close(f"{tag} grad weights", grads[2], ref_in[2].grad.float(), torch.float32, results)
+                    if be != "baseline":  # the fused kernels on the same metadata
+                        ref_pts = torch.rand(Q, 2, generator=g)
+                        off = torch.randn(B, Q, H, L, P, 2, generator=g)
+                        logits = torch.randn(B, Q, H, L * P, generator=g)
+                        want = reference.deform_sample(value.double(), ss, st, ref_pts.double(), off.double(),
+                                                       logits.double())
+                        with lk.backends.use_backend(be):
+                            got = lk.deform_sample(value.to(DEV), ss.to(DEV), st.to(DEV), ref_pts.to(DEV),
+                                                   off.to(DEV), logits.to(DEV), validate=False, deterministic=det)
+                        _close(f"{tag} deform_sample out", got, want.float(), torch.float32, results)
+                except Exception as e:
+                    results.append((tag, False, f"{type(e).__name__}: {e}"))
+
+
 def main(argv=None) -> int:
     global DEV
     argv = sys.argv[1:] if argv is None else argv
@@ -398,7 +453,7 @@ def main(argv=None) -> int:
     import lora_kernels as lk
 
     results = []
-    for step in (run_builder, run_ops, run_merge, run_backward, run_dual, run_deform):
+    for step in (run_builder, run_ops, run_merge, run_backward, run_dual, run_deform, run_deform_bad_metadata):
         try:
             step(lk, results)
         except Exception as e:

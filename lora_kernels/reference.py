@@ -245,6 +245,56 @@ __all__ += ["merge_delta", "merge_", "unmerge_", "merge_codes", "unmerge_values"
 
 
 # ---- deformable multi-scale pooling (VCE; lora_kernels.ops.deform) ------------------------------------------------
+# Level metadata that points outside value (validate=False with inconsistent spatial_shapes / level_start_index):
+# a bilinear corner whose value row ``start_l + y * W_l + x`` is outside [0, S) counts as outside the image (zero
+# value, zero gradients), as in the kernels. A level whose rows all lie in [0, S) (the normal case) takes the
+# grid_sample path; any other level the explicit per-corner path below (same result where both apply).
+def _deform_meta(spatial_shapes, level_start_index):
+    """(host list of (H_l, W_l), host list of start_l): level_start_index when given, else cumulative sizes."""
+    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else [tuple(s) for s in spatial_shapes]
+    shapes = [(int(h), int(w)) for h, w in shapes]
+    if level_start_index is None:
+        starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
+    else:
+        starts = [int(s) for s in (level_start_index.tolist() if isinstance(level_start_index, torch.Tensor)
+                                   else level_start_index)]
+    return shapes, starts
+
+
+def _level_in_range(h_l: int, w_l: int, start: int, S: int) -> bool:
+    return h_l >= 1 and w_l >= 1 and start >= 0 and start + h_l * w_l <= S
+
+
+def _deform_corners(v, loc_l, h_l: int, w_l: int, start: int):
+    """Explicit bilinear corners of one level: v [B, S, H, D], loc_l [B, Q, H, P, 2] -> (fx, fy, corners) with
+    corners[k] = (mask, row, value [B, Q, H, P, D], weight) for k = 00, 01, 10, 11; rows outside [0, S) or
+    corners outside the image are masked (value 0, never indexed out of range)."""
+    B, S, H, D = v.shape
+    x = loc_l[..., 0] * w_l - 0.5
+    y = loc_l[..., 1] * h_l - 0.5
+    ok = (x >= -1.0) & (x < w_l) & (y >= -1.0) & (y < h_l)  # False for NaN / Inf
+    x = torch.where(ok, x, torch.zeros_like(x))
+    y = torch.where(ok, y, torch.zeros_like(y))
+    x0f, y0f = x.floor(), y.floor()
+    fx, fy = x - x0f, y - y0f
+    x0, y0 = x0f.long(), y0f.long()
+    bi = torch.arange(B, device=v.device).view(B, 1, 1, 1)
+    hi = torch.arange(H, device=v.device).view(1, 1, H, 1)
+    corners = []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            row = start + yi * w_l + xi
+            m = ok & (xi >= 0) & (xi < w_l) & (yi >= 0) & (yi < h_l) & (row >= 0) & (row < S)
+            row = torch.where(m, row, torch.zeros_like(row))
+            if S > 0:
+                val = torch.where(m[..., None], v[bi, row, hi], torch.zeros((), dtype=v.dtype, device=v.device))
+            else:
+                val = v.new_zeros(*m.shape, D)
+            corners.append((m, row, val, (fx if dx else 1 - fx) * (fy if dy else 1 - fy)))
+    return fx, fy, corners
+
+
 def deform_pool(value: torch.Tensor, spatial_shapes, level_start_index: torch.Tensor,
                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Multi-scale deformable pooling, the grid_sample formulation (the spec of :func:`lora_kernels.deform_pool`).
@@ -257,11 +307,15 @@ def deform_pool(value: torch.Tensor, spatial_shapes, level_start_index: torch.Te
     already entirely outside, so the clamp changes neither values nor gradients of finite locations).
 
     value [B, S, H, D]; spatial_shapes int64 [L, 2] (H_l, W_l) or a list of pairs; level_start_index [L]
-    (unused: the starts follow from the shapes); sampling_locations [B, Q, H, L, P, 2]; attention_weights
+    (None: the cumulative H_l * W_l); sampling_locations [B, Q, H, L, P, 2]; attention_weights
     [B, Q, H, L, P]. Computed in fp32 (fp64 for fp64 inputs), differentiable; returns [B, Q, H * D] in
     value's dtype.
+
+    Metadata that points outside value contributes nothing; validate=True refuses it: a bilinear corner whose
+    value row ``start_l + y * W_l + x`` is outside [0, S) counts as outside the image (zero value, zero
+    gradients), and a level with H_l < 1 or W_l < 1 contributes nothing.
     """
-    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else [tuple(s) for s in spatial_shapes]
+    shapes, starts = _deform_meta(spatial_shapes, level_start_index)
     B, S, H, D = value.shape
     Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
     ct = torch.float64 if value.dtype == torch.float64 else torch.float32
@@ -271,10 +325,14 @@ def deform_pool(value: torch.Tensor, spatial_shapes, level_start_index: torch.Te
     aw = attention_weights.to(ct)
     grids = 2 * loc - 1
     out = torch.zeros(B * H, D, Q, dtype=ct, device=value.device)
-    start = 0
-    for lvl, (h_l, w_l) in enumerate(shapes):
+    for lvl, ((h_l, w_l), start) in enumerate(zip(shapes, starts)):
+        if not _level_in_range(h_l, w_l, start, S):
+            _, _, corners = _deform_corners(v, loc[:, :, :, lvl], h_l, w_l, start)
+            s_l = sum(wt[..., None] * val for _, _, val, wt in corners)  # [B, Q, H, P, D]
+            o_l = (aw[:, :, :, lvl, :, None] * s_l).sum(3)  # [B, Q, H, D]
+            out = out + o_l.permute(0, 2, 3, 1).reshape(B * H, D, Q)
+            continue
         v_l = v[:, start : start + h_l * w_l].permute(0, 2, 3, 1).reshape(B * H, D, h_l, w_l)
-        start += h_l * w_l
         g_l = grids[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(B * H, Q, P, 2)
         s_l = torch.nn.functional.grid_sample(v_l, g_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         a_l = aw[:, :, :, lvl].permute(0, 2, 1, 3).reshape(B * H, 1, Q, P)
@@ -425,11 +483,12 @@ __all__ += ["lora_add", "lora_add_backward"]
 
 
 def deform_pool_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes, sampling_locations: torch.Tensor,
-                         attention_weights: torch.Tensor):
+                         attention_weights: torch.Tensor, level_start_index=None):
     """Gradients of :func:`deform_pool` (value, sampling_locations, attention_weights), each in its input's
     dtype, written with ``aten.grid_sampler_2d_backward`` so that it runs without autograd (inside a custom
-    op's implementation, below the autograd dispatch key). Equal to autograd through :func:`deform_pool`."""
-    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else [tuple(s) for s in spatial_shapes]
+    op's implementation, below the autograd dispatch key). Equal to autograd through :func:`deform_pool`,
+    including for metadata that points outside value (those corners get zero gradients)."""
+    shapes, starts = _deform_meta(spatial_shapes, level_start_index)
     B, S, H, D = value.shape
     Q, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     ct = torch.float64 if value.dtype == torch.float64 else torch.float32
@@ -444,19 +503,45 @@ def deform_pool_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_sh
     gv = torch.zeros(B, S, H, D, dtype=ct, device=value.device)
     ggrid = torch.zeros(B, Q, H, L, P, 2, dtype=ct, device=value.device)
     ga = torch.zeros(B, Q, H, L, P, dtype=ct, device=value.device)
-    start = 0
-    for lvl, (h_l, w_l) in enumerate(shapes):
+    for lvl, ((h_l, w_l), start) in enumerate(zip(shapes, starts)):
+        if not _level_in_range(h_l, w_l, start, S):
+            _deform_level_backward_explicit(g, v, loc0[:, :, :, lvl], aw[:, :, :, lvl], h_l, w_l, start, gv,
+                                            ggrid[:, :, :, lvl], ga[:, :, :, lvl])
+            continue
         v_l = v[:, start : start + h_l * w_l].permute(0, 2, 3, 1).reshape(B * H, D, h_l, w_l)
         g_l = grids[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(B * H, Q, P, 2)
         a_l = aw[:, :, :, lvl].permute(0, 2, 1, 3).reshape(B * H, 1, Q, P)
         s_l = torch.nn.functional.grid_sample(v_l, g_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         ga[:, :, :, lvl] = (g * s_l).sum(1).view(B, H, Q, P).permute(0, 2, 1, 3)
         dv, dg = torch.ops.aten.grid_sampler_2d_backward(g * a_l, v_l, g_l, 0, 0, False, [True, True])
-        gv[:, start : start + h_l * w_l] = dv.view(B, H, D, h_l * w_l).permute(0, 3, 1, 2)
+        gv[:, start : start + h_l * w_l] += dv.view(B, H, D, h_l * w_l).permute(0, 3, 1, 2)  # levels may alias
         ggrid[:, :, :, lvl] = dg.view(B, H, Q, P, 2).permute(0, 2, 1, 3, 4)
-        start += h_l * w_l
     gl = torch.where(pass_grad, 2 * ggrid, torch.zeros_like(ggrid))
     return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
+
+
+def _deform_level_backward_explicit(g, v, loc_l, aw_l, h_l, w_l, start, gv, ggrid_l, ga_l):
+    """One out-of-range level of :func:`deform_pool_backward` by explicit corners (see _deform_corners): adds
+    grad value into gv [B, S, H, D] and writes ga_l [B, Q, H, P] and ggrid_l [B, Q, H, P, 2] (in grid units,
+    halved: the caller doubles it)."""
+    B, S, H, D = v.shape
+    Q, P = loc_l.shape[1], loc_l.shape[3]
+    gq = g.view(B, H, D, Q).permute(0, 3, 1, 2)[:, :, :, None, :]  # [B, Q, H, 1, D]
+    fx, fy, corners = _deform_corners(v, loc_l, h_l, w_l, start)
+    v00, v01, v10, v11 = (c[2] for c in corners)
+    val = sum(wt[..., None] * vk for _, _, vk, wt in corners)
+    ga_l.copy_((gq * val).sum(-1))
+    gx = (gq * ((1 - fy)[..., None] * (v01 - v00) + fy[..., None] * (v11 - v10))).sum(-1) * aw_l * w_l
+    gy = (gq * ((1 - fx)[..., None] * (v10 - v00) + fx[..., None] * (v11 - v01))).sum(-1) * aw_l * h_l
+    ggrid_l.copy_(torch.stack((gx, gy), -1) / 2)  # d loc = d grid / 2
+    if S == 0:
+        return
+    bi = torch.arange(B, device=v.device).view(B, 1, 1, 1).expand(B, Q, H, P)
+    hi = torch.arange(H, device=v.device).view(1, 1, H, 1).expand(B, Q, H, P)
+    for m, row, _, wt in corners:
+        contrib = torch.where(m[..., None], (aw_l * wt)[..., None] * gq, torch.zeros((), dtype=v.dtype,
+                                                                                      device=v.device))
+        gv.index_put_((bi, row, hi), contrib, accumulate=True)
 
 
 __all__ += ["deform_pool_backward"]
@@ -555,19 +640,20 @@ def deform_sample(value: torch.Tensor, spatial_shapes, level_start_index, ref: t
     :func:`lora_kernels.deform_sample`): ``deform_pool(value, ..., loc, w)`` with
     ``loc[b, q, h, l, p] = ref[q] + offsets[b, q, h, l, p] / (W_l, H_l)`` and ``w[b, q, h] = softmax over the
     L * P logits[b, q, h]``, both formed in fp32 (fp64 for fp64 value). ref [Q, 2] (x, y); offsets
-    [B, Q, H, L, P, 2]; logits [B, Q, H, L * P]. Differentiable in value, offsets and logits."""
+    [B, Q, H, L, P, 2]; logits [B, Q, H, L * P]. Differentiable in value, offsets and logits. Metadata that
+    points outside value contributes nothing; validate=True refuses it (see :func:`deform_pool`)."""
     ct = torch.float64 if value.dtype == torch.float64 else torch.float32
     shapes, _, loc, w = _sample_loc_weights(spatial_shapes, ref, offsets, logits, ct)
-    return deform_pool(value, shapes, None, loc, w)
+    return deform_pool(value, shapes, level_start_index, loc, w)
 
 
 def deform_sample_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes, ref: torch.Tensor,
-                           offsets: torch.Tensor, logits: torch.Tensor):
+                           offsets: torch.Tensor, logits: torch.Tensor, level_start_index=None):
     """Gradients of :func:`deform_sample` (value, offsets, logits), without autograd: grad offsets = grad loc /
     (W_l, H_l); grad logits = w * (grad w - sum(w * grad w)) over the L * P of each (b, q, h)."""
     ct = torch.float64 if value.dtype == torch.float64 else torch.float32
     shapes, wh, loc, w = _sample_loc_weights(spatial_shapes, ref, offsets, logits, ct)
-    gv, gloc, gw = deform_pool_backward(grad_out, value, shapes, loc, w)
+    gv, gloc, gw = deform_pool_backward(grad_out, value, shapes, loc, w, level_start_index)
     goff = gloc / wh
     B, Q, H, L, P = w.shape
     gw = gw.reshape(B, Q, H, L * P)

@@ -4,7 +4,8 @@
 // (32 std::threads per warp meeting at a std::barrier, so a lane that skipped a shuffle would hang the run,
 // which the test's timeout turns into a failure). Launches run block by block, warp by warp. It checks the
 // kernels' indexing, vector loads, dtype conversions and group reductions; not GPU-only behaviour (memory
-// model, alignment faults, performance).
+// model, alignment faults, performance). Every value read (DEFORM_CHECK_VALUE_READ) and every atomicAdd is
+// checked against its buffer's bounds: an out-of-range access aborts the run (exit status != 0).
 //
 // Usage: deform_pool_emu <in> <out>. <in>: int64 header [kind (0 fp16, 1 bf16, 2 fp32), loc_f32, B, S, Q, H, D,
 // L, P, mode (0 the library kernels, 1 the DETR-style baseline, 2 the fused deform_sample kernels), aligned], then
@@ -25,6 +26,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 struct EmuDim { unsigned x = 0, y = 0, z = 0; };
@@ -40,7 +42,28 @@ std::mutex emu_atomic_mutex;
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+// Bounds of value and of the fp32 buffers atomicAdd may write (grad value; the baseline's grad loc / attn).
+const char* emu_value_lo = nullptr;
+const char* emu_value_hi = nullptr;
+std::vector<std::pair<const float*, const float*>> emu_atomic_ranges;
+
+inline void emu_check_value_read(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  if (c < emu_value_lo || c + bytes > emu_value_hi) {
+    std::fprintf(stderr, "out-of-range value read: byte offset %td of %td\n", c - emu_value_lo,
+                 emu_value_hi - emu_value_lo);
+    std::abort();
+  }
+}
+#define DEFORM_CHECK_VALUE_READ(ptr, bytes) emu_check_value_read((ptr), (bytes))
+
 inline float atomicAdd(float* p, float v) {
+  bool in_range = false;
+  for (const auto& r : emu_atomic_ranges) in_range = in_range || (p >= r.first && p < r.second);
+  if (!in_range) {
+    std::fprintf(stderr, "out-of-range atomicAdd\n");
+    std::abort();
+  }
   std::lock_guard<std::mutex> lock(emu_atomic_mutex);
   const float old = *p;
   *p = old + v;
@@ -152,6 +175,13 @@ int main(int argc, char** argv) {
   p.value = value; p.shapes = shapes.data(); p.starts = starts.data(); p.loc = loc; p.attn = attn;
   p.out = out; p.grad_out = gout; p.grad_value = gv.data(); p.grad_loc = gl; p.grad_attn = ga;
   p.ref = fused ? ref.data() : nullptr;
+  emu_value_lo = value;
+  emu_value_hi = value + nv * es;
+  emu_atomic_ranges = {{gv.data(), gv.data() + nv}};
+  if (baseline) {  // fp32 grad loc / attn, accumulated with atomics
+    emu_atomic_ranges.push_back({reinterpret_cast<const float*>(gl), reinterpret_cast<const float*>(gl) + 2 * nloc});
+    emu_atomic_ranges.push_back({reinterpret_cast<const float*>(ga), reinterpret_cast<const float*>(ga) + nloc});
+  }
   for (int backward = 0; backward < 2; ++backward) {
     if (baseline) {
       const int64_t n = p.B * p.Q * p.H * p.D;

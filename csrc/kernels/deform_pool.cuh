@@ -16,6 +16,9 @@
 //
 // A sample is skipped (zero value, zero gradients) unless -1 <= x < W_l and -1 <= y < H_l (outside that box every
 // corner is padding; NaN/Inf locations fail the comparisons): the reference's documented non-finite behaviour.
+// A corner whose value row start_l + y * W_l + x is outside [0, S) counts as outside the image too (zero value,
+// zero gradients), in every kernel here: level metadata passed unvalidated (validate=False) that points outside
+// value contributes nothing and is never read, or written by the backward's atomics, out of range.
 //
 // Backward: per (q, h, l, p) each lane forms its channels' partial sums of grad attn / grad loc, reduced over the
 // group with __shfl_xor_sync (no atomics, no shared memory; lane 0 of the group writes); grad value is scattered
@@ -45,6 +48,12 @@
 namespace lora_kernels {
 
 constexpr int kDeformThreads = 256;
+
+// Test hook: tests/deform_pool_emu.cpp defines it to assert that every value read lies inside value's buffer
+// (the row guard below); nothing on the device.
+#ifndef DEFORM_CHECK_VALUE_READ
+#define DEFORM_CHECK_VALUE_READ(ptr, bytes)
+#endif
 
 struct DeformPoolParams {
   const void* value;
@@ -95,6 +104,18 @@ __device__ __forceinline__ void deform_load(const T* __restrict__ p, float (&v)[
   }
 }
 
+// deform_load of value rows (the reads the row guard protects; the emulator checks them).
+template <typename T, int VEC>
+__device__ __forceinline__ void deform_load_value(const T* __restrict__ p, float (&v)[VEC]) {
+  DEFORM_CHECK_VALUE_READ(p, VEC * sizeof(T));
+  deform_load<T, VEC>(p, v);
+}
+
+__device__ __forceinline__ float deform_value_read(const float* p) {
+  DEFORM_CHECK_VALUE_READ(p, sizeof(float));
+  return *p;
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void deform_store(T* __restrict__ p, const float (&v)[VEC]) {
   if constexpr (VEC * sizeof(T) == 16) {
@@ -135,10 +156,13 @@ struct DeformSample {
   float fx, fy;     // fractional parts
   int64_t row00;    // pixel row index (start + y0 * W + x0) of corner 00, may be out of range when masked
   int64_t wl;       // W_l
-  bool in00, in01, in10, in11;
+  bool in00, in01, in10, in11;  // inside the image and the corner's row inside [0, S)
 };
 
-__device__ __forceinline__ DeformSample deform_geometry(float lx, float ly, int64_t hl, int64_t wl, int64_t st) {
+__device__ __forceinline__ bool deform_row_ok(int64_t row, int64_t S) { return row >= 0 && row < S; }
+
+__device__ __forceinline__ DeformSample deform_geometry(float lx, float ly, int64_t hl, int64_t wl, int64_t st,
+                                                        int64_t S) {
   DeformSample s;
   const float wf = static_cast<float>(wl), hf = static_cast<float>(hl);
   const float x = lx * wf - 0.5f, y = ly * hf - 0.5f;
@@ -151,10 +175,10 @@ __device__ __forceinline__ DeformSample deform_geometry(float lx, float ly, int6
   s.wl = wl;
   s.row00 = st + y0 * wl + x0;
   const bool ix0 = x0 >= 0, ix1 = x0 + 1 < wl, iy0 = y0 >= 0, iy1 = y0 + 1 < hl;
-  s.in00 = s.ok && iy0 && ix0;
-  s.in01 = s.ok && iy0 && ix1;
-  s.in10 = s.ok && iy1 && ix0;
-  s.in11 = s.ok && iy1 && ix1;
+  s.in00 = s.ok && iy0 && ix0 && deform_row_ok(s.row00, S);
+  s.in01 = s.ok && iy0 && ix1 && deform_row_ok(s.row00 + 1, S);
+  s.in10 = s.ok && iy1 && ix0 && deform_row_ok(s.row00 + wl, S);
+  s.in11 = s.ok && iy1 && ix1 && deform_row_ok(s.row00 + wl + 1, S);
   return s;
 }
 
@@ -223,7 +247,7 @@ __device__ __forceinline__ void deform_fwd_body(const DeformPoolParams& p) {
         const int64_t idx = (group * L + l) * P + pt;
         float lx, ly;
         src.location(idx, wl, hl, lx, ly);
-        const DeformSample s = deform_geometry(lx, ly, hl, wl, st);
+        const DeformSample s = deform_geometry(lx, ly, hl, wl, st, p.S);
         if (!s.ok) continue;
         const float a = src.weight(idx);
         const float w[4] = {a * (1.f - s.fx) * (1.f - s.fy), a * s.fx * (1.f - s.fy), a * (1.f - s.fx) * s.fy,
@@ -234,7 +258,7 @@ __device__ __forceinline__ void deform_fwd_body(const DeformPoolParams& p) {
         for (int k = 0; k < 4; ++k) {
           if (!in[k]) continue;
           float v[VEC];
-          deform_load<T, VEC>(vbase + rows[k] * hd + c0, v);
+          deform_load_value<T, VEC>(vbase + rows[k] * hd + c0, v);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) acc[j] = fmaf(w[k], v[j], acc[j]);
         }
@@ -292,7 +316,7 @@ __device__ __forceinline__ void deform_bwd_body(const DeformPoolParams& p) {
       const int64_t idx = (group * L + l) * P + pt;
       float lx, ly;
       src.location(idx, wl, hl, lx, ly);
-      const DeformSample s = deform_geometry(lx, ly, hl, wl, st);
+      const DeformSample s = deform_geometry(lx, ly, hl, wl, st, p.S);
       const float a = src.weight(idx);
       float ga = 0.f, gx = 0.f, gy = 0.f;
       if (s.ok) {
@@ -309,10 +333,10 @@ __device__ __forceinline__ void deform_bwd_body(const DeformPoolParams& p) {
           float v00[VEC], v01[VEC], v10[VEC], v11[VEC];
 #pragma unroll
           for (int j = 0; j < VEC; ++j) v00[j] = v01[j] = v10[j] = v11[j] = 0.f;
-          if (s.in00) deform_load<T, VEC>(vbase + s.row00 * hd + c0, v00);
-          if (s.in01) deform_load<T, VEC>(vbase + (s.row00 + 1) * hd + c0, v01);
-          if (s.in10) deform_load<T, VEC>(vbase + (s.row00 + wl) * hd + c0, v10);
-          if (s.in11) deform_load<T, VEC>(vbase + (s.row00 + wl + 1) * hd + c0, v11);
+          if (s.in00) deform_load_value<T, VEC>(vbase + s.row00 * hd + c0, v00);
+          if (s.in01) deform_load_value<T, VEC>(vbase + (s.row00 + 1) * hd + c0, v01);
+          if (s.in10) deform_load_value<T, VEC>(vbase + (s.row00 + wl) * hd + c0, v10);
+          if (s.in11) deform_load_value<T, VEC>(vbase + (s.row00 + wl + 1) * hd + c0, v11);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const float val = w00 * v00[j] + w01 * v01[j] + w10 * v10[j] + w11 * v11[j];
@@ -366,15 +390,17 @@ __global__ void __launch_bounds__(kDeformThreads) deform_sample_bwd_kernel(Defor
 }
 
 // ---- baseline: Deformable-DETR's layout (fp32, one thread per output channel) -----------------------------------
+// v points at the level's first row (start_l); rows st + ... outside [0, S) read as zero (unvalidated metadata).
 __device__ __forceinline__ float deform_baseline_bilinear(const float* v, int64_t hl, int64_t wl, int64_t hd,
-                                                          float y, float x) {
+                                                          int64_t st, int64_t S, float y, float x) {
   const int64_t y0 = static_cast<int64_t>(floorf(y)), x0 = static_cast<int64_t>(floorf(x));
   const float fy = y - y0, fx = x - x0;
+  const int64_t r00 = y0 * wl + x0;
   float r = 0.f;
-  if (y0 >= 0 && x0 >= 0) r += (1 - fy) * (1 - fx) * v[(y0 * wl + x0) * hd];
-  if (y0 >= 0 && x0 + 1 < wl) r += (1 - fy) * fx * v[(y0 * wl + x0 + 1) * hd];
-  if (y0 + 1 < hl && x0 >= 0) r += fy * (1 - fx) * v[((y0 + 1) * wl + x0) * hd];
-  if (y0 + 1 < hl && x0 + 1 < wl) r += fy * fx * v[((y0 + 1) * wl + x0 + 1) * hd];
+  if (y0 >= 0 && x0 >= 0 && deform_row_ok(st + r00, S)) r += (1 - fy) * (1 - fx) * deform_value_read(v + r00 * hd);
+  if (y0 >= 0 && x0 + 1 < wl && deform_row_ok(st + r00 + 1, S)) r += (1 - fy) * fx * deform_value_read(v + (r00 + 1) * hd);
+  if (y0 + 1 < hl && x0 >= 0 && deform_row_ok(st + r00 + wl, S)) r += fy * (1 - fx) * deform_value_read(v + (r00 + wl) * hd);
+  if (y0 + 1 < hl && x0 + 1 < wl && deform_row_ok(st + r00 + wl + 1, S)) r += fy * fx * deform_value_read(v + (r00 + wl + 1) * hd);
   return r;
 }
 
@@ -389,12 +415,14 @@ __global__ void __launch_bounds__(kDeformThreads) deform_pool_baseline_fwd_kerne
   const float* attn = static_cast<const float*>(p.attn);
   float acc = 0.f;
   for (int64_t l = 0; l < p.L; ++l) {
-    const int64_t hl = p.shapes[2 * l], wl = p.shapes[2 * l + 1];
-    const float* v = vb + p.starts[l] * hd;
+    const int64_t hl = p.shapes[2 * l], wl = p.shapes[2 * l + 1], st = p.starts[l];
+    const float* v = vb + st * hd;
     for (int64_t pt = 0; pt < p.P; ++pt) {
       const int64_t idx = (group * p.L + l) * p.P + pt;
       const float y = loc[2 * idx + 1] * hl - 0.5f, x = loc[2 * idx] * wl - 0.5f;
-      if (y >= -1.f && x >= -1.f && y < hl && x < wl) acc += attn[idx] * deform_baseline_bilinear(v, hl, wl, hd, y, x);
+      if (y >= -1.f && x >= -1.f && y < hl && x < wl) {
+        acc += attn[idx] * deform_baseline_bilinear(v, hl, wl, hd, st, p.S, y, x);
+      }
     }
   }
   static_cast<float*>(p.out)[i] = acc;
@@ -416,9 +444,9 @@ __global__ void __launch_bounds__(kDeformThreads) deform_pool_baseline_bwd_kerne
   float* gattn = static_cast<float*>(p.grad_attn);
   const float g = static_cast<const float*>(p.grad_out)[i];
   for (int64_t l = 0; l < p.L; ++l) {
-    const int64_t hl = p.shapes[2 * l], wl = p.shapes[2 * l + 1];
-    const float* v = vb + p.starts[l] * hd;
-    float* gv = gvb + p.starts[l] * hd;
+    const int64_t hl = p.shapes[2 * l], wl = p.shapes[2 * l + 1], st = p.starts[l];
+    const float* v = vb + st * hd;
+    float* gv = gvb + st * hd;
     for (int64_t pt = 0; pt < p.P; ++pt) {
       const int64_t idx = (group * p.L + l) * p.P + pt;
       const float y = loc[2 * idx + 1] * hl - 0.5f, x = loc[2 * idx] * wl - 0.5f;
@@ -427,13 +455,16 @@ __global__ void __launch_bounds__(kDeformThreads) deform_pool_baseline_bwd_kerne
       const int64_t y0 = static_cast<int64_t>(floorf(y)), x0 = static_cast<int64_t>(floorf(x));
       const float fy = y - y0, fx = x - x0;
       float v00 = 0, v01 = 0, v10 = 0, v11 = 0;
-      const bool i00 = y0 >= 0 && x0 >= 0, i01 = y0 >= 0 && x0 + 1 < wl, i10 = y0 + 1 < hl && x0 >= 0,
-                 i11 = y0 + 1 < hl && x0 + 1 < wl;
+      const int64_t q00 = st + y0 * wl + x0;  // value rows of the corners: outside [0, S) reads as zero
+      const bool i00 = y0 >= 0 && x0 >= 0 && deform_row_ok(q00, p.S),
+                 i01 = y0 >= 0 && x0 + 1 < wl && deform_row_ok(q00 + 1, p.S),
+                 i10 = y0 + 1 < hl && x0 >= 0 && deform_row_ok(q00 + wl, p.S),
+                 i11 = y0 + 1 < hl && x0 + 1 < wl && deform_row_ok(q00 + wl + 1, p.S);
       const int64_t r00 = (y0 * wl + x0) * hd, r01 = r00 + hd, r10 = r00 + wl * hd, r11 = r10 + hd;
-      if (i00) { v00 = v[r00]; atomicAdd(gv + r00, (1 - fy) * (1 - fx) * a * g); }
-      if (i01) { v01 = v[r01]; atomicAdd(gv + r01, (1 - fy) * fx * a * g); }
-      if (i10) { v10 = v[r10]; atomicAdd(gv + r10, fy * (1 - fx) * a * g); }
-      if (i11) { v11 = v[r11]; atomicAdd(gv + r11, fy * fx * a * g); }
+      if (i00) { v00 = deform_value_read(v + r00); atomicAdd(gv + r00, (1 - fy) * (1 - fx) * a * g); }
+      if (i01) { v01 = deform_value_read(v + r01); atomicAdd(gv + r01, (1 - fy) * fx * a * g); }
+      if (i10) { v10 = deform_value_read(v + r10); atomicAdd(gv + r10, fy * (1 - fx) * a * g); }
+      if (i11) { v11 = deform_value_read(v + r11); atomicAdd(gv + r11, fy * fx * a * g); }
       const float val = (1 - fy) * (1 - fx) * v00 + (1 - fy) * fx * v01 + fy * (1 - fx) * v10 + fy * fx * v11;
       atomicAdd(gattn + idx, g * val);
       atomicAdd(gloc + 2 * idx, g * a * wl * ((1 - fy) * (v01 - v00) + fy * (v11 - v10)));

@@ -14,6 +14,11 @@ Non-finite locations (NaN, +-Inf): the sample contributes 0 to the output and ge
 far outside the image would). This is checked on the device, per sample, without a host sync. Non-finite
 values or attention weights propagate as IEEE arithmetic says.
 
+Metadata that points outside value contributes nothing; validate=True refuses it. With ``validate=False`` and
+inconsistent spatial_shapes / level_start_index, every backend treats a bilinear corner whose value row
+``start_l + y * W_l + x`` is outside [0, S) as outside the image (zero value, zero gradients), and a level with
+H_l < 1 or W_l < 1 contributes nothing: the kernels never read or write outside value's S rows.
+
 Backends (:mod:`lora_kernels.backends`, family ``deform``): CPU tensors and fp64 -> the reference (grid_sample).
 CUDA tensors -> Triton (forward and backward), or the compiled CUDA kernels (csrc/deform_pool.cu) where
 ``lora_kernels.tuning.verified_kernels(device)`` lists ``"deform_cuda"`` or when forced with
@@ -135,7 +140,7 @@ def _deform_pool_bwd_op(grad_out: torch.Tensor, value: torch.Tensor, spatial_sha
                                                                   sampling_locations, attention_weights)
             return gv.to(value.dtype), gl, ga
         return reference.deform_pool_backward(grad_out, value, spatial_shapes, sampling_locations,
-                                              attention_weights)
+                                              attention_weights, level_start_index)
 
 
 @_deform_pool_bwd_op.register_fake
@@ -233,7 +238,9 @@ def deform_pool(value: torch.Tensor, spatial_shapes: ShapesArg, level_start_inde
         attention_weights: [B, Q, H, L, P], the dtype of sampling_locations (normally a softmax over L * P).
         validate: check the shapes' *values* (S = sum H_l W_l, level_start_index consistent, sizes >= 1).
             With device tensors this reads them to the host (one sync); pass a host list of pairs, or
-            validate=False once the metadata is known good, to keep the call sync-free.
+            validate=False once the metadata is known good, to keep the call sync-free. Metadata that points
+            outside value contributes nothing; validate=True refuses it (unvalidated metadata is still
+            memory-safe: corners whose row start_l + y * W_l + x is outside [0, S) read as zero).
         deterministic: bit-reproducible gradients on the GPU backends (grad value summed per value row in a
             fixed order: keys + stable sort + gather, about 28 extra bytes per (sample, corner) pair and a sort)
             instead of fp32 atomics. None: ``torch.are_deterministic_algorithms_enabled()``. The forward, grad
@@ -315,7 +322,8 @@ def _deform_sample_bwd_op(grad_out: torch.Tensor, value: torch.Tensor, spatial_s
         if backend == "cuda":
             return _deform_sample_bwd_cuda(grad_out.to(value.dtype), value, spatial_shapes, level_start_index, ref,
                                            offsets, logits, deterministic)
-        return reference.deform_sample_backward(grad_out, value, spatial_shapes, ref, offsets, logits)
+        return reference.deform_sample_backward(grad_out, value, spatial_shapes, ref, offsets, logits,
+                                                level_start_index)
 
 
 @_deform_sample_bwd_op.register_fake

@@ -8,7 +8,9 @@ bilinear corner weights are computed once per (query, level, point) as [BLOCK_Q]
 the channels, and each corner is one gather of BLOCK_Q rows of D contiguous channels. fp32 accumulation;
 pixel coordinates ``x = loc_x * W_l - 0.5``. A sample is skipped (zero value, zero gradients) unless
 ``-1 <= x < W_l`` and ``-1 <= y < H_l``: every sample outside that box is entirely in the zero padding, and
-NaN/Inf locations fail the test, so they contribute nothing (the reference's documented behaviour).
+NaN/Inf locations fail the test, so they contribute nothing (the reference's documented behaviour). A corner
+whose value row ``start_l + y * W_l + x`` is outside [0, S) is masked too (inconsistent level metadata passed
+with validate=False contributes nothing and is never read or written out of range).
 
 Backward: grad_out tile loaded once; per (level, point): grad of the attention weight and of the location are
 reductions over the channel axis (``tl.sum``), written once by the program that owns the query (no atomics);
@@ -127,10 +129,11 @@ def _fwd_tile(value, shapes, starts, loc, attn, ref, out, S, Q, H, D, L, P, BLOC
                 dx = corner % 2
                 xi = x0 + dx
                 yi = y0 + dy
-                inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
+                vrow = st + yi * wl + xi
+                inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl) & (vrow >= 0) & (vrow < S)
                 wx = fx if dx == 1 else 1.0 - fx
                 wy = fy if dy == 1 else 1.0 - fy
-                off = (st + yi * wl + xi) * H * D
+                off = vrow * H * D
                 v = tl.load(vbase + off[:, None] + ds[None, :], mask=inb[:, None] & dm[None, :], other=0.0)
                 acc += (a * wx * wy)[:, None] * v.to(tl.float32)
     tl.store(out + row[:, None] * D + ds[None, :], acc.to(out.dtype.element_ty), mask=qm[:, None] & dm[None, :])
@@ -159,11 +162,12 @@ def _bwd_tile(grad_out, value, shapes, starts, loc, attn, ref, grad_value, grad_
             in_x1 = (x0 + 1 >= 0) & (x0 + 1 < wl)
             in_y0 = (y0 >= 0) & (y0 < hl)
             in_y1 = (y0 + 1 >= 0) & (y0 + 1 < hl)
-            m00 = ok & in_y0 & in_x0
-            m01 = ok & in_y0 & in_x1
-            m10 = ok & in_y1 & in_x0
-            m11 = ok & in_y1 & in_x1
-            o00 = (st + y0 * wl + x0) * H * D
+            r00 = st + y0 * wl + x0  # value rows of the corners: outside [0, S) counts as outside the image
+            m00 = ok & in_y0 & in_x0 & (r00 >= 0) & (r00 < S)
+            m01 = ok & in_y0 & in_x1 & (r00 + 1 >= 0) & (r00 + 1 < S)
+            m10 = ok & in_y1 & in_x0 & (r00 + wl >= 0) & (r00 + wl < S)
+            m11 = ok & in_y1 & in_x1 & (r00 + wl + 1 >= 0) & (r00 + wl + 1 < S)
+            o00 = r00 * H * D
             o01 = o00 + H * D
             o10 = o00 + wl * H * D
             o11 = o10 + H * D
@@ -286,10 +290,11 @@ def _deform_pool_keys_kernel(shapes, starts, loc, attn, keys, wts, N, S, Q, H, L
         dx = corner % 2
         xi = x0 + dx
         yi = y0 + dy
-        inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
+        vrow = st + yi * wl + xi
+        inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl) & (vrow >= 0) & (vrow < S)
         wx = fx if dx == 1 else 1.0 - fx
         wy = fy if dy == 1 else 1.0 - fy
-        key = (b * S + st + yi * wl + xi) * H + h
+        key = (b * S + vrow) * H + h
         tl.store(keys + 4 * n + corner, tl.where(inb, key, SENTINEL), mask=nm)
         tl.store(wts + 4 * n + corner, tl.where(inb, a * wx * wy, 0.0), mask=nm)
 
