@@ -157,6 +157,10 @@ def _print_env(rep: dict) -> None:
     print(f"git commit: {git['commit']}" + (" (dirty)" if git.get("dirty") else ""))
 
 
+# Subcommands implemented by a module of the same name in lora_kernels.bench.
+BENCH_COMMANDS = ("demo", "sgmv", "merge", "vce", "dual", "backward", "tune", "serve", "overhead")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``lora-bench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv_list: List[str] = list(sys.argv[1:] if argv is None else argv)
@@ -173,42 +177,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             _print_env(rep)
         return 0
-    if args.command == "demo":
-        from .bench import demo
+    if args.command in BENCH_COMMANDS:
+        # Each subcommand lives in lora_kernels.bench.<name> (imported only when used: some pull transformers,
+        # peft or Triton) and exposes run(args) -> exit status.
+        import importlib
 
-        return demo.run(args)
-    if args.command == "sgmv":
-        from .bench import sgmv
-
-        return sgmv.run(args)
-    if args.command == "merge":
-        from .bench import merge
-
-        return merge.run(args)
-    if args.command == "vce":
-        from .bench import vce
-
-        return vce.run(args)
-    if args.command == "dual":
-        from .bench import dual
-
-        return dual.run(args)
-    if args.command == "backward":
-        from .bench import backward
-
-        return backward.run(args)
-    if args.command == "tune":
-        from .bench import tune
-
-        return tune.run(args)
-    if args.command == "serve":
-        from .bench import serve
-
-        return serve.run(args)
-    if args.command == "overhead":
-        from .bench import overhead
-
-        return overhead.run(args)
+        return importlib.import_module(f".bench.{args.command}", __package__).run(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -231,3 +231,16 @@ def test_tune_gpu_smoke_no_write(tmp_path, capsys):
     assert doc["table_path"] is None and len(doc["entries"]) == 1
     (rec,) = doc["buckets"]
     assert rec["op"] == "add_lora" and len(rec["candidates"]) == 3 and rec["best"]["us_median"] > 0
+
+
+def test_every_subcommand_has_a_runner():
+    """Each subcommand the parser offers is `env` or a lora_kernels.bench module with run(args)."""
+    import argparse
+    import importlib
+
+    from lora_kernels import cli
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(cli.BENCH_COMMANDS) | {"env"}
+    for name in cli.BENCH_COMMANDS:
+        assert callable(importlib.import_module(f"lora_kernels.bench.{name}").run), name
