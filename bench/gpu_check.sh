@@ -86,6 +86,28 @@ sanitizer() {
   echo compute-sanitizer
 }
 
+time_budget() {  # time_budget N: a bench's --time-budget, the step's cap less N seconds of start-up, at least 10
+  local t=$(( STEP_LIMIT - $1 ))
+  echo $(( t > 10 ? t : 10 ))
+}
+keep_result() {  # keep_result FILE NAME: a GPU run's JSON also goes to bench/results/<gpu>/NAME-<date>.json
+  # (a GPU run only: a CPU smoke result names no GPU and stays out of bench/results/)
+  [ -f "$1" ] || return 0
+  local gpu
+  gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$1")
+  if [ -n "$gpu" ]; then
+    mkdir -p "bench/results/$gpu" && cp "$1" "bench/results/$gpu/$2-$(date +%Y%m%d-%H%M%S).json"
+  fi
+}
+bench_kept() {  # bench_kept NAME FILE ARGS...: lora-bench NAME --out FILE ARGS..., then keep_result FILE NAME;
+  # returns the bench's exit status
+  local name=$1 file=$2
+  shift 2
+  "$PY" -m lora_kernels "$name" --out "$file" "$@"
+  local rc=$?
+  keep_result "$file" "$name"
+  return $rc
+}
 do_nvidia_smi() {
   nvidia-smi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,pstate --format=csv
@@ -140,40 +162,16 @@ do_racecheck() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool racecheck --error-exitcode 1 --print-limit 50 \
     "$PY" bench/sanitize_ops.py
 }
-do_sgmv() {
-  local rc
-  "$PY" -m lora_kernels sgmv --out "$OUT/sgmv.json" --no-progress --time-budget $(( STEP_LIMIT - 40 > 10 ? STEP_LIMIT - 40 : 10 ))
-  rc=$?
-  if [ -f "$OUT/sgmv.json" ]; then  # a GPU run only: no CPU smoke results under bench/results/
-    local gpu
-    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$OUT/sgmv.json")
-    if [ -n "$gpu" ]; then
-      mkdir -p "bench/results/$gpu" && cp "$OUT/sgmv.json" "bench/results/$gpu/sgmv-$(date +%Y%m%d-%H%M%S).json"
-    fi
-  fi
-  return $rc
-}
-do_merge() {
-  local rc
-  "$PY" -m lora_kernels merge --out "$OUT/merge.json" --no-progress --time-budget $(( STEP_LIMIT - 30 > 10 ? STEP_LIMIT - 30 : 10 ))
-  rc=$?
-  if [ -f "$OUT/merge.json" ]; then
-    local gpu
-    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$OUT/merge.json")
-    if [ -n "$gpu" ]; then
-      mkdir -p "bench/results/$gpu" && cp "$OUT/merge.json" "bench/results/$gpu/merge-$(date +%Y%m%d-%H%M%S).json"
-    fi
-  fi
-  return $rc
-}
+do_sgmv() { bench_kept sgmv "$OUT/sgmv.json" --no-progress --time-budget "$(time_budget 40)"; }
+do_merge() { bench_kept merge "$OUT/merge.json" --no-progress --time-budget "$(time_budget 30)"; }
 do_backward() {
   "$PY" -m lora_kernels backward --out "$LOGS/backward.json" --no-progress \
-    --time-budget $(( STEP_LIMIT - 20 > 10 ? STEP_LIMIT - 20 : 10 ))
+    --time-budget "$(time_budget 20)"
 }
 do_tune() {
   local rc
   "$PY" -m lora_kernels tune --out "$OUT/tune.json" --no-progress --max-configs "${TUNE_MAX_CONFIGS:-8}" \
-    --time-budget $(( STEP_LIMIT - 30 > 10 ? STEP_LIMIT - 30 : 10 ))
+    --time-budget "$(time_budget 30)"
   rc=$?
   local table
   table=$("$PY" -c 'import torch; from lora_kernels import tuning; print(tuning.table_path(torch.cuda.get_device_name()))' 2>/dev/null)
@@ -181,44 +179,16 @@ do_tune() {
   return $rc
 }
 do_dual() {  # Dual-LoRA: r = 32 on 4096 -> 4096, fwd and fwd+bwd vs PyTorch and torch.compile (dual.json)
-  "$PY" -m lora_kernels dual --out "$LOGS/dual.json" --no-progress  # returned inside logs.tar.gz (8-file limit)
-  local rc=$?
-  if [ -f "$LOGS/dual.json" ]; then
-    local gpu
-    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$LOGS/dual.json")
-    if [ -n "$gpu" ]; then
-      mkdir -p "bench/results/$gpu" && cp "$LOGS/dual.json" "bench/results/$gpu/dual-$(date +%Y%m%d-%H%M%S).json"
-    fi
-  fi
-  return $rc
+  bench_kept dual "$LOGS/dual.json" --no-progress  # returned inside logs.tar.gz (8-file limit)
 }
 export -f do_dual
 do_serve() {  # issue 7: patched model vs PEFT mixed batch, eager and CUDA graphs (serve.json)
-  "$PY" -m lora_kernels serve --out "$LOGS/serve.json" --time-budget $(( STEP_LIMIT - 40 > 10 ? STEP_LIMIT - 40 : 10 ))
-  local rc=$?
-  if [ -f "$LOGS/serve.json" ]; then
-    local gpu
-    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$LOGS/serve.json")
-    if [ -n "$gpu" ]; then
-      mkdir -p "bench/results/$gpu" && cp "$LOGS/serve.json" "bench/results/$gpu/serve-$(date +%Y%m%d-%H%M%S).json"
-    fi
-  fi
-  return $rc
+  bench_kept serve "$LOGS/serve.json" --time-budget "$(time_budget 40)"
 }
 export -f do_serve
 do_vce() {  # issue 6: deform_pool fwd and fwd+bwd at the VCE shapes vs grid_sample, torch.compile, DETR fp32 (vce.json)
   # (and the fused deform_sample vs the module-style unfused step: rows lk-sample-* / lk-unfused-*)
-  "$PY" -m lora_kernels vce --out "$LOGS/vce.json" --no-progress --reps 30 \
-    --time-budget $(( STEP_LIMIT - 40 > 10 ? STEP_LIMIT - 40 : 10 ))  # returned inside logs.tar.gz
-  local rc=$?
-  if [ -f "$LOGS/vce.json" ]; then
-    local gpu
-    gpu=$("$PY" -c 'import json,sys; from lora_kernels.bench.envinfo import gpu_slug; d=json.load(open(sys.argv[1])); print(gpu_slug(d["gpu"]["name"]) if d.get("gpu") else "")' "$LOGS/vce.json")
-    if [ -n "$gpu" ]; then
-      mkdir -p "bench/results/$gpu" && cp "$LOGS/vce.json" "bench/results/$gpu/vce-$(date +%Y%m%d-%H%M%S).json"
-    fi
-  fi
-  return $rc
+  bench_kept vce "$LOGS/vce.json" --no-progress --reps 30 --time-budget "$(time_budget 40)"  # inside logs.tar.gz
 }
 export -f do_vce
 do_pool() {  # issue 7: AdapterPool hit rate and prefetch stalls on the GPU (bf16, checked vs a dense reference)
@@ -229,7 +199,7 @@ do_overhead() {  # host overhead per op call (BENCHMARKS.md: <= 10 us); returned
   "$PY" -m lora_kernels overhead --iters 1000 --repeats 5 --out "$LOGS/overhead.json"
 }
 export -f do_overhead
-export -f sanitizer do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_sgmv do_merge do_backward do_tune
+export -f sanitizer time_budget keep_result bench_kept do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_sgmv do_merge do_backward do_tune
 
 run_step() {
   local name=$1 fn=$2
@@ -278,6 +248,16 @@ run_step pool do_pool
 run_step vce do_vce
 
 # ---- report --------------------------------------------------------------------------------------------------
+print_table() {  # print_table NAME FILE NOTE: the rows of lora-bench NAME's JSON FILE as its own table, if FILE exists
+  [ -f "$2" ] || return 0
+  echo "---- lora-bench $1 ($3)"
+  "$PY" - "$1" "$2" <<'EOF' 2>/dev/null
+import importlib, json, sys
+format_table = importlib.import_module("lora_kernels.bench." + sys.argv[1]).format_table
+d = json.load(open(sys.argv[2]))
+print(format_table(d["rows"]))
+EOF
+}
 {
   echo "gpu_check summary ($(date -u +%FT%TZ), $(( $(date +%s) - START ))s of ${BUDGET}s, commit ${LORA_KERNELS_COMMIT:-unknown})"
   head -n 1 "$LOGS/env.log" 2>/dev/null
@@ -296,34 +276,10 @@ run_step vce do_vce
   done
 } >"$OUT/summary.txt" 2>&1
 
-if [ -f "$LOGS/backward.json" ]; then
-  echo "---- lora-bench backward (full rows: logs/backward.json in logs.tar.gz)"
-  "$PY" - "$LOGS/backward.json" <<'EOF' 2>/dev/null
-import json, sys
-from lora_kernels.bench.backward import format_table
-d = json.load(open(sys.argv[1]))
-print(format_table(d["rows"]))
-EOF
-fi
+print_table backward "$LOGS/backward.json" "full rows: logs/backward.json in logs.tar.gz"
 tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
 
-if [ -f "$OUT/sgmv.json" ]; then
-  echo "---- lora-bench sgmv (full rows: sgmv.json)"
-  "$PY" - "$OUT/sgmv.json" <<'EOF' 2>/dev/null
-import json, sys
-from lora_kernels.bench.sgmv import format_table
-d = json.load(open(sys.argv[1]))
-print(format_table(d["rows"]))
-EOF
-fi
-if [ -f "$OUT/merge.json" ]; then
-  echo "---- lora-bench merge (full rows: merge.json)"
-  "$PY" - "$OUT/merge.json" <<'EOF' 2>/dev/null
-import json, sys
-from lora_kernels.bench.merge import format_table
-d = json.load(open(sys.argv[1]))
-print(format_table(d["rows"]))
-EOF
-fi
+print_table sgmv "$OUT/sgmv.json" "full rows: sgmv.json"
+print_table merge "$OUT/merge.json" "full rows: merge.json"
 cat "$OUT/summary.txt"
 (( ${#FAILED[@]} == 0 ))

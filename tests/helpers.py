@@ -272,3 +272,16 @@ def run_without_interpreter(argv: Sequence[str], timeout: float = 600):
     env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=root)
+
+
+# (shared by tests/test_mixed.py and tests/test_triton_sgmv.py)
+def weights_on(w: LoRAWeights, device) -> LoRAWeights:
+    """The same weights with every tensor on ``device`` (shares nothing with w when it moves; ``w`` itself when
+    it is already there)."""
+    if torch.device(device) == w.device:
+        return w
+    c = LoRAWeights.__new__(LoRAWeights)
+    c.__dict__.update(w.__dict__)
+    for k in ("a", "b", "offsets", "ranks", "scales", "slice_info"):
+        setattr(c, k, getattr(w, k).to(device))
+    return c

@@ -13,17 +13,20 @@ CUDA = torch.cuda.is_available()
 
 
 # ---- an independent spec: scalar bilinear sampling, written from the definition ---------------------------------
-def _direct(value, shapes, loc, attn):
+def _direct(value, shapes, loc, attn, starts=None):
     """out[b, q, h*D + d] by explicit loops (float64 scalars). A pixel (i, j) of level l covers
-    [j/W, (j+1)/W) x [i/H, (i+1)/H); its centre is ((j + 0.5)/W, (i + 0.5)/H); zero outside the image."""
+    [j/W, (j+1)/W) x [i/H, (i+1)/H); its centre is ((j + 0.5)/W, (i + 0.5)/H); zero outside the image.
+    Level l's rows start at ``starts[l]`` (default: the levels packed in order, computed here from ``shapes``);
+    a corner whose row falls outside [0, S) counts as outside the image (test_deform_guard's metadata)."""
     B, S, H, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    if starts is None:
+        starts = [sum(hl * wl for hl, wl in shapes[:lvl]) for lvl in range(L)]
     v = value.double()
     out = torch.zeros(B, Q, H * D, dtype=torch.float64)
     for b in range(B):
         for q in range(Q):
             for h in range(H):
-                start = 0
                 for lvl in range(L):
                     hl, wl = shapes[lvl]
                     for p in range(P):
@@ -35,9 +38,9 @@ def _direct(value, shapes, loc, attn):
                         x0, y0 = math.floor(x), math.floor(y)
                         for yi, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
                             for xi, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
-                                if 0 <= xi < wl and 0 <= yi < hl:
-                                    out[b, q, h * D : (h + 1) * D] += a * wx * wy * v[b, start + yi * wl + xi, h]
-                    start += hl * wl
+                                row = starts[lvl] + yi * wl + xi
+                                if 0 <= xi < wl and 0 <= yi < hl and 0 <= row < S:
+                                    out[b, q, h * D : (h + 1) * D] += a * wx * wy * v[b, row, h]
     return out
 
 
@@ -431,16 +434,22 @@ def test_nonfinite_locations_same_on_every_cpu_backend():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_extension_registers_deform_ops():
+def extension_op_or_skip(name: str, kernels: str):
+    """``(ops, ops.<name>)`` of the compiled extension (not built here); skips when there is none or when it
+    predates the ``kernels`` kernels. Shared with test_vce_fused."""
     from lora_kernels import _ext
 
     ops = _ext.get(build=False)
     if ops is None:
         pytest.skip(f"compiled extension not available: {_ext.status()}")
     try:
-        fwd = ops.deform_pool_fwd_
+        return ops, getattr(ops, name)
     except (AttributeError, RuntimeError):
-        pytest.skip("the installed extension predates the deform_pool kernels (rebuild it)")
+        pytest.skip(f"the installed extension predates the {kernels} kernels (rebuild it)")
+
+
+def test_extension_registers_deform_ops():
+    ops, fwd = extension_op_or_skip("deform_pool_fwd_", "deform_pool")
     schema = str(fwd.default._schema)
     assert "Tensor(a!) out" in schema and "bool baseline" in schema
     assert "Tensor(c!) grad_attn" in str(ops.deform_pool_bwd_.default._schema)

@@ -7,13 +7,13 @@ Triton kernels (interpreter on the CPU; value inside a NaN-filled buffer so that
 the CUDA kernel source (CPU emulator, which aborts on any value read or atomicAdd outside its buffers).
 """
 
-import math
 
 import pytest
 import torch
 
 import lora_kernels as lk
 from lora_kernels import backends, reference
+from test_deform import _direct as _direct_spec
 from test_deform import _emulate, emu_binary  # noqa: F401 (emu_binary: the fixture building the emulator)
 
 # (nominal shapes, value rows S, spatial_shapes passed, level_start_index passed)
@@ -27,29 +27,9 @@ _IDS = [m[0] for m in BAD_META]
 
 
 def _direct(value, shapes, starts, loc, attn):
-    """out by scalar loops (float64) from the definition: corners outside the image or outside rows [0, S) are 0."""
-    B, S, H, D = value.shape
-    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    v = value.double()
-    out = torch.zeros(B, Q, H * D, dtype=torch.float64)
-    for b in range(B):
-        for q in range(Q):
-            for h in range(H):
-                for lvl in range(L):
-                    hl, wl = shapes[lvl]
-                    for p in range(P):
-                        lx, ly = (float(t) for t in loc[b, q, h, lvl, p])
-                        a = float(attn[b, q, h, lvl, p])
-                        if not (math.isfinite(lx) and math.isfinite(ly)):
-                            continue
-                        x, y = lx * wl - 0.5, ly * hl - 0.5
-                        x0, y0 = math.floor(x), math.floor(y)
-                        for yi, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
-                            for xi, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
-                                row = starts[lvl] + yi * wl + xi
-                                if 0 <= xi < wl and 0 <= yi < hl and 0 <= row < S:
-                                    out[b, q, h * D : (h + 1) * D] += a * wx * wy * v[b, row, h]
-    return out
+    """out by scalar loops (float64) from the definition: corners outside the image or outside rows [0, S) are 0
+    (test_deform's spec loop, given these starts)."""
+    return _direct_spec(value, shapes, loc, attn, starts=starts)
 
 
 def _bad_problem(meta, B=2, Q=3, H=2, D=4, P=2, dtype=torch.float64, seed=0):

@@ -311,6 +311,13 @@ def test_compile_aot_eager_fwd_bwd():
     w, batch, ids, x, dy = _setup()
     w.requires_grad_()
     W0 = torch.randn(w.out_features, IN, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    _check_compiled_lora_linear(w, batch, x, dy, W0, backend="aot_eager")
+
+
+def _check_compiled_lora_linear(w, batch, x, dy, W0, **compile_kw) -> None:
+    """``torch.compile(**compile_kw)`` (fullgraph) over lora_linear(x, W0, None, w, batch) matches eager: the
+    output and the grads of x, w.a and w.b for the upstream gradient ``dy`` (``w`` requires grad)."""
 
     def f(x):
         return lk.lora_linear(x, W0, None, w, batch)
@@ -321,8 +328,7 @@ def test_compile_aot_eager_fwd_bwd():
     ge = (xe.grad.clone(), w.a.grad.clone(), w.b.grad.clone())
     w.a.grad = w.b.grad = None
     xc = x.clone().requires_grad_()
-    torch._dynamo.reset()
-    yc = torch.compile(f, backend="aot_eager", fullgraph=True)(xc)
+    yc = torch.compile(f, fullgraph=True, **compile_kw)(xc)
     yc.backward(dy)
     torch.testing.assert_close(yc, ye)
     for got, want in zip((xc.grad, w.a.grad, w.b.grad), ge):
@@ -423,18 +429,4 @@ def test_cuda_lora_linear_compile_fwd_bwd():
     w, batch, ids, x, dy = _setup(torch.float16, device="cuda")
     w.requires_grad_()
     W0 = torch.randn(w.out_features, IN, device="cuda", dtype=torch.float16)
-
-    def f(x):
-        return lk.lora_linear(x, W0, None, w, batch)
-
-    xe = x.clone().requires_grad_()
-    ye = f(xe)
-    ye.backward(dy)
-    ge = (xe.grad.clone(), w.a.grad.clone(), w.b.grad.clone())
-    w.a.grad = w.b.grad = None
-    xc = x.clone().requires_grad_()
-    yc = torch.compile(f, fullgraph=True)(xc)
-    yc.backward(dy)
-    torch.testing.assert_close(yc, ye)
-    for got, want in zip((xc.grad, w.a.grad, w.b.grad), ge):
-        torch.testing.assert_close(got, want)
+    _check_compiled_lora_linear(w, batch, x, dy, W0)

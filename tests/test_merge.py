@@ -251,6 +251,13 @@ def test_merge_many_equals_per_layer(backend):
     ws = [make_weights(i, o, [(3,) * len(o), (8,) * len(o)], dt, seed=20 + k, scale_b=0.2)
           for k, (i, o) in enumerate(shapes)]
     W0s = [adversarial_W(dt, (w.out_features, w.in_features), seed=30 + k) for k, w in enumerate(ws)]
+    check_merge_many_equals_per_layer(W0s, ws, backend)
+
+
+def check_merge_many_equals_per_layer(W0s, ws, backend) -> None:
+    """merge_many_ of adapters [1, 0] (scales 0.5, 1.5) into copies of ``W0s`` gives, under ``backend``, the
+    bits and records (code, escapes) of merge_ layer by layer, and unmerge_many_ restores every W0 bit for bit.
+    Shared with test_merge_cuda."""
     with lk.backends.use_backend(backend):
         singles = []
         for W0, w in zip(W0s, ws):

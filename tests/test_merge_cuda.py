@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_merge import adversarial_W, assert_bits_equal, bits, make_weights
+from test_merge import adversarial_W, assert_bits_equal, bits, check_merge_many_equals_per_layer, make_weights
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
@@ -95,16 +95,4 @@ def test_merge_many_equals_per_layer(backend):
     ws = [_to_cuda(make_weights(i, o, [(8,) * len(o), (16,) * len(o)], dt, seed=20 + k, scale_b=0.02))
           for k, (i, o) in enumerate(shapes)]
     W0s = [(torch.randn(w.out_features, w.in_features, device="cuda") * 0.02).to(dt) for w in ws]
-    with lk.backends.use_backend(backend):
-        singles = []
-        for W0, w in zip(W0s, ws):
-            W = W0.clone()
-            singles.append((W, M.merge_(W, w, [1, 0], [0.5, 1.5])))
-        Ws = [W0.clone() for W0 in W0s]
-        recs = M.merge_many_(Ws, ws, [1, 0], [0.5, 1.5])
-        for (Ws1, r1), W, r in zip(singles, Ws, recs):
-            assert_bits_equal(W, Ws1, "merged")
-            assert torch.equal(r.code, r1.code) and torch.equal(r.escape_idx, r1.escape_idx)
-        M.unmerge_many_(Ws, recs)
-    for W, W0 in zip(Ws, W0s):
-        assert_bits_equal(W, W0, "unmerge_many_")
+    check_merge_many_equals_per_layer(W0s, ws, backend)

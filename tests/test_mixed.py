@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest
 from helpers import DISTRIBUTIONS, assert_close_rule, lowp_add_lora_, make_ids, make_weights
+from helpers import weights_on as _on
 
 import lora_kernels as lk
 from lora_kernels import reference
@@ -44,16 +45,6 @@ STRATEGIES = {
 
 def _sgmv():
     return pytest.importorskip("lora_kernels.triton.sgmv")
-
-
-def _on(w: LoRAWeights, device) -> LoRAWeights:
-    if torch.device(device) == w.device:
-        return w
-    c = LoRAWeights.__new__(LoRAWeights)
-    c.__dict__.update(w.__dict__)
-    for k in ("a", "b", "offsets", "ranks", "scales", "slice_info"):
-        setattr(c, k, getattr(w, k).to(device))
-    return c
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -436,6 +436,16 @@ def _churn_files():
     return _CHURN
 
 
+def _churn_pool():
+    """(files, pool, dense): the churn adapters registered in a pool of 3 slots and 12 rows per layer (ranks 2..8
+    force evictions and fragmented free lists), and each adapter's dense reference by name."""
+    files = _churn_files()
+    pool = AdapterPool(make_layers(n_slots=3, capacity_rows=12))
+    for n, (d, _) in files.items():
+        pool.register(n, d)
+    return files, pool, {n: v for n, (_, v) in files.items()}
+
+
 OPS = st.lists(st.tuples(st.sampled_from(["acquire", "release", "prefetch", "evict", "serve", "unload"]),
                          st.integers(0, 5), st.integers(0, 3)), min_size=1, max_size=25)
 
@@ -443,12 +453,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["acquire", "release", "prefetch", "evi
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS)
 def test_churn_never_evicts_referenced_never_serves_stale(ops):
-    files = _churn_files()
-    # 3 slots and 12 rows per layer: ranks 2..8 force evictions and fragmented free lists.
-    pool = AdapterPool(make_layers(n_slots=3, capacity_rows=12))
-    for n, (d, _) in files.items():
-        pool.register(n, d)
-    dense = {n: v for n, (_, v) in files.items()}
+    files, pool, dense = _churn_pool()
     held = []  # (name, slot at acquire)
     x = x_for(6, 3)
     for op, i, j in ops:
@@ -493,11 +498,7 @@ def test_churn_never_evicts_referenced_never_serves_stale(ops):
 
 
 def test_threads_load_evict_while_serving(tmp_path):
-    files = _churn_files()
-    pool = AdapterPool(make_layers(n_slots=3, capacity_rows=12))
-    for n, (d, _) in files.items():
-        pool.register(n, d)
-    dense = {n: v for n, (_, v) in files.items()}
+    files, pool, dense = _churn_pool()
     errors, stop = [], threading.Event()
 
     def churner():

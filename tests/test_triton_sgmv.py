@@ -30,6 +30,7 @@ from helpers import (
     make_weights,
     random_ranks,
 )
+from helpers import weights_on as _on
 
 from lora_kernels import reference
 from lora_kernels.batch import LoRABatch
@@ -121,17 +122,6 @@ def _setup(case: dict, seed: int):
     x = torch.randn(case["T"], case["in_f"], generator=g).to(dt)
     y0 = torch.randn(case["T"], w.out_features, generator=g).to(dt)
     return w, ids, x, y0
-
-
-def _on(w: LoRAWeights, device) -> LoRAWeights:
-    """The same weights with every tensor on ``device`` (shares nothing with w when it moves)."""
-    if torch.device(device) == w.device:
-        return w
-    c = LoRAWeights.__new__(LoRAWeights)
-    c.__dict__.update(w.__dict__)
-    for k in ("a", "b", "offsets", "ranks", "scales", "slice_info"):
-        setattr(c, k, getattr(w, k).to(device))
-    return c
 
 
 def _batch(ids: torch.Tensor, w: LoRAWeights, max_tokens=None) -> LoRABatch:

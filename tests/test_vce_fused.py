@@ -9,6 +9,7 @@ from lora_kernels import backends, reference
 from lora_kernels.nn import VisualCueEnhancement
 from lora_kernels.nn import vce as vce_mod
 from test_deform import _TOL, _emulate, _sample_problem, _smooth, emu_binary  # noqa: F401 (emu_binary is a fixture)
+from test_deform import extension_op_or_skip
 
 CUDA = torch.cuda.is_available()
 
@@ -145,15 +146,7 @@ def test_cuda_fused_kernel_source_emulated(emu_binary, tmp_path, case, dtype, of
 
 # ---- registration, routing, verification ---------------------------------------------------------------------------
 def test_extension_registers_deform_sample_ops():
-    from lora_kernels import _ext
-
-    ops = _ext.get(build=False)
-    if ops is None:
-        pytest.skip(f"compiled extension not available: {_ext.status()}")
-    try:
-        fwd = ops.deform_sample_fwd_
-    except (AttributeError, RuntimeError):
-        pytest.skip("the installed extension predates the deform_sample kernels (rebuild it)")
+    ops, fwd = extension_op_or_skip("deform_sample_fwd_", "deform_sample")
     assert "Tensor(a!) out" in str(fwd.default._schema) and "Tensor ref" in str(fwd.default._schema)
     assert "Tensor(c!) grad_logits" in str(ops.deform_sample_bwd_.default._schema)
 

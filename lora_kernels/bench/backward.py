@@ -21,7 +21,6 @@ the CPU a wall-clock smoke run on tiny shapes, labelled as such (never a GPU num
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import functools
 import sys
 import time
@@ -30,7 +29,10 @@ from typing import Dict, List, Optional
 import torch
 
 from . import envinfo, measure
-from .sgmv import DTYPES, _csv_ints, _err_text, _safe_report, _write_json, default_out_path
+from .common import (budget_spent, budget_why, default_out_path, doc_header, failed_rows, finish_doc, pick_device,
+                     pick_dtype)
+from .common import write_json as _write_json
+from .sgmv import DTYPES, _csv_ints, _err_text, _safe_report
 
 __all__ = ["add_arguments", "run", "format_table"]
 
@@ -211,9 +213,8 @@ def run(args) -> int:
     """Run the cases; 0 when every row passed its check, 1 otherwise."""
     import lora_kernels as lk
 
-    gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda") if gpu else torch.device("cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    gpu, device = pick_device(args.cpu)
+    dtype = pick_dtype(args.dtype, gpu)
     args.tokens = args.tokens or ([256, 1024, 4096] if gpu else [32, 128])
     args.hidden = args.hidden or (4096 if gpu else 64)
     args.adapters = args.adapters or (64 if gpu else 8)
@@ -223,10 +224,7 @@ def run(args) -> int:
     out_path = args.out or default_out_path(gpu_name, prefix="backward")
     label = None if gpu else CPU_LABEL
     doc = {
-        "schema": SCHEMA, "kind": "gpu" if gpu else "cpu-smoke", "label": label,
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "lora-bench backward " + " ".join(getattr(args, "argv", []) or []),
-        "gpu": env["gpu"], "versions": env["versions"], "git_commit": env["git"]["commit"], "git": env["git"],
+        **doc_header("backward", SCHEMA, gpu, label, env, args),
         "dtype": measure.dtype_name(dtype), "timing": timer.describe(), "backends": _safe_report(lk),
         "what": "fwd+bwd of the multi-adapter LoRA delta (grad x, A, B of every adapter); tokens/s = T / median",
         "correctness_rule": "every gradient: max|g - ref_fp32| <= 2 * max|g_loop_dtype - ref_fp32| + floor "
@@ -236,23 +234,20 @@ def run(args) -> int:
     print(f"lora-bench backward: {label or gpu_name}, {measure.dtype_name(dtype)}")
     t0 = time.perf_counter()
     for T in args.tokens:
-        if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
-            doc["skipped"].append({"T": T, "why": f"time budget of {args.time_budget:.0f} s spent"})
+        if budget_spent(args.time_budget, t0):
+            doc["skipped"].append({"T": T, "why": budget_why(args.time_budget)})
             continue
         try:
             doc["rows"].extend(run_case(T, args, dtype, device, timer))
         except Exception as e:
             doc["rows"].append(_row(f"t{T}", "(setup)", "ERROR", why=_err_text(e)))
         _write_json(out_path, doc)
-    doc["complete"] = True
-    doc["elapsed_s"] = time.perf_counter() - t0
-    _write_json(out_path, doc)
+    finish_doc(doc, t0, out_path)
     print(format_table(doc["rows"]))
     for s in doc["skipped"]:
         print(f"skipped T={s['T']}: {s['why']}")
     print(f"wrote {out_path}")
-    bad = [r for r in doc["rows"] if r["status"] in ("FAIL", "ERROR")]
-    return 1 if bad else 0
+    return 1 if failed_rows(doc["rows"]) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

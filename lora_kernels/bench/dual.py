@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import fnmatch
-import json
-import os
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from . import envinfo, measure
+from .common import CPU_LABEL, DTYPES, gpu_record_path, pick_device, pick_dtype, write_json
 
 __all__ = ["add_arguments", "run"]
 
 SCHEMA = "lora_kernels.bench.dual/1"
-CPU_LABEL = "CPU smoke, not a GPU measurement"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max|out - ref| / max|ref| accepted per dtype (the delta is a few dots deep: a handful of ulps)
 REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -119,9 +116,8 @@ def _row(impl, mode, status, **kw) -> dict:
 
 def run(args) -> int:
     """Run the benchmark; 0 when every row passed, 1 otherwise."""
-    gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    gpu, device = pick_device(args.cpu)
+    dtype = pick_dtype(args.dtype, gpu)
     T = args.tokens or (4096 if gpu else 16)
     in_f = args.hidden_in or (4096 if gpu else 64)
     out_f = args.hidden_out or in_f
@@ -201,14 +197,9 @@ def run(args) -> int:
         "timer": timer.describe(), "rows": rows,
     }
     print(format_table(rows, rec["label"]))
-    path = args.out
-    if path is None and gpu and rec.get("gpu"):
-        slug = envinfo.gpu_slug(rec["gpu"]["name"])
-        path = os.path.join("bench", "results", slug, f"dual-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    path = gpu_record_path(args.out, rec["gpu"]["name"] if gpu and rec.get("gpu") else None, "dual")
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(rec, f, indent=1, default=str)
+        write_json(path, rec)
         print(f"wrote {path}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -30,7 +30,6 @@ weight of the layer cases is also judged against the fp32 reference (the project
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import importlib
 import sys
@@ -40,13 +39,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import envinfo, measure
+from . import common, envinfo, measure
+from .common import (CPU_LABEL, DTYPES, add_out, add_seed_and_cpu, budget_spent, budget_why, doc_header, failed_rows,
+                     finish_doc, pick_device, write_json)
+from .common import err_text as _err_text
+from .common import print_footer
 
 __all__ = ["add_arguments", "run", "SCHEMA"]
 
 SCHEMA = "lora_kernels.bench.merge/1"
-CPU_LABEL = "CPU smoke, not a GPU measurement"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -66,12 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graph replays")
     g.add_argument("--l2-flush", choices=measure.FLUSH_MODES, default="read", help="L2 flush before each replay")
     g.add_argument("--measure-roof", action="store_true", help="measure the copy bandwidth even for a known GPU")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cpu", action="store_true", help="run the CPU smoke path even when a GPU is present")
+    add_seed_and_cpu(g)
     g.add_argument("--time-budget", type=float, help="stop starting new cases after this many seconds")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="JSON path (default bench/results/<gpu>/merge-<timestamp>.json; without a GPU "
-                                 "out/cpu-smoke/merge-<timestamp>.json)")
+    add_out(g, "merge")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
@@ -340,10 +339,6 @@ def _row(case: str, impl: Impl, op: str, status: str, **kw) -> dict:
     return r
 
 
-def _err_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
-
-
 def _merged_check(layers: List[Layer], originals, a: int) -> Optional[dict]:
     """Judge the merged weight of a single-layer case against the fp32 reference (addmm_ as the baseline)."""
     if len(layers) != 1:
@@ -430,9 +425,7 @@ def run_impl(case: str, impl: Impl, layers: List[Layer], originals, ops: List[st
 
 
 def default_out_path(gpu_name: Optional[str]) -> str:
-    from .sgmv import default_out_path as d
-
-    return d(gpu_name, prefix="merge")
+    return common.default_out_path(gpu_name, prefix="merge")
 
 
 def format_table(rows: List[dict]) -> str:
@@ -473,8 +466,7 @@ def _build_model(layers: List[Layer]):
 
 def run(args) -> int:
     """Run the benchmark; returns 0 when every row passed (or was skipped), 1 otherwise, 2 on bad arguments."""
-    gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda") if gpu else torch.device("cpu")
+    gpu, device = pick_device(args.cpu)
     dtype = DTYPES[args.dtype]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in ("layer", "model")]
@@ -498,10 +490,7 @@ def run(args) -> int:
     tdesc.update({"reps": "per case (see rows)", "pairs": "merge/unmerge (or switch m->k / k->m) alternate, "
                   "each direction its own graph and its own timed replay"})
     doc = {
-        "schema": SCHEMA, "kind": "gpu" if gpu else "cpu-smoke", "label": label,
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "lora-bench merge " + " ".join(getattr(args, "argv", []) or []),
-        "gpu": env["gpu"], "versions": env["versions"], "git_commit": env["git"]["commit"], "git": env["git"],
+        **doc_header("merge", SCHEMA, gpu, label, env, args),
         "dtype": measure.dtype_name(dtype), "timing": tdesc, "roof": roof.to_dict() if roof else None,
         "shapes": {"hidden": hidden, "mlp": mlp, "rank": rank, "layers": n_layers, "projections": list(PROJ)},
         "bytes_rule": ("per direction: read W + write W + A + B in W's dtype (bytes); + 2 bits per weight of side "
@@ -526,8 +515,8 @@ def run(args) -> int:
             print(f"[merge {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     def budget_left(name: str) -> bool:
-        if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
-            doc["skipped_cases"].append({"case": name, "why": f"time budget of {args.time_budget:.0f} s spent"})
+        if budget_spent(args.time_budget, t0):
+            doc["skipped_cases"].append({"case": name, "why": budget_why(args.time_budget)})
             return False
         return True
 
@@ -599,9 +588,7 @@ def run(args) -> int:
                         torch.cuda.empty_cache()
             del layers, orig, model
             gc.collect()
-    doc["complete"] = True
-    doc["elapsed_s"] = time.perf_counter() - t0
-    _write(out_path, doc)
+    finish_doc(doc, t0, out_path)
     print(format_table(doc["rows"]))
     for case, hp in doc.get("host_planning", {}).items():
         if "error" in hp:
@@ -610,12 +597,8 @@ def run(args) -> int:
         print(f"host planning {case} ({hp['weights']} weights, launch stubbed, ms cold/warm): " + ", ".join(
             f"{op} {hp[op + '_cold_ms']:.2f}/{hp[op + '_warm_ms']:.2f}" for op in
             ("merge", "unmerge", "switch", "set_mode") if op + "_cold_ms" in hp))
-    for s in doc["skipped_cases"]:
-        print(f"skipped {s['case']}: {s['why']}")
-    if label:
-        print(f"({label})")
-    print(f"wrote {out_path}")
-    badr = [r for r in doc["rows"] if r["status"] in ("FAIL", "ERROR")]
+    print_footer(doc["skipped_cases"], label, out_path)
+    badr = failed_rows(doc["rows"])
     if badr:
         print(f"{len(badr)} row(s) FAILED or ERRORED: " + ", ".join(sorted({f"{r['case']}/{r['impl']}" for r in badr})))
     return 1 if badr else 0
@@ -625,7 +608,4 @@ def _restore_ok(layers: List[Layer], originals: List[torch.Tensor]) -> bool:
     return _mismatch(layers, originals) == 0
 
 
-def _write(path: str, doc: dict) -> None:
-    from .sgmv import _write_json
-
-    _write_json(path, doc)
+_write = write_json

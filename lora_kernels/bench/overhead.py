@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import statistics
 import time
 from typing import Callable, Dict, Iterator, List, Optional
@@ -34,6 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from . import envinfo
+from .common import gpu_record_path, write_json
 
 SCHEMA = "lora_kernels.bench.overhead/1"
 TARGET_US = 10.0
@@ -204,13 +203,9 @@ def run(args) -> int:
     rec = {"schema": SCHEMA, "target_us": TARGET_US,
            "command": "lora-bench overhead " + " ".join(getattr(args, "argv", []) or []),
            **envinfo.collect(torch.device("cuda") if gpu else None), "rows": rows}
-    path = args.out
-    if path is None and gpu:
-        slug = envinfo.gpu_slug(rec["gpu"]["name"]) if rec.get("gpu") else "cpu"
-        path = os.path.join("bench", "results", slug, f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    # on a GPU envinfo always names it (gpu_info is None only without CUDA)
+    path = gpu_record_path(args.out, rec["gpu"]["name"] if gpu and rec.get("gpu") else None, "overhead")
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(rec, f, indent=1, default=str)
+        write_json(path, rec)
         print(f"wrote {path}")
     return 0

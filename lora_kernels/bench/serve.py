@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import gc
 import sys
 import time
@@ -31,7 +30,9 @@ from typing import Callable, Dict, List
 import torch
 
 from . import envinfo, measure
-from .sgmv import CPU_LABEL, DTYPES, _csv_ints, _write_json, default_out_path
+from .common import CPU_LABEL, DTYPES, budget_spent, default_out_path, doc_header, pick_device, pick_dtype
+from .common import write_json as _write_json
+from .sgmv import _csv_ints
 
 __all__ = ["add_arguments", "run", "format_table"]
 
@@ -209,9 +210,8 @@ def run(args) -> int:
     except ImportError as e:
         print(f"lora-bench serve: needs transformers and peft ({e})", file=sys.stderr)
         return 2
-    gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    gpu, device = pick_device(args.cpu)
+    dtype = pick_dtype(args.dtype, gpu)
     d = GPU_MODEL if gpu else CPU_MODEL
     cfg = {k: getattr(args, k.replace("-", "_"), None) or v for k, v in d.items()}
     n = args.adapters or (32 if gpu else 4)
@@ -231,7 +231,7 @@ def run(args) -> int:
     base, pm, names = _build(cfg, n, args.ranks, dtype, device, args.seed)
     rows: List[dict] = []
     for B in batches:
-        if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
+        if budget_spent(args.time_budget, t0):
             rows.append(_row(B, "*", "SKIP", why=f"--time-budget {args.time_budget}s spent"))
             continue
         batch_rows = peft_rows(B, base, pm, names, [i for i in impls if i != "lk"], timer, device, graphs,
@@ -248,10 +248,8 @@ def run(args) -> int:
         if gpu:
             torch.cuda.empty_cache()
     doc = {
-        "schema": SCHEMA, "kind": "gpu" if gpu else "cpu-smoke", "label": None if gpu else CPU_LABEL,
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "lora-bench serve " + " ".join(getattr(args, "argv", []) or []),
-        "gpu": env["gpu"], "versions": env["versions"], "git": env["git"], "timer": timer.describe(),
+        **doc_header("serve", SCHEMA, gpu, None if gpu else CPU_LABEL, env, args, git_commit=False),
+        "timer": timer.describe(),
         "config": {**cfg, "adapters": n, "ranks": args.ranks, "batches": batches, "dtype": measure.dtype_name(dtype),
                    "step": "forward on [B, 1] tokens, no KV cache", "targets": TARGETS},
         "rows": rows,

@@ -17,11 +17,8 @@ measurement": it proves the command and the JSON, not any speed.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import fnmatch
 import gc
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,13 +28,17 @@ import torch
 
 from . import cases as C
 from . import envinfo, measure
+from .common import (CPU_LABEL, DTYPES, add_out, add_seed_and_cpu, budget_spent, budget_why, default_out_path,
+                     doc_header, failed_rows, finish_doc, pick_device, pick_dtype, print_footer)
+from .common import err_text as _err_text
+from .common import write_json as _write_json
 from .baselines import BmmGather, NaiveLoop
 
 __all__ = ["add_arguments", "run", "Impl", "library_impls", "baseline_impls"]
 
 SCHEMA = "lora_kernels.bench.sgmv/1"
-CPU_LABEL = "CPU smoke, not a GPU measurement"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# CPU_LABEL, DTYPES, default_out_path, _err_text and _write_json (from .common) stay importable from here: the
+# other benches and the tests import them from this module.
 
 
 def _csv_ints(s: str) -> List[int]:
@@ -77,13 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the L2 is flushed before each replay (default read: a 2 x L2 buffer is read)")
     g.add_argument("--measure-roof", action="store_true",
                    help="measure copy bandwidth and matmul peak even for a known GPU")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cpu", action="store_true", help="run the CPU smoke path even when a GPU is present")
+    add_seed_and_cpu(g)
     g.add_argument("--time-budget", type=float,
                    help="stop starting new cases after this many seconds (the JSON keeps what ran)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="JSON path (default bench/results/<gpu>/sgmv-<timestamp>.json; without a GPU "
-                                 "out/cpu-smoke/sgmv-<timestamp>.json)")
+    add_out(g, "sgmv")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -208,10 +207,6 @@ def _row(case: C.Case, impl: Impl, status: str, **kw) -> dict:
          "err_max": None, "err_allowed": None, "rel_err": None, "why": ""}
     r.update(kw)
     return r
-
-
-def _err_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
 def run_impl(impl: Impl, prob: C.Problem, timer, state: dict, ref: torch.Tensor, none_mask: torch.Tensor,
@@ -340,15 +335,6 @@ def _pick_impls(all_impls: List[Impl], patterns: Optional[str]) -> List[Impl]:
     return out
 
 
-def default_out_path(gpu_name: Optional[str], prefix: str = "sgmv") -> str:
-    """``bench/results/<gpu>/<prefix>-<timestamp>.json`` on a GPU; ``out/cpu-smoke/...`` (git-ignored: a CPU
-    smoke run is no measurement to keep) without one. Relative to the working directory."""
-    ts = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if not gpu_name:
-        return os.path.join("out", "cpu-smoke", f"{prefix}-{ts}.json")
-    return os.path.join("bench", "results", envinfo.gpu_slug(gpu_name), f"{prefix}-{ts}.json")
-
-
 def _fmt(v: Optional[float], spec: str, dash: str = "-") -> str:
     return dash if v is None else format(v, spec)
 
@@ -376,17 +362,6 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
-def _write_json(path: str, doc: dict) -> None:
-    d = os.path.dirname(path)
-    if d:
-        os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run(args) -> int:
     """Run the sweep; returns 0 when every row passed its check (or was skipped), 1 otherwise."""
     import lora_kernels as lk
@@ -396,9 +371,8 @@ def run(args) -> int:
             print(f"{c.name:28s} T={c.tokens:<5d} {c.hidden_in}->{c.hidden_out} adapters={c.adapters} "
                   f"ranks={','.join(map(str, c.ranks))} dist={c.dist}{' (extra)' if c.extra else ''}  {c.note}")
         return 0
-    gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda") if gpu else torch.device("cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float16)
+    gpu, device = pick_device(args.cpu)
+    dtype = pick_dtype(args.dtype, gpu, cpu_default=torch.float16)
     try:
         cases = _pick_cases(args, gpu)
         impls = _pick_impls(library_impls(device) + baseline_impls(), args.impls)
@@ -412,15 +386,7 @@ def run(args) -> int:
     out_path = args.out or default_out_path(gpu_name)
     label = None if gpu else CPU_LABEL
     doc = {
-        "schema": SCHEMA,
-        "kind": "gpu" if gpu else "cpu-smoke",
-        "label": label,
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "lora-bench sgmv " + " ".join(getattr(args, "argv", []) or []),
-        "gpu": env["gpu"],
-        "versions": env["versions"],
-        "git_commit": env["git"]["commit"],
-        "git": env["git"],
+        **doc_header("sgmv", SCHEMA, gpu, label, env, args),
         "dtype": measure.dtype_name(dtype),
         "timing": timer.describe(),
         "roof": roof.to_dict() if roof else None,
@@ -452,8 +418,8 @@ def run(args) -> int:
     for case in it:
         if bar is not None:
             bar.set_postfix_str(case.name)
-        if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
-            doc["skipped_cases"].append({"case": case.name, "why": f"time budget of {args.time_budget:.0f} s spent"})
+        if budget_spent(args.time_budget, t0):
+            doc["skipped_cases"].append({"case": case.name, "why": budget_why(args.time_budget)})
             continue
         try:
             res = run_case(case, impls, dtype, device, timer, roof, args.seed)
@@ -465,16 +431,10 @@ def run(args) -> int:
         _write_json(out_path, doc)
     if bar is not None:
         bar.close()
-    doc["complete"] = True
-    doc["elapsed_s"] = time.perf_counter() - t0
-    _write_json(out_path, doc)
+    finish_doc(doc, t0, out_path)
     print(format_table(doc["rows"]))
-    for s in doc["skipped_cases"]:
-        print(f"skipped {s['case']}: {s['why']}")
-    if label:
-        print(f"({label})")
-    print(f"wrote {out_path}")
-    bad = [r for r in doc["rows"] if r["status"] in ("FAIL", "ERROR")]
+    print_footer(doc["skipped_cases"], label, out_path)
+    bad = failed_rows(doc["rows"])
     if bad:
         print(f"{len(bad)} row(s) FAILED or ERRORED: " + ", ".join(f"{r['case']}/{r['impl']}" for r in bad))
     return 1 if bad else 0

@@ -29,7 +29,6 @@ baseline are in each row (same dtype for grid_sample, fp32 baseline for every dt
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import sys
 import time
@@ -38,12 +37,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import envinfo, measure
+from .common import (CPU_LABEL, DTYPES, add_out, add_seed_and_cpu, budget_spent, budget_why, default_out_path,
+                     doc_header, failed_rows, finish_doc, pick_device, print_footer)
+from .common import write_json as _write_json
 
 __all__ = ["add_arguments", "run", "SCHEMA", "baseline_fwd", "baseline_bwd", "format_table"]
 
 SCHEMA = "lora_kernels.bench.vce/1"
-CPU_LABEL = "CPU smoke, not a GPU measurement"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The compiled reference last: its compile is the slowest step, and a time budget cuts rows from the end.
 IMPLS = ("lk-cuda", "lk-triton", "lk-sample-cuda", "lk-sample-triton", "lk-unfused-cuda", "lk-unfused-triton",
          "grid_sample", "detr-fp32-baseline", "grid_sample-compile")
@@ -71,12 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graph replays")
     g.add_argument("--l2-flush", choices=measure.FLUSH_MODES, default="read")
     g.add_argument("--no-compile", action="store_true", help="skip grid_sample-compile (its compile takes a while)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cpu", action="store_true", help="run the CPU smoke path even when a GPU is present")
+    add_seed_and_cpu(g)
     g.add_argument("--time-budget", type=float, help="stop starting new rows after this many seconds")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="JSON path (default bench/results/<gpu>/vce-<timestamp>.json; without a GPU "
-                                 "out/cpu-smoke/vce-<timestamp>.json)")
+    add_out(g, "vce")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -251,10 +249,8 @@ def format_table(rows: List[dict]) -> str:
 def run(args) -> int:
     """Run the benchmark; 0 when every row passed or was skipped, 1 on a FAIL/ERROR row, 2 on bad arguments."""
     from .. import backends
-    from .sgmv import _write_json, default_out_path
 
-    gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda") if gpu else torch.device("cpu")
+    gpu, device = pick_device(args.cpu)
     try:
         batches = [int(b) for b in (args.batches or ("1,8" if gpu else "1")).split(",") if b.strip()]
         dtypes = [DTYPES[d.strip()] for d in (args.dtypes or ("bf16,fp32" if gpu else "fp32")).split(",") if d.strip()]
@@ -280,10 +276,7 @@ def run(args) -> int:
     out_path = args.out or default_out_path(gpu_name, prefix="vce")
     label = None if gpu else CPU_LABEL
     doc = {
-        "schema": SCHEMA, "kind": "gpu" if gpu else "cpu-smoke", "label": label,
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "lora-bench vce " + " ".join(getattr(args, "argv", []) or []),
-        "gpu": env["gpu"], "versions": env["versions"], "git_commit": env["git"]["commit"], "git": env["git"],
+        **doc_header("vce", SCHEMA, gpu, label, env, args),
         "timing": timer.describe(),
         "shapes": {"batches": batches, "levels": [[grid, grid]] * args.levels, "heads": H, "head_dim": D,
                    "queries": Q, "points": P},
@@ -312,8 +305,8 @@ def run(args) -> int:
                     row = {"case": case, "B": B, "dtype": measure.dtype_name(dtype), "impl": impl, "op": op,
                            "status": "SKIP", "why": None, "us_median": None, "graphed": None, "peak_bytes": None}
                     doc["rows"].append(row)
-                    if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
-                        row["why"] = f"time budget of {args.time_budget:.0f} s spent"
+                    if budget_spent(args.time_budget, t0):
+                        row["why"] = budget_why(args.time_budget)
                         continue
                     if impl in ("lk-cuda", "lk-sample-cuda", "lk-unfused-cuda", "detr-fp32-baseline") and not gpu:
                         row["why"] = "needs a GPU"
@@ -347,12 +340,7 @@ def run(args) -> int:
         for row in doc["rows"]:
             if row["case"] == case and row["us_median"] and base.get(row["op"]):
                 row["speedup_vs_baseline"] = base[row["op"]] / row["us_median"]
-    doc["complete"] = True
-    doc["elapsed_s"] = time.perf_counter() - t0
-    _write_json(out_path, doc)
+    finish_doc(doc, t0, out_path)
     print(format_table(doc["rows"]))
-    if label:
-        print(f"({label})")
-    print(f"wrote {out_path}")
-    bad = [r for r in doc["rows"] if r["status"] in ("FAIL", "ERROR")]
-    return 1 if bad else 0
+    print_footer([], label, out_path)
+    return 1 if failed_rows(doc["rows"]) else 0

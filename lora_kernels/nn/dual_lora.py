@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ..batch import LoRABatch
-from ..context import current_batch
 from ..dual_weights import DualLoRAWeights
 from ..ops.dual_lora import dual_lora
+from ._adapter_layer import check_layer_batch, forward_batch, layer_storage
 
 __all__ = ["DualLoRALinear"]
 
@@ -57,24 +57,8 @@ class DualLoRALinear(nn.Module):
         trainable: bool = True,
     ):
         super().__init__()
-        in_f = getattr(base, "in_features", None)
-        out_f = getattr(base, "out_features", None)
-        if w_dual is None:
-            if None in (in_f, out_f, max_adapters, max_rank):
-                raise ValueError("w_dual: expected a DualLoRAWeights, or base with in/out_features plus max_adapters "
-                                 f"and max_rank, got w_dual=None, max_adapters={max_adapters}, max_rank={max_rank}")
-            p = next(base.parameters(), None)
-            w_dual = DualLoRAWeights(in_f, out_f, max_adapters, max_rank,
-                                     dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32,
-                                     device=p.device if p is not None else "cpu")
-        if not isinstance(w_dual, DualLoRAWeights):
-            raise TypeError(f"w_dual: expected a DualLoRAWeights, got {type(w_dual).__name__}")
-        if in_f is not None and in_f != w_dual.in_features:
-            raise ValueError(f"w_dual: expected in_features {in_f} (base.in_features), got {w_dual.in_features}")
-        if out_f is not None and out_f != w_dual.out_features:
-            raise ValueError(f"w_dual: expected out_features {out_f} (base.out_features), got {w_dual.out_features}")
-        if batch is not None and not isinstance(batch, LoRABatch):
-            raise TypeError(f"batch: expected a LoRABatch or None, got {type(batch).__name__}")
+        w_dual = layer_storage(base, w_dual, DualLoRAWeights, "w_dual", max_adapters, max_rank, torch.float32)
+        check_layer_batch(batch)
         self.base = base
         self.w_dual = w_dual
         self.batch = batch
@@ -110,10 +94,7 @@ class DualLoRALinear(nn.Module):
         return self.w_dual.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = self.batch if self.batch is not None else current_batch()
-        if batch is None:
-            raise RuntimeError("DualLoRALinear: no LoRABatch; pass batch= to the layer or run under "
-                               "lk.use_batch(batch) (a batch of all -1 ids serves the base layer alone)")
+        batch = forward_batch(self.batch, "DualLoRALinear")
         # The delta first: its checks name x (a wrong width would otherwise fail inside base with torch's text).
         delta = dual_lora(x.reshape(-1, x.shape[-1]), self.w_dual, batch)
         y = self.base(x)

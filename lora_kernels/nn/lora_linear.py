@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from ..batch import LoRABatch
-from ..context import current_batch
 from ..ops.lora_linear import _add, needs_grad
 from ..ops.sgmv import _check_common, _check_x, add_lora_
 from ..weights import LoRAWeights
+from ._adapter_layer import check_layer_batch, forward_batch, layer_storage
 
 __all__ = ["LoRALinear", "SERVING_MODES"]
 
@@ -73,24 +73,8 @@ class LoRALinear(nn.Module):
         max_rank: Optional[int] = None,
     ):
         super().__init__()
-        in_f = getattr(base, "in_features", None)
-        out_f = getattr(base, "out_features", None)
-        if weights is None:
-            if None in (in_f, out_f, max_adapters, max_rank):
-                raise ValueError("weights: expected a LoRAWeights, or base with in/out_features plus max_adapters and "
-                                 f"max_rank, got weights=None, max_adapters={max_adapters}, max_rank={max_rank}")
-            p = next(base.parameters(), None)
-            weights = LoRAWeights(in_f, out_f, max_adapters, max_rank,
-                                  dtype=p.dtype if p is not None and p.is_floating_point() else torch.float16,
-                                  device=p.device if p is not None else "cpu")
-        if not isinstance(weights, LoRAWeights):
-            raise TypeError(f"weights: expected a LoRAWeights, got {type(weights).__name__}")
-        if in_f is not None and in_f != weights.in_features:
-            raise ValueError(f"weights: expected in_features {in_f} (base.in_features), got {weights.in_features}")
-        if out_f is not None and out_f != weights.out_features:
-            raise ValueError(f"weights: expected out_features {out_f} (base.out_features), got {weights.out_features}")
-        if batch is not None and not isinstance(batch, LoRABatch):
-            raise TypeError(f"batch: expected a LoRABatch or None, got {type(batch).__name__}")
+        weights = layer_storage(base, weights, LoRAWeights, "weights", max_adapters, max_rank, torch.float16)
+        check_layer_batch(batch)
         self.base = base
         self.weights = weights
         self.batch = batch
@@ -136,10 +120,7 @@ class LoRALinear(nn.Module):
         return self.weights.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = self.batch if self.batch is not None else current_batch()
-        if batch is None:
-            raise RuntimeError("LoRALinear: no LoRABatch; pass batch= to the layer or run under lk.use_batch(batch) "
-                               "(a batch of all -1 ids serves the base layer alone)")
+        batch = forward_batch(self.batch, "LoRALinear")
         grad = torch.is_grad_enabled()
         mode = self.mode
         if grad and mode != "unmerged" and self.weights.requires_grad:

@@ -198,6 +198,19 @@ def _shapes_tensor(spatial_shapes: ShapesArg, device: torch.device
     return hit[0], pairs, hit[1]
 
 
+def _check_value_points(value: torch.Tensor, name: str, points: torch.Tensor, spatial_shapes: ShapesArg
+                        ) -> Tuple[torch.Tensor, Optional[list], Optional[torch.Tensor]]:
+    """Check value [B, S, H, D] and the per-sample points ``name`` [B, Q, H, L, P, 2] (value's dtype, or fp32:
+    full-precision points with a 16-bit value; value's device) against the L levels of ``spatial_shapes``;
+    returns :func:`_shapes_tensor`'s triple."""
+    check_tensor("value", value, ndim=4, dtypes=_DTYPES)
+    B, _, H, _ = value.shape
+    check_tensor(name, points, ndim=6, dtypes=(value.dtype, torch.float32), device=value.device)
+    shapes, pairs, host_starts = _shapes_tensor(spatial_shapes, value.device)
+    check_tensor(name, points, shape=(B, None, H, shapes.shape[0], None, 2))
+    return shapes, pairs, host_starts
+
+
 def _level_starts(shapes: torch.Tensor, pairs: Optional[list], host_starts: Optional[torch.Tensor],
                   level_start_index: Optional[torch.Tensor], S: int, validate: bool) -> torch.Tensor:
     """Check ``level_start_index`` (and with ``validate`` the shapes' values against value's S rows) and return
@@ -255,15 +268,12 @@ def deform_pool(value: torch.Tensor, spatial_shapes: ShapesArg, level_start_inde
             shapes and starts int64).
         ValueError: inconsistent shapes, devices, level metadata, or a forced backend that cannot run.
     """
-    check_tensor("value", value, ndim=4, dtypes=_DTYPES)
+    shapes, pairs, host_starts = _check_value_points(value, "sampling_locations", sampling_locations,
+                                                     spatial_shapes)
     B, S, H, D = value.shape
     dev = value.device
-    # Locations and weights: value's dtype, or fp32 (full-precision locations with a 16-bit value).
-    check_tensor("sampling_locations", sampling_locations, ndim=6, dtypes=(value.dtype, torch.float32), device=dev)
-    shapes, pairs, host_starts = _shapes_tensor(spatial_shapes, dev)
     L = shapes.shape[0]
     Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
-    check_tensor("sampling_locations", sampling_locations, shape=(B, None, H, L, None, 2))
     check_tensor("attention_weights", attention_weights, dtypes=(sampling_locations.dtype,), shape=(B, Q, H, L, P),
                  device=dev)
     level_start_index = _level_starts(shapes, pairs, host_starts, level_start_index, S, validate)
@@ -396,14 +406,11 @@ def deform_sample(value: torch.Tensor, spatial_shapes: ShapesArg, level_start_in
         TypeError / ValueError as :func:`deform_pool`, naming the argument; RuntimeError for a forced backend
         that cannot run.
     """
-    check_tensor("value", value, ndim=4, dtypes=_DTYPES)
+    shapes, pairs, host_starts = _check_value_points(value, "offsets", offsets, spatial_shapes)
     B, S, H, D = value.shape
     dev = value.device
-    check_tensor("offsets", offsets, ndim=6, dtypes=(value.dtype, torch.float32), device=dev)
-    shapes, pairs, host_starts = _shapes_tensor(spatial_shapes, dev)
     L = shapes.shape[0]
     Q, P = offsets.shape[1], offsets.shape[4]
-    check_tensor("offsets", offsets, shape=(B, None, H, L, None, 2))
     check_tensor("ref", ref, shape=(Q, 2), dtypes=(torch.float32, value.dtype), device=dev)
     check(not ref.requires_grad, "ref", "a tensor that does not require grad (reference points are constants)",
           "ref.requires_grad=True")

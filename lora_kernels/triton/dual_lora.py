@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .. import reference
 from . import sgmv
-from .sgmv import _cdiv, _p2, _segment_info, _segment_tile, _segments, _upcast
+from .sgmv import _cdiv, _p2, _segment_info, _segment_tile, _segments, _tile_rows, _upcast
 
 __all__ = ["dual_lora_", "dual_lora_backward"]
 
@@ -64,9 +64,7 @@ def _dual_lora_shrink_kernel(
         return
     off = tl.load(off_ptr + adapter)  # int64 first row of [A; T]
 
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < seg_len
-    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m * BLOCK_M, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
     offs_k = tl.arange(0, BLOCK_K)
@@ -143,9 +141,7 @@ def _dual_lora_wgrad_kernel(
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for m0 in range(0, seg_len, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < seg_len
-        rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+        rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m0, BLOCK_M)
         ht = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :],
                      other=0.0)
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_n[None, :], mask=row_mask[:, None] & n_mask[None, :],

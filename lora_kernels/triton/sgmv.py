@@ -111,6 +111,16 @@ def _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF, NVALID
 
 
 @triton.jit
+def _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m0, BLOCK_M: tl.constexpr):
+    """(int64 token rows, row mask) of the BLOCK_M positions from ``m0`` of the segment starting at ``seg_start``
+    of ``sorted_token_ids``; positions past ``seg_len`` are masked (row 0)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < seg_len
+    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    return rows, row_mask
+
+
+@triton.jit
 def _slice_of_block(sinfo_ptr, stride_si, pid_n, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr):
     """Map a flat column-block index over all slices to (slice, first column, width, block in slice).
 
@@ -179,9 +189,7 @@ def _sgmv_shrink_kernel(
         return
     off = tl.load(off_ptr + which)  # int64 first storage row
 
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < seg_len
-    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m * BLOCK_M, BLOCK_M)
     offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     offs_k = tl.arange(0, BLOCK_K)
@@ -280,9 +288,7 @@ def _sgmv_expand_kernel(
         off = tl.load(off_ptr + adapter)
         scale = tl.load(scale_ptr + s * stride_ss + adapter)
 
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < seg_len
-    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m * BLOCK_M, BLOCK_M)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < width
     offs_r = tl.arange(0, BLOCK_R)
@@ -358,9 +364,7 @@ def _sgmv_fused_kernel(
         off = tl.load(off_ptr + adapter)
         scale = tl.load(scale_ptr + s * stride_ss + adapter)
 
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < seg_len
-    rows = tl.load(meta_ptr + SORTED_OFF + seg_start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m * BLOCK_M, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
     offs_k = tl.arange(0, BLOCK_K)
