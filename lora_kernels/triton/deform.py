@@ -90,6 +90,22 @@ def _bilinear_geometry(lx, ly, wf, hf, qm):
 
 
 @triton.jit
+def _corner(ok, fx, fy, x0, y0, st, wl, hl, S, corner: tl.constexpr):
+    """(vrow, inb, wx, wy) of one bilinear corner (0 = (y0, x0), 1 = (y0, x0 + 1), 2 = (y0 + 1, x0), 3 = (y0 + 1,
+    x0 + 1)): its value row, whether it is read (inside the level's image and, so that metadata pointing outside
+    value can never be read, inside [0, S)), and its bilinear weight factors."""
+    dy = corner // 2
+    dx = corner % 2
+    xi = x0 + dx
+    yi = y0 + dy
+    vrow = st + yi * wl + xi
+    inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl) & (vrow >= 0) & (vrow < S)
+    wx = fx if dx == 1 else 1.0 - fx
+    wy = fy if dy == 1 else 1.0 - fy
+    return vrow, inb, wx, wy
+
+
+@triton.jit
 def _tile(Q, H, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's (b, h), its BLOCK_Q queries and BLOCK_D channels, and their masks (grid: (query tiles *
     B*H,), query tile fastest). One flat axis: grid axis 1 is limited to 65535 on CUDA, which B*H (e.g. 4096
@@ -125,14 +141,7 @@ def _fwd_tile(value, shapes, starts, loc, attn, ref, out, S, Q, H, D, L, P, BLOC
             lx, ly, a = _sample_point(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
             ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, qm)
             for corner in tl.static_range(4):
-                dy = corner // 2
-                dx = corner % 2
-                xi = x0 + dx
-                yi = y0 + dy
-                vrow = st + yi * wl + xi
-                inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl) & (vrow >= 0) & (vrow < S)
-                wx = fx if dx == 1 else 1.0 - fx
-                wy = fy if dy == 1 else 1.0 - fy
+                vrow, inb, wx, wy = _corner(ok, fx, fy, x0, y0, st, wl, hl, S, corner)
                 off = vrow * H * D
                 v = tl.load(vbase + off[:, None] + ds[None, :], mask=inb[:, None] & dm[None, :], other=0.0)
                 acc += (a * wx * wy)[:, None] * v.to(tl.float32)
@@ -286,14 +295,7 @@ def _deform_pool_keys_kernel(shapes, starts, loc, attn, keys, wts, N, S, Q, H, L
     a = tl.load(attn + n, mask=nm, other=0.0).to(tl.float32)
     ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, nm)
     for corner in tl.static_range(4):
-        dy = corner // 2
-        dx = corner % 2
-        xi = x0 + dx
-        yi = y0 + dy
-        vrow = st + yi * wl + xi
-        inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl) & (vrow >= 0) & (vrow < S)
-        wx = fx if dx == 1 else 1.0 - fx
-        wy = fy if dy == 1 else 1.0 - fy
+        vrow, inb, wx, wy = _corner(ok, fx, fy, x0, y0, st, wl, hl, S, corner)
         key = (b * S + vrow) * H + h
         tl.store(keys + 4 * n + corner, tl.where(inb, key, SENTINEL), mask=nm)
         tl.store(wts + 4 * n + corner, tl.where(inb, a * wx * wy, 0.0), mask=nm)
