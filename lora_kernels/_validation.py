@@ -60,3 +60,97 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         ib = b.index if b.index is not None else torch.cuda.current_device()
         return ia == ib
     return True
+
+
+# ---- scalars: one rule for every numeric argument (issue 13) ------------------------------------------------
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """Return ``value`` as a Python float after checking that it is a real number (int, float, numpy or 0-dim
+    real tensor; never bool, str or complex), finite (unless ``finite=False``) and within ``[lo, hi]`` (``lo``
+    excluded when ``lo_open``). Raises TypeError for a non-number, ValueError for a value out of range; both name
+    the argument. A 0-dim tensor is read on the host (call this only on host-side arguments)."""
+    import numbers
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.device.type == "meta":
+            raise TypeError(f"{name}: expected a real number, got a tensor of shape {tuple(value.shape)} "
+                            f"dtype {value.dtype} on {value.device}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r:.60}")
+    try:
+        v = float(value)
+    except OverflowError:  # a huge Python int
+        raise ValueError(f"{name}: expected a finite real number, got {value!r:.60} (overflows float64)") from None
+    if finite and v != v or finite and v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite real number, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name}: expected a value <= {hi}, got {v}")
+    return v
+
+
+def check_int(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """Return ``value`` as a Python int after checking that it is an integer (int, numpy integer or 0-dim integer
+    tensor; never bool, never a float such as 3.0 or 2.5) within ``[lo, hi]``. TypeError / ValueError name the
+    argument."""
+    import numbers
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool \
+                or value.device.type == "meta":
+            raise TypeError(f"{name}: expected an integer, got a tensor of shape {tuple(value.shape)} "
+                            f"dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r:.60}")
+    v = int(value)
+    if lo is not None and v < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name}: expected an integer <= {hi}, got {v}")
+    return v
+
+
+# ---- outputs never alias inputs or library-owned storage (issue 13) -----------------------------------------
+def _byte_span(t: torch.Tensor) -> tuple:
+    """[first byte, one past the last byte] that ``t`` can touch (through its strides)."""
+    if t.numel() == 0:
+        return (0, 0)
+    last = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    start = t.data_ptr() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0) * t.element_size()
+    return (start, start + (last + 1) * t.element_size())
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the memory spans of ``a`` and ``b`` intersect (same device; conservative: two interleaved views
+    of one buffer count as overlapping). Meta/fake tensors have no storage and never overlap."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    try:
+        a0, a1 = _byte_span(a)
+        b0, b1 = _byte_span(b)
+    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional wrappers)
+        return False
+    return a0 < b1 and b0 < a1
+
+
+def check_disjoint(name: str, out: torch.Tensor, others: "dict[str, Optional[torch.Tensor]]") -> None:
+    """Raise ValueError naming ``name`` when the output ``out`` shares memory with any tensor of ``others``
+    (inputs of the op, or storage the library owns such as adapter rows and merge records). Under
+    torch.compile (fake tensors) nothing is checked: eager calls are."""
+    if torch.compiler.is_compiling():
+        return
+    for other_name, t in others.items():
+        if t is not None and overlaps(out, t):
+            raise ValueError(f"{name}: expected memory disjoint from {other_name} (the op writes {name} while "
+                             f"reading {other_name}, or {other_name} is storage the library owns), got "
+                             "overlapping storage")
