@@ -78,7 +78,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lora_kernels*"]),
     package_data={"lora_kernels": ["tuning/*.json"]},
-    install_requires=["torch"],
+    install_requires=["torch", "regex"],  # regex: adapter-config patterns with a timeout
     entry_points={"console_scripts": ["lora-bench = lora_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

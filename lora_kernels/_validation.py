@@ -154,3 +154,53 @@ def check_disjoint(name: str, out: torch.Tensor, others: "dict[str, Optional[tor
             raise ValueError(f"{name}: expected memory disjoint from {other_name} (the op writes {name} while "
                              f"reading {other_name}, or {other_name} is storage the library owns), got "
                              "overlapping storage")
+
+
+def check_fits(name: str, value: float, dtype: torch.dtype = torch.float32, *, what: str = "") -> float:
+    """Return the finite float ``value`` rounded to ``dtype`` (a Python float that ``dtype`` holds exactly), after
+    checking that it does not overflow ``dtype``: ``|value| <= torch.finfo(dtype).max``, PyTorch's own rule when a
+    Python number is written into a tensor. Use it on a value computed in float64 (``alpha / r``) before it is
+    stored in a tensor of ``dtype``. ValueError names ``name`` (and ``what`` was computed, when given)."""
+    fi = torch.finfo(dtype)
+    if not abs(value) <= fi.max:  # also refuses NaN
+        raise ValueError(f"{name}: expected {what + ' ' if what else ''}to be a finite value of {dtype} "
+                         f"(|x| <= {fi.max:.6g}), got {value!r:.60}")
+    if dtype == torch.float64:
+        return float(value)
+    if dtype == torch.float32:
+        import struct
+
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype).item())
+
+
+def tensor_span(t: torch.Tensor, label: Any) -> tuple:
+    """``(first byte, one past the last byte, label)`` of what ``t`` can touch (through its strides); an empty
+    span for empty tensors and tensors without storage (meta / fake), which never overlap anything."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return (0, 0, label)
+    try:
+        s, e = _byte_span(t)
+    except (RuntimeError, NotImplementedError):
+        return (0, 0, label)
+    return (s, e, label)
+
+
+def first_overlap(a_spans: Sequence[tuple], b_spans: Sequence[tuple]) -> Optional[tuple]:
+    """The first ``(label_a, label_b)`` of two intersecting byte spans, one from each list, or None.
+
+    Spans are ``(start, end, label)`` (end exclusive; empty spans intersect nothing), all on one device (the
+    caller groups them). Spans within one list may overlap each other freely. One sort and one sweep:
+    O((n + m) log(n + m)), so checking every output of a grouped op against every buffer the library owns stays
+    cheap for hundreds of layers."""
+    ev = sorted([(s, e, 0, lab) for s, e, lab in a_spans if e > s] + [(s, e, 1, lab) for s, e, lab in b_spans
+                                                                          if e > s], key=lambda x: x[0])
+    end = [-1, -1]
+    who: list = [None, None]
+    for s, e, side, lab in ev:
+        other = 1 - side
+        if s < end[other]:  # some earlier span of the other list reaches past this start
+            return (lab, who[other]) if side == 0 else (who[other], lab)
+        if e > end[side]:
+            end[side], who[side] = e, lab
+    return None

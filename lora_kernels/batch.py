@@ -20,6 +20,11 @@ Semantics:
 The builder is a CUDA kernel (``csrc/kernels/lora_batch.cuh``) when the compiled extension is present, and the
 torch implementation below otherwise (same outputs, also sync-free). Both are exposed through the custom op
 ``torch.ops.lora_kernels.build_batch_``.
+
+Ids of any integer dtype (int8/16/32/64, uint8/16/32/64) are accepted. Both builders read int32, so wider ids
+are first narrowed by :func:`ids_to_int32`, which saturates instead of truncating (a device op, no host sync):
+an int64 id such as ``2**32 + 1`` stays out of range (served as -1 and counted in ``num_invalid``) instead of
+becoming id 1, another adapter. Floating, complex and bool ids are refused (TypeError naming adapter_ids).
 """
 
 from __future__ import annotations
@@ -29,9 +34,66 @@ from typing import Optional
 
 import torch
 
-from ._validation import check, check_tensor
+from ._validation import check, check_int, check_tensor
 
-__all__ = ["LoRABatch", "MetaLayout", "build_batch_torch_"]
+__all__ = ["LoRABatch", "MetaLayout", "build_batch_torch_", "ids_to_int32", "check_ids_range", "check_ids_dtype",
+           "INT_DTYPES"]
+
+#: Integer dtypes accepted for adapter ids and segment tensors (bool is not an integer here).
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+# Lossless in int32, so no range masking is needed before the cast.
+_FITS_INT32 = frozenset((torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16))
+_INT64_MAX = 2**63 - 1
+#: Largest meta buffer the builders and kernels index with int32 (also the CUDA builder's limit).
+MAX_META_ELEMENTS = 2**31 - 1
+#: Largest token capacity whose metadata fits MAX_META_ELEMENTS (2 * Tc + 3 * Tc + 4 entries at worst).
+MAX_TOKENS = (MAX_META_ELEMENTS - 4) // 5
+
+
+def max_capacity(max_adapters: int) -> int:
+    """Largest ``max_tokens`` of a batch with ``max_adapters`` slots: its metadata (``2 Tc + 3 min(Tc, N) + 4``
+    int32 entries) must fit :data:`MAX_META_ELEMENTS`."""
+    c1 = (MAX_META_ELEMENTS - 4 - 3 * max_adapters) // 2  # Tc >= N
+    return c1 if c1 >= max_adapters else min(MAX_TOKENS, max_adapters)
+
+
+def check_ids_dtype(name: str, t: torch.Tensor) -> None:
+    """TypeError naming ``name`` unless ``t`` has an integer dtype (:data:`INT_DTYPES`; bool, floating and
+    complex ids are refused: a float id 1.9 has no meaning, and would be truncated to 1)."""
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name}: expected an integer dtype (int8/16/32/64 or uint8/16/32/64), got {t.dtype}")
+
+
+def _as_int64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int64 without wrap-around: uint64 values >= 2**63 (negative when reinterpreted) saturate to
+    2**63 - 1 (they are out of every range the library accepts). Device ops only, no host sync."""
+    if t.dtype == torch.int64:
+        return t
+    if t.dtype == torch.uint64:  # torch implements almost no op on uint64: reinterpret, then saturate
+        v = t.view(torch.int64)
+        return torch.where(v < 0, torch.full_like(v, _INT64_MAX), v)
+    return t.to(torch.int64)
+
+
+def ids_to_int32(adapter_ids: torch.Tensor, max_adapters: int) -> torch.Tensor:
+    """Adapter ids of any integer dtype as the int32 ids the builders read, **without aliasing**.
+
+    Semantics: an id in ``[-1, max_adapters)`` is kept; any other id (whatever its width) becomes a value that is
+    still out of range in int32 (``-2`` below, ``max_adapters`` above), so the builders serve it as ``-1`` and count
+    it in ``num_invalid``. int32 ids are returned as they are and the other dtypes that fit int32 are only cast;
+    wider ones are range-masked in int64 *before* narrowing (``clamp`` then cast: device ops, no host sync,
+    capturable). ``max_adapters`` must be < 2**31 - 1 (:class:`LoRABatch` checks it).
+
+    Raises:
+        TypeError naming adapter_ids for a non-integer dtype.
+    """
+    dt = adapter_ids.dtype
+    if dt == torch.int32:
+        return adapter_ids
+    check_ids_dtype("adapter_ids", adapter_ids)
+    if dt in _FITS_INT32:
+        return adapter_ids.to(torch.int32)
+    return _as_int64(adapter_ids).clamp(-2, max_adapters).to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -80,6 +142,20 @@ class MetaLayout:
         return MetaLayout(max_tokens, max_active)
 
 
+def check_ids_range(adapter_ids: torch.Tensor, max_adapters: int, name: str = "adapter_ids") -> None:
+    """ValueError naming ``name`` when an id (any integer dtype, compared at its full width: ``2**32 + 1`` is out
+    of range, not 1) is outside ``[-1, max_adapters)``; the message gives the first such id and its index. Reads
+    the ids (one host sync when they are on a GPU)."""
+    check_ids_dtype(name, adapter_ids)
+    ids = ids_to_int32(adapter_ids, max_adapters)  # keeps every id's in/out-of-range class
+    bad = (ids < -1) | (ids >= max_adapters)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        got = adapter_ids[i : i + 1].tolist()[0]  # (tolist: uint64 values above 2**63 too)
+        where = "token" if name == "adapter_ids" else "index"
+        raise ValueError(f"{name}: expected ids in [-1, {max_adapters}) (max_adapters), got {got} at {where} {i}")
+
+
 def build_batch_torch_(
     meta: torch.Tensor,
     adapter_ids: torch.Tensor,
@@ -89,15 +165,16 @@ def build_batch_torch_(
 ) -> None:
     """Torch implementation of the batch builder (CPU, or CUDA without the extension). No host sync.
 
-    Writes every field of ``meta`` (layout :class:`MetaLayout`) for ``adapter_ids`` int32 [T]. ``ranks`` is
-    int32 [S, N] or [N] (N >= max_adapters) or None.
+    Writes every field of ``meta`` (layout :class:`MetaLayout`) for ``adapter_ids`` [T] of any integer dtype
+    (narrowed by :func:`ids_to_int32`: never aliased). ``ranks`` is int32 [S, N] or [N] (N >= max_adapters) or
+    None.
     """
     lay = MetaLayout.from_meta(meta, max_tokens)
     T = adapter_ids.shape[0]
     N = max_adapters
     A = lay.max_active
     dev = meta.device
-    ids = adapter_ids.to(device=dev, dtype=torch.int32)
+    ids = ids_to_int32(adapter_ids.to(device=dev), N)
     valid = (ids >= 0) & (ids < N)
     invalid = (ids < -1) | (ids >= N)
     tok = torch.where(valid, ids, torch.full_like(ids, -1))
@@ -148,12 +225,18 @@ class LoRABatch:
     """
 
     def __init__(self, max_tokens: int, max_adapters: int, device: torch.device | str = "cpu"):
-        check(isinstance(max_tokens, int) and max_tokens >= 1, "max_tokens", "an int >= 1", max_tokens)
-        check(isinstance(max_adapters, int) and max_adapters >= 1, "max_adapters", "an int >= 1", max_adapters)
+        max_tokens = check_int("max_tokens", max_tokens, lo=1)
+        # N + 1 sort keys and the "out of range" marker N must fit int32 (ids_to_int32, both builders)
+        max_adapters = check_int("max_adapters", max_adapters, lo=1, hi=2**31 - 2)
+        layout = MetaLayout(max_tokens, min(max_tokens, max_adapters))
+        check(layout.size <= MAX_META_ELEMENTS, "max_tokens",
+              f"at most {max_capacity(max_adapters)} tokens for max_adapters={max_adapters} (the metadata, "
+              f"2 * max_tokens + 3 * min(max_tokens, max_adapters) + 4 int32 entries, must fit {MAX_META_ELEMENTS})",
+              max_tokens)
         self.max_tokens = max_tokens
         self.max_adapters = max_adapters
         self.device = torch.device(device)
-        self.layout = MetaLayout(max_tokens, min(max_tokens, max_adapters))
+        self.layout = layout
         self.meta = torch.zeros(self.layout.size, dtype=torch.int32, device=self.device)
         self.meta[self.layout.active_adapters : self.layout.seg_start].fill_(-1)
         self.num_tokens = 0
@@ -206,42 +289,47 @@ class LoRABatch:
     def build(
         self, adapter_ids: torch.Tensor, ranks: Optional[torch.Tensor] = None, validate: bool = True
     ) -> "LoRABatch":
-        """Rebuild this batch in place from ``adapter_ids`` int32 [T] (T <= max_tokens; T = 0 is allowed).
+        """Rebuild this batch in place from ``adapter_ids`` [T] (T <= max_tokens; T = 0 is allowed).
 
-        ``ranks`` (int32 [N] or [S, N], e.g. ``LoRAWeights.ranks``) fills ``max_rank``. With ``validate``
-        (the default) ids outside ``[-1, max_adapters)`` raise ``ValueError``: free when the ids are on the
-        CPU, one host sync when they are on the GPU; skipped while a CUDA graph is being captured. Without it,
-        such ids are served as ``-1`` and counted in ``num_invalid`` (check later with :meth:`check`).
+        ``adapter_ids`` may have any integer dtype (int8/16/32/64, uint8/16/32/64); it is range-checked at its
+        full width before being narrowed to int32 (:func:`ids_to_int32`), so no id is ever served by another
+        adapter. ``ranks`` (int32 [N] or [S, N], e.g. ``LoRAWeights.ranks``) fills ``max_rank``.
+
+        With ``validate`` (the default) ids outside ``[-1, max_adapters)`` raise ``ValueError`` and the batch is
+        left unchanged: free when the ids are on the CPU, one host sync when they are on the GPU; skipped while a
+        CUDA graph is being captured, under torch.compile, and for meta tensors. Without it, such ids are served
+        as ``-1`` and counted in ``num_invalid`` (device work only, no sync; check later with :meth:`check`).
 
         Raises:
-            TypeError: ``adapter_ids`` is not an integer tensor.
-            ValueError: wrong ndim, T > max_tokens, or ids out of range (with ``validate``).
+            TypeError: ``adapter_ids`` is not a tensor of an integer dtype (floating, bool, complex ids), or
+                ``ranks`` is not int32.
+            ValueError: wrong ndim, T > max_tokens, ids on the meta device for a batch that is not, or ids out of
+                range (with ``validate``). Nothing is changed when it raises.
         """
         from .ops.batch_ops import build_batch_
 
-        check_tensor("adapter_ids", adapter_ids, ndim=1, dtypes=(torch.int32, torch.int64))
+        check_tensor("adapter_ids", adapter_ids, ndim=1)
+        check_ids_dtype("adapter_ids", adapter_ids)
         T = adapter_ids.shape[0]
         check(T <= self.max_tokens, "adapter_ids", f"at most max_tokens={self.max_tokens} tokens", f"{T} tokens")
+        check(adapter_ids.device.type != "meta" or self.device.type == "meta", "adapter_ids",
+              f"ids with data (on {self.device} or the CPU)", "a tensor on the meta device")
         if ranks is not None:
             check_tensor("ranks", ranks, dtypes=(torch.int32,))
-            check(ranks.shape[-1] >= self.max_adapters, "ranks", f"last dim >= max_adapters={self.max_adapters}",
-                  tuple(ranks.shape))
-        if validate and adapter_ids.device.type == "cpu" and T > 0:
-            self._check_range(adapter_ids)
-        self.num_tokens = T
+            check(ranks.ndim >= 1 and ranks.shape[-1] >= self.max_adapters, "ranks",
+                  f"last dim >= max_adapters={self.max_adapters}", tuple(ranks.shape))
+            check(ranks.device.type != "meta" or self.device.type == "meta", "ranks",
+                  f"ranks with data (on {self.device} or the CPU)", "a tensor on the meta device")
+        if validate and T > 0 and adapter_ids.device.type != "meta" and not _capturing() \
+                and not torch.compiler.is_compiling():
+            self._check_range(adapter_ids)  # before any write: a refusal leaves the batch as it was
         build_batch_(self.meta, adapter_ids, ranks, self.max_tokens, self.max_adapters)
-        if validate and adapter_ids.device.type != "cpu" and not _capturing():
-            self.check()
+        self.num_tokens = T
         return self
 
-    def _check_range(self, adapter_ids: torch.Tensor) -> None:
-        bad = (adapter_ids < -1) | (adapter_ids >= self.max_adapters)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"adapter_ids: expected ids in [-1, {self.max_adapters}) (max_adapters), got {int(adapter_ids[i])} "
-                f"at token {i}"
-            )
+    def _check_range(self, adapter_ids: torch.Tensor, name: str = "adapter_ids") -> None:
+        """:func:`check_ids_range` against this batch's ``max_adapters``."""
+        check_ids_range(adapter_ids, self.max_adapters, name)
 
     def check(self) -> None:
         """Raise ``ValueError`` if the last build saw ids out of range (one host sync)."""
@@ -261,8 +349,14 @@ class LoRABatch:
         max_tokens: Optional[int] = None,
         validate: bool = True,
     ) -> "LoRABatch":
-        """Allocate a batch sized for ``adapter_ids`` (or ``max_tokens``) on its device and build it."""
-        T = adapter_ids.shape[0] if adapter_ids.ndim == 1 else 0
+        """Allocate a batch sized for ``adapter_ids`` (or ``max_tokens`` >= T) on its device and build it
+        (:meth:`build`: same dtypes, rules and errors)."""
+        check_tensor("adapter_ids", adapter_ids, ndim=1)
+        check_ids_dtype("adapter_ids", adapter_ids)
+        T = adapter_ids.shape[0]
+        if max_tokens is not None:
+            max_tokens = check_int("max_tokens", max_tokens, lo=0)
+            check(max_tokens >= T, "max_tokens", f"a capacity >= the {T} tokens of adapter_ids", max_tokens)
         b = cls(max(1, max_tokens if max_tokens is not None else T), max_adapters, adapter_ids.device)
         return b.build(adapter_ids, ranks, validate=validate)
 
@@ -279,18 +373,58 @@ class LoRABatch:
         """Batch for tokens already grouped: segment k is ``seg_lens[k]`` consecutive tokens of adapter
         ``seg_adapters[k]`` (``-1`` allowed). Segments of the same adapter need not be adjacent.
 
-        The per-token ids are expanded on the device (``repeat_interleave`` with a static output size, so no
-        sync), then built as usual; ``max_tokens`` defaults to ``seg_lens.sum()`` (one sync if on the GPU).
+        ``T = seg_lens.sum()`` is read on the host (with the lengths' range: one sync when they are on a GPU);
+        the per-token ids are then expanded on the device (``repeat_interleave`` with that static size) and built
+        as usual. ``max_tokens`` is the capacity (default T; any value >= T works, for a batch later rebuilt
+        with more tokens). ``seg_adapters`` follow the rules of :meth:`build`'s ids: any integer dtype, checked
+        at full width; with ``validate`` an id outside ``[-1, max_adapters)`` raises (zero-length segments too),
+        without it the tokens of such a segment are served as -1 and counted in ``num_invalid``.
+
+        Raises:
+            TypeError: non-tensor or non-integer seg_lens / seg_adapters, non-integer max_tokens / max_adapters.
+            ValueError naming the argument: shapes, devices, a negative length, a total above max_tokens (or
+                above the largest capacity), seg_adapters out of range (with ``validate``).
         """
-        check_tensor("seg_lens", seg_lens, ndim=1, dtypes=(torch.int32, torch.int64))
-        check_tensor("seg_adapters", seg_adapters, ndim=1, dtypes=(torch.int32, torch.int64), device=seg_lens.device)
+        check_tensor("seg_lens", seg_lens, ndim=1)
+        check_ids_dtype("seg_lens", seg_lens)
+        check_tensor("seg_adapters", seg_adapters, ndim=1, device=seg_lens.device)
+        check_ids_dtype("seg_adapters", seg_adapters)
         check(seg_lens.shape == seg_adapters.shape, "seg_adapters", f"shape {tuple(seg_lens.shape)} (as seg_lens)",
               tuple(seg_adapters.shape))
-        if seg_lens.device.type == "cpu" and seg_lens.numel():
-            check(bool((seg_lens >= 0).all()), "seg_lens", "non-negative lengths", seg_lens.tolist())
-        total = int(seg_lens.sum()) if max_tokens is None else max_tokens
-        ids = torch.repeat_interleave(seg_adapters.to(torch.int32), seg_lens.to(torch.int64), output_size=total)
-        return cls.from_ids(ids, max_adapters, ranks=ranks, max_tokens=max(total, 1), validate=validate)
+        check(seg_lens.device.type != "meta", "seg_lens", "lengths with data (T is read from them)",
+              "a tensor on the meta device")
+        max_adapters = check_int("max_adapters", max_adapters, lo=1, hi=2**31 - 2)
+        limit = max_capacity(max_adapters)
+        if max_tokens is not None:
+            max_tokens = check_int("max_tokens", max_tokens, lo=0, hi=limit)
+        # The lengths' range and total in one host read. Each length is bounded before summing (in int64) so the
+        # total cannot overflow whatever the dtype or count; the capacity is checked before anything of that
+        # size is allocated.
+        cap = limit if max_tokens is None else max_tokens
+        lens = _as_int64(seg_lens)
+        if lens.numel():
+            ids_chk = ids_to_int32(seg_adapters, max_adapters)
+            n_bad = ((ids_chk < -1) | (ids_chk >= max_adapters)).sum() if validate else lens.new_zeros(())
+            lo, hi, n_bad = torch.stack([lens.min(), lens.max(), n_bad.to(torch.int64)]).tolist()
+        else:
+            lo = hi = n_bad = 0
+        if lo < 0:
+            i = int((lens < 0).nonzero()[0, 0])
+            raise ValueError(f"seg_lens: expected non-negative lengths, got {int(lens[i])} at index {i}")
+        where = "max_tokens" if max_tokens is not None else f"the largest capacity for max_adapters={max_adapters}"
+        check(hi <= cap, "seg_lens", f"lengths <= {cap} ({where})", f"a length of {hi}")
+        total = int(lens.sum()) if lens.numel() else 0
+        if max_tokens is not None:
+            check(total <= max_tokens, "max_tokens", f"a capacity >= the {total} tokens of seg_lens (their sum)",
+                  max_tokens)
+        else:
+            check(total <= limit, "seg_lens", f"a total of at most {limit} tokens ({where})", total)
+        if n_bad:
+            check_ids_range(seg_adapters, max_adapters, "seg_adapters")
+        ids = torch.repeat_interleave(ids_to_int32(seg_adapters, max_adapters), lens, output_size=total)
+        b = cls(max(1, max_tokens if max_tokens is not None else total), max_adapters, seg_lens.device)
+        # already range-checked above (validate=False only skips a second read of the ids)
+        return b.build(ids, ranks, validate=False)
 
     def to_dict(self) -> dict:
         """Host copy of every field (syncs; for debugging and tests)."""

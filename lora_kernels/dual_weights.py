@@ -17,16 +17,22 @@ Semantics (Dual-LoRA, arXiv 2411.12787; DESIGN.md "Dual-LoRA"):
     is. ``self.lora.ranks`` is ``2r`` (the stacked shrink); ``self.ranks`` is the Dual-LoRA rank ``r`` (the
     LayerNorm width and the expand). LayerNorm parameters are stored per row, aligned with ``a``'s rows.
     A free slot has rank 0: tokens that name it get no delta.
+
+    :meth:`DualLoRAWeights.add` / :meth:`~DualLoRAWeights.remove` are all-or-nothing: the inner rows, the
+    LayerNorm rows and the ranks are written in one transaction, so a refusal or an exception never leaves an
+    adapter in the inner LoRAWeights without its Dual-LoRA part (issue 13).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Union
 
 import torch
 
-from ._validation import FLOAT_DTYPES, check, check_tensor
+from ._transaction import Transaction, transaction
+from ._validation import FLOAT_DTYPES, check, check_fits, check_int, check_real, check_tensor
 from .weights import LoRAWeights
 
 __all__ = ["DualLoRAWeights"]
@@ -142,8 +148,7 @@ class DualLoRAWeights:
 
     def rank_of(self, adapter_id: int) -> int:
         """Dual-LoRA rank r of a loaded adapter (host data, no sync)."""
-        self.lora._check_id(adapter_id, loaded=True)
-        return self._host_ranks[adapter_id]
+        return self._host_ranks[self.lora._check_id(adapter_id, loaded=True)]
 
     # ---- adding and removing ----------------------------------------------------------------------------
     def add(
@@ -157,19 +162,33 @@ class DualLoRAWeights:
         alpha: Optional[float] = None,
         scale: Optional[float] = None,
         adapter_id: Optional[int] = None,
+        check_finite: bool = True,
     ) -> int:
         """Store one adapter and return its id.
 
         Args:
             A: [r, in] skill-space down projection; T: [r, in] task-space (gate) projection; B: [out, r].
+                Float (fp16/bf16/fp32), dense, on any device but ``meta``.
             ln_weight, ln_bias: [r] LayerNorm affine (default ones / zeros).
             alpha: scale ``alpha / r`` (default alpha = r, scale 1). scale: explicit scale (overrides alpha).
-            adapter_id: slot to use (must be free); defaults to the lowest free slot.
+                Both finite real numbers (never bool/str/complex), computed in float64; the scale must fit the
+                fp32 ``scales`` storage (``|scale| <= 3.4028235e38``).
+            adapter_id: slot to use (an integer in ``[0, max_adapters)``, free); defaults to the lowest free slot.
+            check_finite: refuse NaN/Inf in A, T, B and the LayerNorm parameters after conversion to the
+                storage dtype (reads the values: a host sync for GPU tensors).
 
         Raises:
-            TypeError (non-float tensors) / ValueError (shapes, rank 0 or above max_rank, no room, slot in use,
-            non-finite alpha/scale). Nothing is changed when it raises.
+            TypeError (non-float tensors, a scale/alpha of the wrong type) / ValueError (shapes, meta tensors,
+            rank 0 or above max_rank, NaN/Inf values, a scale that is not finite or overflows fp32, no room,
+            slot in use). Nothing is changed when it raises, whatever the error: the inner LoRAWeights rows, the
+            LayerNorm rows and the ranks are written in one transaction (lora_kernels._transaction).
         """
+        plan = self._plan_add(A, T, B, ln_weight, ln_bias, alpha, scale, adapter_id, check_finite)
+        with transaction() as txn:
+            self._write_add(plan, txn)
+        return plan[0].adapter_id
+
+    def _plan_add(self, A, T, B, ln_weight, ln_bias, alpha, scale, adapter_id, check_finite):
         check_tensor("A", A, ndim=2, dtypes=FLOAT_DTYPES)
         r = A.shape[0]
         check(1 <= r <= self.max_rank, "A", f"rank in [1, max_rank={self.max_rank}]", r)
@@ -180,31 +199,52 @@ class DualLoRAWeights:
         lb = torch.zeros(r) if ln_bias is None else ln_bias
         check_tensor("ln_weight", lw, shape=(r,), dtypes=FLOAT_DTYPES)
         check_tensor("ln_bias", lb, shape=(r,), dtypes=FLOAT_DTYPES)
+        for name, t in (("A", A), ("T", T), ("B", B), ("ln_weight", lw), ("ln_bias", lb)):
+            check(t.device.type != "meta", name, "a tensor with data", "a tensor on the meta device")
+            check(t.layout == torch.strided, name, "a dense (strided) tensor", t.layout)
+        check(type(check_finite) is bool, "check_finite", "a bool", repr(check_finite), TypeError)
         if scale is not None:
-            check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale), "scale",
-                  "a finite float", repr(scale),
-                  TypeError if isinstance(scale, bool) or not isinstance(scale, (int, float)) else ValueError)
-            s = float(scale)
+            check(isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+                  or isinstance(scale, torch.Tensor), "scale", "a finite float", repr(scale), TypeError)
+            s = check_fits("scale", check_real("scale", scale))
         else:
             al = r if alpha is None else alpha
-            check(isinstance(al, (int, float)) and not isinstance(al, bool), "alpha", "a finite float", repr(alpha),
-                  TypeError)
-            check(math.isfinite(al), "alpha", "a finite float", alpha)
-            s = float(al) / r
+            check(isinstance(al, numbers.Real) and not isinstance(al, bool) or isinstance(al, torch.Tensor),
+                  "alpha", "a finite float", repr(alpha), TypeError)
+            s = check_fits("alpha", check_real("alpha", al) / r, what=f"the scale alpha / r (r={r})")
         dev = self.device
-        stacked_a = torch.cat([A.to(dev, self.dtype), T.to(dev, self.dtype)])
-        stacked_b = torch.cat([B.to(dev, self.dtype), torch.zeros(self.out_features, r, dtype=self.dtype,
-                                                                   device=dev)], 1)
-        i = self.lora.add(stacked_a, stacked_b, scale=s, adapter_id=adapter_id)  # validates the slot, rows
-        off = self.lora._alloc[i][0]
         with torch.no_grad():
+            # Converted copies (torch.cat copies): nothing below reads the caller's tensors again.
+            stacked_a = torch.cat([A.detach().to(dev, self.dtype), T.detach().to(dev, self.dtype)])
+            stacked_b = torch.cat([B.detach().to(dev, self.dtype),
+                                   torch.zeros(self.out_features, r, dtype=self.dtype, device=dev)], 1)
+            lw = lw.detach().to(dev, self.dtype).clone()
+            lb = lb.detach().to(dev, self.dtype).clone()
+            if check_finite:
+                for name, t in (("A", A), ("T", T), ("B", B)):
+                    check(bool(torch.isfinite(t.detach().to(self.dtype)).all()), name,
+                          f"finite values in {self.dtype}", "NaN/Inf")
+                for name, t in (("ln_weight", lw), ("ln_bias", lb)):
+                    check(bool(torch.isfinite(t).all()), name, f"finite values in {self.dtype}", "NaN/Inf")
+        # validates the slot and the rows; A/T/B were checked above
+        inner = self.lora._plan_add(stacked_a, stacked_b, scale=s, adapter_id=adapter_id, check_finite=False)
+        return inner, r, lw, lb
+
+    def _write_add(self, plan, txn: Transaction) -> None:
+        inner, r, lw, lb = plan
+        i, off = inner.adapter_id, inner.off
+        self.lora._write_add(inner, txn)
+        txn.track(self)
+        with torch.no_grad():
+            txn.save(self.ln_weight[off : off + 2 * r])
+            txn.save(self.ln_bias[off : off + 2 * r])
+            txn.save(self.ranks[0, i : i + 1])
             self.ln_weight[off : off + r].copy_(lw)
             self.ln_bias[off : off + r].copy_(lb)
             self.ln_weight[off + r : off + 2 * r].zero_()
             self.ln_bias[off + r : off + 2 * r].zero_()
             self.ranks[0, i] = r
         self._host_ranks[i] = r
-        return i
 
     def new_adapter(
         self,
@@ -216,8 +256,10 @@ class DualLoRAWeights:
     ) -> int:
         """Create a fresh trainable adapter as in the paper's code: A and T Kaiming-uniform (``nn.Linear``'s
         default, ``a = sqrt(5)``), B zero (so the delta starts at 0), LayerNorm weight 1 and bias 0; scale
-        ``alpha / rank`` (alpha defaults to rank). Returns its id."""
-        check(isinstance(rank, int) and 1 <= rank <= self.max_rank, "rank", f"an int in [1, {self.max_rank}]", rank)
+        ``alpha / rank`` (alpha defaults to rank). Returns its id. Raises as :meth:`add` (nothing changed)."""
+        rank = check_int("rank", rank, lo=1, hi=self.max_rank)
+        check(generator is None or isinstance(generator, torch.Generator), "generator", "a torch.Generator or None",
+              type(generator).__name__, TypeError)
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on fan_in = in_features
         A = (torch.rand(rank, self.in_features, generator=generator) * 2 - 1) * bound
         T = (torch.rand(rank, self.in_features, generator=generator) * 2 - 1) * bound
@@ -225,15 +267,28 @@ class DualLoRAWeights:
         return self.add(A, T, B, alpha=alpha, adapter_id=adapter_id)
 
     def remove(self, adapter_id: int) -> None:
-        """Free an adapter's slot and rows."""
-        self.lora.remove(adapter_id)
-        del self._host_ranks[adapter_id]
-        with torch.no_grad():
-            self.ranks[0, adapter_id] = 0
+        """Free an adapter's slot and rows. Raises TypeError / ValueError (not a loaded slot); nothing changes."""
+        inner = self.lora._plan_remove(adapter_id)
+        with transaction() as txn:
+            self.lora._write_remove(inner, txn)
+            txn.track(self)
+            i = inner.adapter_id
+            with torch.no_grad():
+                txn.save(self.ranks[0, i : i + 1])
+                self.ranks[0, i] = 0
+            del self._host_ranks[i]
+
+    def _host_state(self):
+        return dict(self._host_ranks)
+
+    def _restore_host_state(self, state) -> None:
+        self._host_ranks.clear()
+        self._host_ranks.update(state)
 
     def adapter(self, adapter_id: int) -> Dict[str, object]:
         """``{"A", "T", "B", "ln_weight", "ln_bias", "scale"}`` of a loaded adapter (views of the storage, B
         transposed back; the scale is a host float)."""
+        adapter_id = self.lora._check_id(adapter_id, loaded=True)
         r = self.rank_of(adapter_id)
         off = self.lora._alloc[adapter_id][0]
         return {

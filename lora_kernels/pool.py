@@ -36,7 +36,11 @@ Semantics:
     reads rows of a newer adapter. On the CPU the copies are synchronous.
 
     Every method is thread-safe (one lock around the pool's state; kernels are launched outside it). Any
-    method that raises leaves the pool unchanged: same adapters, slots, rows and reference counts.
+    method that raises leaves the pool unchanged, whatever the error (a refusal, or an exception such as an
+    out-of-memory error half-way through): every layer's LoRAWeights is bit-identical (rows, offsets, ranks,
+    scales, loaded slots, free rows) and so are the pool's names, slots, reference counts, LRU order, counters
+    and host copies. Files are read and validated before anything changes; the changes themselves are made
+    in one transaction (lora_kernels._transaction) that is rolled back on any exception.
 
 Errors: :class:`AdapterFormatError` (ValueError; malformed or incompatible adapter files, including rank
 above the layer's capacity), :class:`UnsupportedAdapterError` (a subclass: DoRA and other options this
@@ -56,6 +60,8 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
+from ._transaction import Transaction, transaction
+from ._validation import check_fits
 from .peft_format import AdapterFormatError, HostAdapter, UnsupportedAdapterError, read_peft_adapter
 from .weights import LoRAWeights
 
@@ -227,6 +233,7 @@ class AdapterPool:
         self._prefetch = bool(prefetch)
         self._pin = bool(pin)
         self._side = None  # side stream, created on first use
+        self._txn_local = threading.local()  # the transaction of the call in progress (nested calls join it)
 
     # ---- introspection -------------------------------------------------------------------------------
     @property
@@ -296,22 +303,32 @@ class AdapterPool:
                 these layers (unknown module, wrong shape, rank above a layer's ``max_rank`` or row budget).
             ValueError: ``name`` already registered (``unload`` it first). The pool is unchanged on any error.
         """
+        entry = self._read_new(name, source, config, pin, adapter_name)
+        with self._lock:
+            self._check_new_name(name)  # registered by another thread meanwhile
+            self._entries[name] = entry
+
+    def _check_new_name(self, name) -> None:
+        if name in self._entries:
+            raise ValueError(f"name: expected a new adapter name, got {name!r} (already registered; unload() it)")
+
+    def _read_new(self, name, source, config, pin, adapter_name) -> "_Entry":
+        """Validate the arguments of a registration and read the file (outside the lock: files are slow); the
+        pool is not changed."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"name: expected a non-empty str, got {name!r}")
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"source: expected a str or os.PathLike (a PEFT directory or .safetensors file), got "
                             f"{type(source).__name__}")
         with self._lock:
-            if name in self._entries:
-                raise ValueError(f"name: expected a new adapter name, got {name!r} (already registered; unload() it)")
-        entry = self._read(name, source, config, self._pin if pin is None else bool(pin), adapter_name)
-        with self._lock:
-            if name in self._entries:  # registered by another thread meanwhile
-                raise ValueError(f"name: expected a new adapter name, got {name!r} (already registered; unload() it)")
-            self._entries[name] = entry
+            self._check_new_name(name)
+        return self._read(name, source, config, self._pin if pin is None else bool(pin), adapter_name)
 
     def _read(self, name, source, config, pin, adapter_name) -> _Entry:
-        expected = {p: (self._layers[li].weights.in_features, self._layers[li].weights.slice_outs[s])
+        # (in, out, max_rank): a rank above a layer's capacity is refused from the safetensors header, before any
+        # tensor is read or allocated.
+        expected = {p: (self._layers[li].weights.in_features, self._layers[li].weights.slice_outs[s],
+                        self._layers[li].weights.max_rank)
                     for p, (li, s) in self._index.items()}
         host = read_peft_adapter(source, name=name, config=config, expected=expected, adapter_name=adapter_name)
         return self._prepare(host, pin)
@@ -334,6 +351,13 @@ class AdapterPool:
                     if A.shape[0] > w.max_rank:
                         raise AdapterFormatError(f"{host.source}: module {path!r}: expected rank <= {w.max_rank} (the "
                                                  f"layer's max_rank), got {A.shape[0]}")
+                    try:  # the scale is stored in fp32: refuse (here, at registration) one that overflows it
+                        sc = check_fits("scale", float(sc), torch.float32)
+                    except (TypeError, ValueError, OverflowError) as e:
+                        rs = "sqrt(r) (rsLoRA)" if getattr(host.config, "use_rslora", False) else "r"
+                        raise AdapterFormatError(f"{host.source}: module {path!r}: lora_alpha / alpha_pattern: "
+                                                 f"expected the scale alpha / {rs} to be a finite fp32 value "
+                                                 f"(|scale| <= 3.4028235e38), got {sc!r:.40}") from e
                     A, Bt = A.to(w.dtype).contiguous(), B.to(w.dtype).t().contiguous()
                     for what, t in (("lora_A", A), ("lora_B", Bt)):
                         if not bool(torch.isfinite(t).all()):
@@ -370,21 +394,21 @@ class AdapterPool:
         The id stays valid until the adapter is evicted; batches in flight must :meth:`acquire` what they use.
 
         Raises:
-            as :meth:`register`; PoolFullError when no room can be made (the registration is then undone).
+            as :meth:`register`; PoolFullError when no room can be made. The pool is unchanged on any error
+            (no registration, no eviction).
         """
+        entry = None
         if source is not None:
-            self.register(name, source, config=config, pin=pin, adapter_name=adapter_name)
-        with self._lock:
+            entry = self._read_new(name, source, config, pin, adapter_name)
+        with self._lock, self._transaction() as txn:
+            if entry is not None:
+                self._check_new_name(name)
+                self._entries[name] = entry
             e = self._entry(name)
             if e.slot is not None:
                 self._lru.move_to_end(name)
                 return e.slot
-            try:
-                return self._make_resident(e, asynchronous=False)
-            except BaseException:
-                if source is not None and self._entries.get(name) is not None and self._entries[name].slot is None:
-                    del self._entries[name]
-                raise
+            return self._make_resident(e, asynchronous=False, txn=txn)
 
     def load_many(
         self,
@@ -397,14 +421,21 @@ class AdapterPool:
         """Register many adapters (a tqdm progress bar when ``progress`` and tqdm is installed); with
         ``resident`` also prefetch them, in order, while slots last (never evicting one of them for another).
 
-        Raises: as :meth:`register`; on any error the adapters this call registered are unloaded again.
+        Every file is read and validated first; then all are registered (and made resident) in one step.
+
+        Raises: as :meth:`register` (also for a name given twice); the pool is unchanged on any error.
         """
         if isinstance(sources, (str, bytes)):
             raise TypeError(f"sources: expected a mapping or (name, source) pairs, got {type(sources).__name__}")
         items = list(sources.items() if isinstance(sources, Mapping) else sources)
+        seen = set()
         for i, it in enumerate(items):
             if not isinstance(it, (tuple, list)) or len(it) != 2:
                 raise TypeError(f"sources[{i}]: expected a (name, source) pair, got {it!r:.80}")
+            if isinstance(it[0], str):
+                if it[0] in seen:
+                    raise ValueError(f"sources[{i}]: expected each adapter name once, got {it[0]!r} again")
+                seen.add(it[0])
         bar = items
         if progress:
             try:
@@ -413,42 +444,34 @@ class AdapterPool:
                 bar = tqdm(items, desc="adapters", unit="adapter")
             except ImportError:
                 pass
-        done: List[str] = []
         try:
-            for name, src in bar:
-                self.register(name, src, config=config)
-                done.append(name)
-            if resident:
-                with self._lock:
-                    for name in done[: self.max_adapters]:
-                        e = self._entries[name]
-                        if e.slot is None:
-                            if self._plan(e, set(done)) is None:
-                                break
-                            self._make_resident(e, asynchronous=True, protect=set(done))
-        except BaseException:
-            with self._lock:
-                for name in done:
-                    e = self._entries.get(name)
-                    if e is not None and e.refs == 0:
-                        if e.slot is not None:
-                            self._evict(e)
-                        del self._entries[name]
-            raise
+            read = [(name, self._read_new(name, src, config, None, None)) for name, src in bar]
         finally:
             if bar is not items:
                 bar.close()
+        with self._lock, self._transaction() as txn:
+            for name, entry in read:
+                self._check_new_name(name)
+                self._entries[name] = entry
+            if resident:
+                done = {name for name, _ in read}
+                for name, _ in read[: self.max_adapters]:
+                    e = self._entries[name]
+                    if e.slot is None:
+                        if self._plan(e, done) is None:
+                            break
+                        self._make_resident(e, asynchronous=True, protect=done, txn=txn)
 
     # ---- residency -----------------------------------------------------------------------------------
     def prefetch(self, name: str) -> int:
         """Make ``name`` resident, copying asynchronously on CUDA (side stream, event recorded); returns its slot.
         A resident adapter is only marked recently used. Raises KeyError, PoolFullError (pool unchanged)."""
-        with self._lock:
+        with self._lock, self._transaction() as txn:
             e = self._entry(name)
             if e.slot is not None:
                 self._lru.move_to_end(name)
                 return e.slot
-            return self._make_resident(e, asynchronous=True)
+            return self._make_resident(e, asynchronous=True, txn=txn)
 
     def acquire(self, names: Names) -> List[int]:
         """Reference adapters for a batch and return their slot ids (``None`` -> ``-1``), in the order given.
@@ -458,8 +481,9 @@ class AdapterPool:
         (``stalls`` counts those not finished yet); no host sync.
 
         Raises:
-            KeyError (unknown name), PoolFullError (the names do not fit at once): no reference is taken then
-            (adapters already made resident by this call stay resident).
+            TypeError (a name that is not a str or None), KeyError (unknown name), PoolFullError (the names do not
+            fit at once): the pool is unchanged then (no reference taken, no adapter made resident or evicted,
+            counters as they were).
         """
         lst = [names] if names is None or isinstance(names, str) else list(names)
         with self._lock:
@@ -467,9 +491,8 @@ class AdapterPool:
                 if n is not None:
                     self._entry(n)
             ids: List[int] = []
-            taken: List[_Entry] = []
             seen = set()
-            try:
+            with self._transaction() as txn:
                 for n in lst:
                     if n is None:
                         ids.append(-1)
@@ -477,21 +500,16 @@ class AdapterPool:
                     e = self._entries[n]
                     if e.slot is None:
                         self._stats.misses += 1
-                        self._make_resident(e, asynchronous=True)
+                        self._make_resident(e, asynchronous=True, txn=txn)
                     elif n not in seen:
                         if e.ready is not None and not e.ready.query():
                             self._stats.stalls += 1
                         else:
                             self._stats.hits += 1
                     e.refs += 1
-                    taken.append(e)
                     seen.add(n)
                     self._lru.move_to_end(n)
                     ids.append(e.slot)
-            except BaseException:
-                for e in taken:
-                    e.refs -= 1
-                raise
             if self._cuda:
                 stream = torch.cuda.current_stream(self.device)
                 for n in seen:
@@ -523,11 +541,12 @@ class AdapterPool:
             if self._cuda and count:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
-            for n, c in count.items():
-                e = self._entries[n]
-                e.refs -= c
-                if ev is not None:
-                    e.last_use = ev
+            with self._transaction():
+                for n, c in count.items():
+                    e = self._entries[n]
+                    e.refs -= c
+                    if ev is not None:
+                        e.last_use = ev
 
     @contextlib.contextmanager
     def use(self, names: Names) -> Iterator[List[int]]:
@@ -550,12 +569,13 @@ class AdapterPool:
             if e.refs:
                 raise AdapterInUseError(f"name: expected an unreferenced adapter, got {name!r} with {e.refs} "
                                         "reference(s) (release() it first)")
-            self._evict(e)
+            with self._transaction() as txn:
+                self._evict(e, txn)
             return True
 
     def unload(self, name: str) -> None:
         """Evict ``name`` and forget it. Raises KeyError, AdapterInUseError (nothing changes)."""
-        with self._lock:
+        with self._lock, self._transaction():
             self.evict(name)
             del self._entries[name]
 
@@ -567,6 +587,40 @@ class AdapterPool:
         if e is None:
             raise KeyError(f"name: expected a registered adapter, got {name!r}")
         return e
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Transaction]:
+        """One all-or-nothing change of the pool and its layers (call with the lock held; nests: an inner one
+        joins the outer)."""
+        outer = getattr(self._txn_local, "txn", None)
+        with transaction(outer) as txn:
+            if outer is not None:
+                yield txn
+                return
+            txn.track(self)
+            self._txn_local.txn = txn
+            try:
+                yield txn
+            finally:
+                self._txn_local.txn = None
+
+    def _host_state(self):
+        # Every field a pool method changes; entries keep their identity (and their host copies, never written).
+        return (list(self._free_slots), list(self._used_rows), list(self._lru), dict(self._entries),
+                {n: (e.slot, e.refs, e.ready, e.last_use) for n, e in self._entries.items()}, vars(self._stats).copy())
+
+    def _restore_host_state(self, state) -> None:
+        free_slots, used_rows, lru, entries, fields, stats = state
+        self._free_slots[:] = free_slots
+        self._used_rows[:] = used_rows
+        self._lru.clear()
+        self._lru.update((n, None) for n in lru)
+        self._entries.clear()
+        self._entries.update(entries)
+        for n, (slot, refs, ready, last_use) in fields.items():
+            e = entries[n]
+            e.slot, e.refs, e.ready, e.last_use = slot, refs, ready, last_use
+        self._stats = PoolStats(**stats)
 
     def _fits(self, li: int, nrows: int, free: List[Tuple[int, int]], used: int) -> bool:
         return used + nrows <= self._layers[li].budget and any(n >= nrows for _, n in free)
@@ -595,7 +649,9 @@ class AdapterPool:
                     used[li] -= v.parts[li].nrows
         return victims
 
-    def _make_resident(self, e: _Entry, asynchronous: bool, protect=()) -> int:
+    def _make_resident(self, e: _Entry, asynchronous: bool, protect=(), *, txn: Transaction) -> int:
+        """Evict the planned victims and copy ``e`` into a free slot of every layer it targets, all inside ``txn``
+        (rolled back together by the caller's transaction on any exception)."""
         victims = self._plan(e, protect)
         if victims is None:
             need = {self._layers[li].paths[0]: p.nrows for li, p in e.parts.items()}
@@ -603,39 +659,31 @@ class AdapterPool:
                                 f"adapters, but {sum(x.refs > 0 for x in self._entries.values())} resident adapters "
                                 "are referenced (release some or raise max_adapters/capacity_rows)")
         for v in victims:
-            self._evict(v)
+            self._evict(v, txn)
         slot = self._free_slots.pop(0)
         use_side = self._cuda and self._prefetch
         ctx = torch.cuda.stream(self._side_stream()) if use_side else contextlib.nullcontext()
-        done: List[int] = []
-        try:
-            with ctx:
-                for li, p in e.parts.items():
-                    w = self._layers[li].weights
-                    w.add(p.A if w.num_slices > 1 else p.A[0],
-                          [bt.t() for bt in p.Bt] if w.num_slices > 1 else p.Bt[0].t(),
-                          scale=p.scales, adapter_id=slot, non_blocking=self._cuda)  # stream-ordered
-                    done.append(li)
-                    self._used_rows[li] += p.nrows
-                if use_side:
-                    e.ready = torch.cuda.Event()
-                    e.ready.record(self._side)
-                    if not asynchronous:  # load(): resident for everything queued next on the current stream
-                        torch.cuda.current_stream(self.device).wait_event(e.ready)
-        except BaseException:  # only on a failure the plan did not foresee: undo, leave the pool as it was
-            for li in done:
-                self._layers[li].weights.remove(slot)
-                self._used_rows[li] -= e.parts[li].nrows
-            self._free_slots.append(slot)
-            self._free_slots.sort()
-            raise
+        with ctx:
+            for li, p in e.parts.items():
+                w = self._layers[li].weights
+                plan = w._plan_add(p.A if w.num_slices > 1 else p.A[0],
+                                   [bt.t() for bt in p.Bt] if w.num_slices > 1 else p.Bt[0].t(),
+                                   scale=p.scales, adapter_id=slot, non_blocking=self._cuda,  # stream-ordered
+                                   check_finite=False)  # checked in _prepare, on the host copies
+                w._write_add(plan, txn)
+                self._used_rows[li] += p.nrows
+            if use_side:
+                e.ready = torch.cuda.Event()
+                e.ready.record(self._side)
+                if not asynchronous:  # load(): resident for everything queued next on the current stream
+                    torch.cuda.current_stream(self.device).wait_event(e.ready)
         e.slot = slot
         self._lru[e.name] = None
         self._lru.move_to_end(e.name)
         self._stats.loads += 1
         return slot
 
-    def _evict(self, e: _Entry) -> None:
+    def _evict(self, e: _Entry, txn: Transaction) -> None:
         slot = e.slot
         ctx = contextlib.nullcontext()
         if self._cuda:
@@ -651,7 +699,8 @@ class AdapterPool:
                 ctx = torch.cuda.stream(side)
         with ctx:
             for li, p in e.parts.items():
-                self._layers[li].weights.remove(slot)
+                w = self._layers[li].weights
+                w._write_remove(w._plan_remove(slot), txn)
                 self._used_rows[li] -= p.nrows
         e.slot = None
         e.ready = None

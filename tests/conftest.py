@@ -14,6 +14,12 @@ if not HAS_CUDA:
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: slow on the CPU interpreter")
+    if os.environ.get("LORA_KERNELS_MUTANT"):
+        # The mutation check (.ci/mutation_check.py): serve a deliberately wrong kernel for the whole session.
+        import mutants
+
+        if not config.pluginmanager.is_registered(mutants):
+            config.pluginmanager.register(mutants, "lora_kernels_mutants")
 
 
 def pytest_collection_modifyitems(config, items):

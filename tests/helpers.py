@@ -8,6 +8,13 @@ Numerics rule (DESIGN.md "Numerics", flash-attention's rule): a kernel's output 
 with ``factor = 2``, ``ref_fp32`` the fp32 reference and ``torch_lowp`` the same computation done by PyTorch
 in the low precision dtype. ``atol + rtol * max|ref|`` is the small floor for cases where PyTorch happens to
 be exact (fp32 runs, all-zero deltas).
+
+For an op that adds a delta to an output it does not own (``y += delta``: add_lora_, expand_), pass the
+output's previous value as ``base``: the relative floor is then taken on the delta, ``rtol * max|ref - base|``
+(a large ``base`` would otherwise widen it past a small delta), plus half a unit in the last place of the
+output's dtype on ``max|ref|`` (the one rounding into y), and the rule refuses to judge a case whose allowed
+error is not below half the delta's size: a kernel that adds nothing, the delta twice or three times has an
+error of at least ``max|ref - base|``, so it can never pass.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def assert_close_rule(
     rtol: float | None = None,
     dtype: torch.dtype | None = None,
     name: str = "output",
+    base: torch.Tensor | float | None = None,
 ) -> None:
     """Assert the numerics rule above (max norm over all elements; shapes must match).
 
@@ -58,6 +66,11 @@ def assert_close_rule(
         atol, rtol: the floor; ``rtol`` defaults by ``dtype`` (fp32 1e-6, fp16 1e-4, bf16 1e-3).
         dtype: the precision the floor is for (default: ``torch_lowp.dtype``).
         name: used in the failure message.
+        base: the value ``out`` held before the op added its delta (``y0``; ``0.0`` for an op that writes a
+            fresh result, such as shrink's h). When given: the relative floor is ``rtol * max|ref - base|``
+            plus ``unit roundoff(out.dtype) * max|ref|``, the delta must be nonzero, and the allowed error must
+            be at most half of ``max|ref - base|`` (else the case cannot tell a wrong kernel from a right one
+            and the assertion fails, blaming the test). ``base`` must be a tensor the reference did not write.
     """
     assert out.shape == ref_fp32.shape == torch_lowp.shape, (
         f"{name}: shapes differ: out {tuple(out.shape)}, ref {tuple(ref_fp32.shape)}, lowp {tuple(torch_lowp.shape)}")
@@ -70,10 +83,23 @@ def assert_close_rule(
     err = (out.double() - ref).abs().max().item()
     err_lowp = (torch_lowp.double() - ref).abs().max().item()
     scale = ref.abs().max().item()
-    bound = factor * err_lowp + atol + rtol * scale
+    if base is None:
+        floor = atol + rtol * scale
+    else:
+        b = base.double() if isinstance(base, torch.Tensor) else torch.tensor(float(base), dtype=torch.float64)
+        delta = (ref - b.to(ref.device)).abs().max().item()
+        unit = torch.finfo(out.dtype).eps / 2 if out.dtype.is_floating_point else 0.0
+        floor = atol + rtol * delta + unit * scale
+    bound = factor * err_lowp + floor
+    if base is not None:
+        # The case must be able to fail: a no-op or a doubled delta is off by max|delta| somewhere.
+        assert delta > 0, f"{name}: the reference adds nothing to base: this case cannot tell a no-op kernel"
+        assert bound <= 0.5 * delta, (
+            f"{name}: allowed error {bound:.3e} is not below half the delta's size {delta:.3e}: a kernel adding "
+            f"nothing or twice the delta could pass (PyTorch {dtype} error {err_lowp:.3e}, floor {floor:.3e})")
     assert err <= bound, (
         f"{name}: max error {err:.3e} vs fp32 reference exceeds {factor} x PyTorch {dtype} error "
-        f"{err_lowp:.3e} + floor {atol + rtol * scale:.3e} (max|ref| = {scale:.3e})")
+        f"{err_lowp:.3e} + floor {floor:.3e} (max|ref| = {scale:.3e})")
 
 
 # ---- adapter ids -------------------------------------------------------------------------------------------
@@ -88,7 +114,9 @@ def make_ids(
     hot_fraction: float = 0.9,
 ) -> torch.Tensor:
     """Per-token adapter ids int32 [T] drawn from a Punica popularity distribution, with about
-    ``frac_none * T`` tokens (rounded) set to -1.
+    ``frac_none * T`` tokens (rounded) set to -1. With ``frac_none < 1`` at least one token keeps an adapter
+    (T > 0): a case meant to test served tokens never degenerates into the all -1 early exit; ``frac_none = 1``
+    is the explicit all -1 batch.
 
     * ``distinct``: every token a different adapter (a random permutation, cycled when T > n_adapters).
     * ``uniform``: i.i.d. uniform over the adapters.
@@ -96,6 +124,8 @@ def make_ids(
     * ``identical``: every token the same (random) adapter.
     * ``skewed``: one hot adapter takes ``hot_fraction`` of the tokens, the rest uniform over the others.
     """
+    if not 0.0 <= frac_none <= 1.0:
+        raise ValueError(f"frac_none: expected a fraction in [0, 1], got {frac_none!r}")
     g = generator
     if dist == "distinct":
         perm = torch.randperm(n_adapters, generator=g)
@@ -118,7 +148,8 @@ def make_ids(
     ids = ids.to(torch.int32)
     n_none = round(frac_none * T)
     if n_none:
-        ids[torch.randperm(T, generator=g)[:n_none]] = -1
+        idx = torch.randperm(T, generator=g)[:n_none]
+        ids[idx if frac_none == 1.0 else idx[: T - 1]] = -1  # frac_none < 1: one token keeps its adapter
     return ids
 
 
@@ -243,11 +274,16 @@ def lowp_add_lora_(
 
 # ---- Triton ahead-of-time compilation for real GPU targets, on a machine without a GPU ------------------------
 # (shared by tests/test_triton_compile.py, tests/triton_aot_driver.py and tests/test_deform.py)
-def triton_aot_compile(fn, signature: dict, constexprs: dict, arch: int = 90, options: dict | None = None):
+def triton_aot_compile(fn, signature: dict, constexprs: dict, arch: int = 90, options: dict | None = None,
+                       attrs: dict | None = None):
     """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` with Triton's own toolchain (no GPU needed)
     and return the compiled kernel (``.asm`` has "ttir", "ptx", "cubin"; ``.metadata.shared`` is its shared
-    memory). Parameters missing from ``signature`` are typed "constexpr". Only works where ``TRITON_INTERPRET``
-    was unset when ``fn`` was decorated: run it through :func:`run_without_interpreter`."""
+    memory). Parameters missing from ``signature`` are typed "constexpr". ``attrs``: the specialisation
+    attributes a launch applies ({(param index,): [["tt.divisibility", 16]]}, as ``JITFunction._pack_args``
+    returns them; see tests/triton_aot_driver.py ``launch_specialization``); without them the kernel is compiled
+    with no alignment or divisibility assumption, which is NOT the variant a real launch compiles. Only works
+    where ``TRITON_INTERPRET`` was unset when ``fn`` was decorated: run it through
+    :func:`run_without_interpreter`."""
     import inspect
 
     import triton
@@ -255,7 +291,7 @@ def triton_aot_compile(fn, signature: dict, constexprs: dict, arch: int = 90, op
     from triton.compiler import ASTSource
 
     full = {p: signature.get(p, "constexpr") for p in inspect.signature(fn.fn).parameters}
-    return triton.compile(ASTSource(fn=fn, signature=full, constexprs=constexprs),
+    return triton.compile(ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options=dict(options or {}))
 
 
@@ -285,3 +321,60 @@ def weights_on(w: LoRAWeights, device) -> LoRAWeights:
     for k in ("a", "b", "offsets", "ranks", "scales", "slice_info"):
         setattr(c, k, getattr(w, k).to(device))
     return c
+
+
+# ---- the compiled extension (shared by tests/test_extension.py and tests/test_cuda.py) ----------------------
+def extension_unbuildable_reason() -> str | None:
+    """None if this environment can compile ``lora_kernels._C`` (torch with CUDA, nvcc found), else why not."""
+    from lora_kernels import _ext
+
+    if not torch.version.cuda:
+        return "torch is a CPU-only build"
+    if _ext.cuda_home() is None:
+        return "nvcc not found (set CUDA_HOME)"
+    return None
+
+
+def require_aot_extension() -> None:
+    """Skip when the AOT extension is legitimately absent (installed without it, or unbuildable here); fail when
+    it should have been built (torch with CUDA and nvcc present) but is missing."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if importlib.util.find_spec("lora_kernels._C") is not None:
+        return
+    if os.environ.get("LORA_KERNELS_NO_EXTENSION", "0") not in ("", "0"):
+        pytest.skip("installed without the extension (LORA_KERNELS_NO_EXTENSION is set)")
+    why = extension_unbuildable_reason()
+    if why:
+        pytest.skip(f"lora_kernels._C not built: {why}")
+    pytest.fail(
+        "lora_kernels._C is missing although torch has CUDA and nvcc exists: reinstall with "
+        "`pip install --no-build-isolation -e .` and read setup.py's output"
+    )
+
+
+def require_compiled_extension():
+    """:func:`require_aot_extension`, then the loaded extension's op namespace (``torch.ops.lora_kernels_C``);
+    fails when the built extension does not load."""
+    import pytest
+
+    from lora_kernels import _ext
+
+    require_aot_extension()
+    ns = _ext.get(build=False)
+    if ns is None:
+        pytest.fail(f"lora_kernels._C is built but does not load: {_ext.status()}")
+    return ns
+
+
+def assert_compiled_cuda_op(op, qualname: str) -> None:
+    """``op`` is the extension's C++ operator ``qualname`` (``torch.ops.lora_kernels_C.<name>``) whose CUDA
+    kernel was registered by csrc/bindings.cpp: not a Python function, not the torch fallback of the same op."""
+    assert isinstance(op, torch._ops.OpOverloadPacket), f"{qualname}: expected the compiled op, got {op!r}"
+    assert op._qualified_op_name == qualname, f"expected {qualname}, got {op._qualified_op_name}"
+    dump = torch._C._dispatch_dump(qualname)
+    cuda = next((ln for ln in dump.splitlines() if ln.startswith("CUDA:")), "")
+    assert "bindings.cpp" in cuda, f"{qualname}: its CUDA kernel is not the extension's (csrc/bindings.cpp):\n{dump}"

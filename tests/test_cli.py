@@ -18,20 +18,59 @@ HAS_CUDA = torch.cuda.is_available()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_in_process(capsys):
+# The demo on the CPU runs the Triton kernels in the interpreter (a real kernel against the fp32 reference).
+_DEMO_TRITON_CPU = "backend: triton (Triton's CPU interpreter)"
+
+
+def test_demo_in_process(capfd):
+    # capfd, not capsys: on a GPU machine --cpu runs the demo again in a fresh process (fd-level output)
     assert main(["demo", "--cpu"]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "PASS" in out and "max |out - fp32 reference|" in out
     assert "bit-identical to the base model" in out
+    assert _DEMO_TRITON_CPU in out and "rule: allowed = 2 x PyTorch" in out
+
+
+def _wrong_add_lora(kind: str):
+    """The Triton add_lora_ launcher made wrong: ``noop`` adds nothing, ``double`` adds the delta twice."""
+    from lora_kernels.triton import sgmv as triton_sgmv
+
+    real = triton_sgmv.add_lora_
+
+    def wrong(y, *args, **kwargs):
+        before = y.clone()
+        real(y, *args, **kwargs)
+        y.copy_(before if kind == "noop" else before + 2 * (y - before))
+
+    return wrong
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU, --cpu runs the demo in a fresh process: see the cuda test below")
+@pytest.mark.parametrize("kind", ["noop", "double"])
+def test_demo_fails_on_a_wrong_kernel(kind, monkeypatch, capsys):
+    """The demo checks the kernel, not the reference against itself: a wrong Triton kernel makes it exit 1."""
+    from lora_kernels.triton import sgmv as triton_sgmv
+
+    monkeypatch.setattr(triton_sgmv, "add_lora_", _wrong_add_lora(kind))
+    assert main(["demo", "--cpu"]) == 1
+    out = capsys.readouterr().out
+    assert _DEMO_TRITON_CPU in out and "FAIL" in out
+
+
+def _demo_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_BACKEND")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
 
 
 def test_demo_subprocess_without_interpreter():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_BACKEND")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    """Started without TRITON_INTERPRET: the demo turns the interpreter on itself (or re-runs with it)."""
     r = subprocess.run([sys.executable, "-m", "lora_kernels", "demo", "--cpu"], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=120)
+                       env=_demo_env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "check: max |out - fp32 reference|" in r.stdout and "PASS" in r.stdout
+    assert _DEMO_TRITON_CPU in r.stdout
 
 
 def test_env_runs(capsys):
@@ -202,7 +241,20 @@ def test_tune_internals_on_the_interpreter():
 def test_demo_gpu(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert "on cuda" in out and "PASS" in out
+    assert "on cuda (backend: triton)" in out and "PASS" in out
+
+
+@pytest.mark.cuda
+def test_demo_cpu_fails_on_a_wrong_kernel_subprocess():
+    """test_demo_fails_on_a_wrong_kernel for a GPU machine: the wrong kernel patched in a fresh interpreted
+    process, where --cpu runs in-process."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_cli import _wrong_add_lora; "
+            "from lora_kernels.triton import sgmv; sgmv.add_lora_ = _wrong_add_lora('noop'); "
+            "from lora_kernels.cli import main; sys.exit(main(['demo', '--cpu']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=_demo_env(TRITON_INTERPRET="1"), cwd=ROOT, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert _DEMO_TRITON_CPU in r.stdout and "FAIL" in r.stdout
 
 
 @pytest.mark.cuda

@@ -1,29 +1,46 @@
 """GPU tests (``-m cuda``; skipped without a GPU): bf16/fp16/fp32 on the default CUDA path vs the fp32
-reference with the tolerance rule, and CUDA-graph capture of LoRABatch build + add_lora_ with no host sync."""
+reference with the tolerance rule, CUDA-graph capture of LoRABatch build + add_lora_ with no host sync, and the
+compiled CUDA batch builder against the torch builder (the spec). One CPU test checks that the builder test
+really drives the compiled extension, so a regression to the torch builder on both sides fails without a GPU."""
 
 import pytest
 import torch
+from helpers import assert_compiled_cuda_op, require_compiled_extension
 
 import lora_kernels as lk
-from lora_kernels import reference
+from lora_kernels import _ext, reference
+from lora_kernels.batch import MetaLayout, build_batch_torch_
+from lora_kernels.ops import batch_ops
 
-pytestmark = pytest.mark.cuda
 
-
-def _case(dtype, outs=(4096,), in_f=4096, ranks=(8, 16, 33, 64, 128), T=257, frac_none=0.2, seed=0):
+def _case(dtype, outs=(4096,), in_f=4096, ranks=(8, 16, 33, 64, 128), T=257, frac_none=0.2, seed=0, device="cuda"):
     g = torch.Generator().manual_seed(seed)
     S = len(outs)
     w = lk.LoRAWeights(in_f, list(outs) if S > 1 else outs[0], max_adapters=len(ranks), max_rank=max(ranks),
-                       dtype=dtype, device="cuda")
+                       dtype=dtype, device=device)
     for r in ranks:
         A = [torch.randn(r, in_f, generator=g) / in_f**0.5 for _ in range(S)]
         B = [torch.randn(o, r, generator=g) / r**0.5 for o in outs]
         w.add(A if S > 1 else A[0], B if S > 1 else B[0], alpha=2.0 * r)
     ids = torch.randint(0, len(ranks), (T,), generator=g, dtype=torch.int32)
-    ids[torch.rand(T, generator=g) < frac_none] = -1
-    x = torch.randn(T, in_f, generator=g).to("cuda", dtype)
-    y = torch.randn(T, sum(outs), generator=g).to("cuda", dtype)
+    none = torch.rand(T, generator=g) < frac_none
+    if bool(none.all()):
+        none[0] = False  # every case serves a token (T = 1 with seed 0 drew -1: it only tested the early exit)
+    ids[none] = -1
+    assert bool((ids >= 0).any()), f"T={T} seed={seed}: no token has an adapter"
+    x = torch.randn(T, in_f, generator=g).to(device, dtype)
+    y = torch.randn(T, sum(outs), generator=g).to(device, dtype)
     return w, ids, x, y
+
+
+TOLERANCE_CASES = [(outs, T) for outs in [(4096,), (4096, 1024, 1024)] for T in (1, 7, 257)]
+
+
+def test_every_tolerance_case_serves_tokens():
+    """CPU replay of the GPU cases' draws (same generator, same order): each has tokens with an adapter, so the
+    tolerance test checks a delta, not only the early exit (_case asserts it)."""
+    for outs, T in TOLERANCE_CASES:
+        _case(torch.float32, outs, T=T, device="cpu")
 
 
 def _torch_lowp_delta(x, w, ids):
@@ -38,9 +55,9 @@ def _torch_lowp_delta(x, w, ids):
     return out
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("outs", [(4096,), (4096, 1024, 1024)])
-@pytest.mark.parametrize("T", [1, 7, 257])
+@pytest.mark.parametrize("outs,T", TOLERANCE_CASES)
 def test_add_lora_cuda_tolerance_rule(dtype, outs, T):
     w, ids, x, y = _case(dtype, outs, T=T)
     batch = lk.LoRABatch(1024, w.max_adapters, "cuda").build(ids.cuda(), ranks=w.ranks)
@@ -55,6 +72,7 @@ def test_add_lora_cuda_tolerance_rule(dtype, outs, T):
     assert torch.equal(got[none], y[none])
 
 
+@pytest.mark.cuda
 def test_cuda_graph_capture_build_and_add_lora_without_host_sync():
     w, ids, x, y = _case(torch.bfloat16, T=64)
     batch = lk.LoRABatch(64, w.max_adapters, "cuda")
@@ -89,20 +107,81 @@ def test_cuda_graph_capture_build_and_add_lora_without_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_batch_build_on_gpu_has_no_host_sync():
-    batch = lk.LoRABatch(4096, 256, "cuda")
-    ids = torch.randint(-1, 256, (4096,), dtype=torch.int32, device="cuda")
-    ranks = torch.randint(1, 129, (1, 256), dtype=torch.int32, device="cuda")
-    batch.build(ids, ranks=ranks, validate=False)  # warm-up (loads the extension)
+# ---- the compiled batch builder against the torch builder ------------------------------------------------
+def _torch_builder_forbidden(monkeypatch) -> None:
+    """Make the torch builder raise wherever the library would call it: the side under test must not use it."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the torch builder ran on the side that must use the compiled CUDA builder")
+
+    monkeypatch.setattr(batch_ops, "build_batch_torch_", forbidden)
+
+
+def _build_compiled(batch: lk.LoRABatch, ids: torch.Tensor, ranks: torch.Tensor) -> lk.LoRABatch:
+    """The side under test: ``LoRABatch.build`` with the compiled builder forced (``lora_kernels_C::build_batch_``
+    from the extension). The default on a GPU is the torch builder unless the tuning table lists the compiled
+    one as verified, which would make the comparison below torch against torch."""
+    with lk.backends.use_backend("cuda"):
+        assert lk.backends.select("batch", batch.meta.device) == "cuda"
+        batch.build(ids, ranks=ranks, validate=False)
+    return batch
+
+
+def _spec_meta(ids: torch.Tensor, ranks: torch.Tensor, max_tokens: int, max_adapters: int) -> torch.Tensor:
+    """The spec side: the torch builder, called directly on CPU tensors (garbage-filled: every field rewritten)."""
+    lay = MetaLayout(max_tokens, min(max_tokens, max_adapters))
+    meta = torch.full((lay.size,), -7, dtype=torch.int32)
+    build_batch_torch_(meta, ids.cpu(), ranks.cpu(), max_tokens, max_adapters)
+    return meta
+
+
+@pytest.mark.cuda
+def test_compiled_batch_builder_matches_torch_builder_without_host_sync(monkeypatch):
+    T, N = 4096, 256
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(-1, N, (T,), generator=gen, dtype=torch.int32).cuda()
+    ranks = torch.randint(1, 129, (1, N), generator=gen, dtype=torch.int32).cuda()
+    batch = lk.LoRABatch(T, N, "cuda")
+    batch.meta.fill_(-7)
+    _torch_builder_forbidden(monkeypatch)
+    _build_compiled(batch, ids, ranks)  # warm-up (loads the extension)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        batch.build(ids, ranks=ranks, validate=False)
+        _build_compiled(batch, ids, ranks)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    cpu = lk.LoRABatch(4096, 256).build(ids.cpu(), ranks=ranks.cpu())
+    monkeypatch.undo()
+    spec = _spec_meta(ids, ranks, T, N)
+    assert torch.equal(batch.meta.cpu(), spec), "compiled builder differs from the torch builder"
+    cpu = lk.LoRABatch(T, N)
+    cpu.meta.copy_(spec)
+    cpu.num_tokens = T
     assert batch.to_dict() == cpu.to_dict()
 
 
+def test_builder_test_drives_the_compiled_extension(monkeypatch):
+    """CPU side of the test above: the builder it calls is the extension's C++ op with a CUDA kernel, and
+    ``_build_compiled`` reaches it (the device work stubbed, CPU tensors standing in for CUDA ones), never the
+    torch builder. So a change that makes both sides the torch builder fails here, without a GPU."""
+    assert_compiled_cuda_op(require_compiled_extension().build_batch_, "lora_kernels_C::build_batch_")
+
+    calls = []
+
+    class StubExtension:  # records the call the real extension would get
+        @staticmethod
+        def build_batch_(meta, adapter_ids, ranks, max_tokens, max_adapters):
+            calls.append((meta, max_tokens, max_adapters))
+
+    real_select = lk.backends.select
+    monkeypatch.setattr(_ext, "get", lambda *a, **k: StubExtension)
+    monkeypatch.setattr(lk.backends, "select", lambda family, device: real_select(family, "cuda"))
+    _torch_builder_forbidden(monkeypatch)
+    batch = lk.LoRABatch(8, 4)
+    ids = torch.tensor([0, 3, -1, 1, 1, 2, -1, 0], dtype=torch.int32)
+    _build_compiled(batch, ids, torch.full((1, 4), 8, dtype=torch.int32))
+    assert len(calls) == 1 and calls[0][0] is batch.meta and calls[0][1:] == (8, 4)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("outs", [(4096,), (4096, 1024, 1024)])
 @pytest.mark.parametrize("T", [7, 257])
 def test_add_lora_mixed_mode_cuda_bf16(outs, T):

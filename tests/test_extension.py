@@ -3,7 +3,6 @@ against the executable spec ``build_batch_torch_``, field by field, and under CU
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers import assert_compiled_cuda_op
+from helpers import extension_unbuildable_reason as _can_build
+from helpers import require_aot_extension as _require_aot
 
 from lora_kernels import _ext
 from lora_kernels.batch import MetaLayout, build_batch_torch_
@@ -23,15 +25,6 @@ SCHEMA = (
 )
 
 
-def _can_build() -> str | None:
-    """None if this environment can compile the extension, else why not."""
-    if not torch.version.cuda:
-        return "torch is a CPU-only build"
-    if _ext.cuda_home() is None:
-        return "nvcc not found (set CUDA_HOME)"
-    return None
-
-
 def _run(code: str, env: dict | None = None, timeout: float = 900) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line last, which is returned."""
     full_env = dict(os.environ, **(env or {}))
@@ -41,20 +34,6 @@ def _run(code: str, env: dict | None = None, timeout: float = 900) -> dict:
     )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _require_aot() -> None:
-    if importlib.util.find_spec("lora_kernels._C") is not None:
-        return
-    if os.environ.get("LORA_KERNELS_NO_EXTENSION", "0") not in ("", "0"):
-        pytest.skip("installed without the extension (LORA_KERNELS_NO_EXTENSION is set)")
-    why = _can_build()
-    if why:
-        pytest.skip(f"lora_kernels._C not built: {why}")
-    pytest.fail(
-        "lora_kernels._C is missing although torch has CUDA and nvcc exists: reinstall with "
-        "`pip install --no-build-isolation -e .` and read setup.py's output"
-    )
 
 
 # ---- AOT module ------------------------------------------------------------------------------------------
@@ -171,10 +150,21 @@ def test_jit_build_into_cache(tmp_path):
 
 # ---- CUDA: the builder against the spec -----------------------------------------------------------------
 def _cuda_ops():
+    """The side under test: the extension's ops (``torch.ops.lora_kernels_C``), compared with the torch builder
+    ``build_batch_torch_`` (the spec), never with itself."""
     ns = _ext.get()
     if ns is None:
         pytest.fail(f"CUDA extension unavailable on a GPU machine: {_ext.status()}")
+    assert_compiled_cuda_op(ns.build_batch_, "lora_kernels_C::build_batch_")
     return ns
+
+
+def test_builder_under_test_is_the_compiled_op():
+    """CPU side of the -m cuda builder tests below: what they call is the extension's C++ op with a CUDA kernel
+    from csrc/bindings.cpp, a different code path from ``build_batch_torch_`` they compare it with."""
+    _require_aot()
+    ops = _cuda_ops()
+    assert ops.build_batch_ is not build_batch_torch_
 
 
 def _ids(kind: str, T: int, N: int, gen: torch.Generator) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -13,75 +12,14 @@ from helpers import assert_close_rule, lowp_add_lora_, make_weights
 import lora_kernels as lk
 from lora_kernels.nn import LoRALinear, ModeController, VLoRAPolicy
 from lora_kernels.nn.modes import normalize_counts
+from lora_kernels.ops import merge as merge_ops
 
 N_ADAPTERS = 6
 PARTIAL = 5  # adapter loaded in the first layer only
 
 
-# ---- the merge ops and the layers' mode flags (stand-ins while the real ones are missing) ------------------
-class _StandInMerge:
-    """merge_many_/unmerge_many_ with the agreed API; the record is a copy of W (tests only)."""
-
-    @staticmethod
-    def merge_many_(Ws, weights_list, adapters, lambdas=None, *, exact=True):
-        recs = []
-        for W, w in zip(Ws, weights_list):
-            saved = W.clone()
-            d = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
-            for j, a in enumerate(adapters):
-                lam = 1.0 if lambdas is None else float(lambdas[j])
-                for s in range(w.num_slices):
-                    A, B, sc = w.adapter(a, s)
-                    c0 = w.slice_cols[s]
-                    d[c0:c0 + w.slice_outs[s]] += lam * sc * (B.float() @ A.float())
-            W.copy_((W.float() + d).to(W.dtype))
-            recs.append(saved)
-        return recs
-
-    @staticmethod
-    def unmerge_many_(Ws, recs):
-        for W, saved in zip(Ws, recs):
-            W.copy_(saved)
-        return Ws
-
-
-def _real_merge_ops():
-    try:
-        mod = importlib.import_module("lora_kernels.ops.merge")
-    except Exception:
-        return None
-    return mod if hasattr(mod, "merge_many_") and hasattr(mod, "unmerge_many_") else None
-
-
-MERGE_OPS = _real_merge_ops() or _StandInMerge()
-
-
-def _standin_set_serving_mode(self, mode, adapter=None):
-    self.mode = mode
-    self.merged_adapter = adapter
-
-
-def _standin_forward(self, x):
-    batch = self.batch if self.batch is not None else lk.current_batch()
-    y = self.base(x)
-    mode = getattr(self, "mode", "unmerged")
-    if mode == "merged":
-        return y
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = y.reshape(-1, y.shape[-1]).clone()
-    lk.add_lora_(y2, x2, self.weights, batch)
-    if mode == "mixed":
-        ids = torch.full((x2.shape[0],), self.merged_adapter, dtype=torch.int32, device=x2.device)
-        y2 = (y2.float() - lk.reference.lora_delta(x2, self.weights, ids)).to(y2.dtype)
-    return y2.view(y.shape)
-
-
-@pytest.fixture(autouse=True)
-def _serving_modes(monkeypatch):
-    if not hasattr(LoRALinear, "set_serving_mode"):
-        monkeypatch.setattr(LoRALinear, "set_serving_mode", _standin_set_serving_mode, raising=False)
-        monkeypatch.setattr(LoRALinear, "forward", _standin_forward)
-    yield
+# The library's own merge ops (a broken import must fail these tests, never swap in a stand-in).
+MERGE_OPS = merge_ops
 
 
 # ---- a small model: fused q/k/v (3 slices) -> tanh -> projection ----------------------------------------------

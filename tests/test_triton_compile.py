@@ -4,7 +4,9 @@ The Triton kernels are the default path on a GPU, but CPU CI only runs them in t
 check tl.dot shapes and dtypes, layouts, shared memory, or the types the real compiler infers. This test runs
 tests/triton_aot_driver.py once per session in a subprocess (the interpreter must be off there): it records the
 launches the real launchers make (tuning defaults over shapes that reach every branch, the tuning sweep's
-largest tiles, bf16/fp16/fp32) and compiles them to cubins with Triton's own ptxas (see that file's docstring).
+largest tiles, bf16/fp16/fp32) and compiles them to cubins with Triton's own ptxas (see that file's docstring),
+each with the specialisation a real launch applies (alignment / divisibility by 16 / constant 1, computed by
+Triton's own launch-time code on the recorded arguments and cross-checked against ``JITFunction.run``).
 Compiled artifacts land in Triton's cache, so reruns are fast. On a GPU machine the kernels run for real in the
 other tests; this still runs there (it needs no device).
 """
@@ -72,6 +74,44 @@ def test_grids_within_cuda_limits(report):
     B * H = 131072 (recorded on meta tensors) used to put B * H on axis 1."""
     assert report["n_grids"] > 100
     assert not report["grids_over"], "\n".join(report["grids_over"])
+
+
+def test_compiled_variants_are_the_ones_a_launch_compiles(report):
+    """Each case is compiled with the signature, constants, specialisation attributes and options that
+    ``JITFunction.run`` itself would hand to the compiler for the same arguments (checked for every unique
+    launch), and the specialisation is in use (data pointers and sizes divisible by 16 carry tt.divisibility)."""
+    assert report["spec_checked"] >= 100
+    assert not report["spec_mismatch"], "\n".join(report["spec_mismatch"])
+    with_div = [r for r in report["results"] if r["ok"] and any(
+        a == ["tt.divisibility", 16] for v in r["attrs"].values() for a in v)]
+    assert len(with_div) >= len(report["results"]) // 2
+    assert {r["kernel"] for r in with_div} == set(report["kernels"])
+    # ... and the compiled kernels carry them: the TTIR signature's tt.divisibility args are exactly those
+    lost = [f"{_fmt(r)}: TTIR {r['ttir_divisible']} vs launch {sorted(r['attrs'])}" for r in report["results"]
+            if r["ok"] and r["ttir_divisible"] != sorted(
+                n for n, v in r["attrs"].items() if ["tt.divisibility", 16] in v)]
+    assert not lost, "\n".join(lost[:20])
+
+
+def test_specialisation_rule_on_a_probe(report):
+    """The rule, written out, on a probe launch (a_ptr 16-byte aligned, b_ptr = a[1:] not; n16 = 32, n7 = 7,
+    one = 1): Triton's launch-time code and ``JITFunction.run`` both give exactly this."""
+    want = {"sig": {"a_ptr": "*fp32", "b_ptr": "*fp32", "n16": "i32", "n7": "i32", "one": "constexpr",
+                    "BLOCK": "constexpr"},
+            "consts": {"one": 1, "BLOCK": 16},
+            "attrs": {"a_ptr": [["tt.divisibility", 16]], "n16": [["tt.divisibility", 16]]}}
+    assert report["probe_spec"]["launch"] == want
+    assert report["probe_spec"]["jit_run"] == want
+
+
+def test_specialisation_changes_the_compiled_kernel(report):
+    """Why the attributes matter: the same launch compiled without them (what this test used to compile) is a
+    different kernel. Here the bf16 shrink at in = 4096: the PTX differs, and the specialised kernel loads its
+    tiles with 16-byte copies (cp.async / vector loads) where the unspecialised one cannot assume alignment."""
+    eff = report["spec_effect"]
+    assert eff["attrs"], eff
+    assert eff["ptx_differs"], eff
+    assert eff["wide_loads_with"] > eff["wide_loads_without"], eff
 
 
 def test_outer_config_rejects_tiles_a_gpu_cannot_dot():

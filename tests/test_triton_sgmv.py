@@ -4,8 +4,12 @@ Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, s
 below before anything imports Triton). The interpreter is slow, so the main matrix is a deterministic
 *pairwise* sample of popularity x fraction of -1 tokens x T x hidden size x slices x dtype x layout x
 storage (every pair of values appears in some case), each case running every strategy; special cases
-(split-K, padded storage, rank-0 slices, 64+ adapters, the 2-D grid fallback, bf16, mixed dtypes, T = 0)
-have their own tests.
+(split-K, padded storage, rank-0 slices, 64+ adapters, the 2-D grid fallback, bf16, mixed dtypes, T = 0,
+the all -1 batch) have their own tests.
+
+Every numeric check compares against a reference computed into a *copy* of the baseline y0 (the reference
+functions write in place: ``y0.float()`` is y0 itself for fp32) and uses the tolerance rule with ``base=y0``,
+so a kernel that adds no delta, or the delta twice, fails every case (tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -34,9 +38,8 @@ from helpers import weights_on as _on
 
 from lora_kernels import reference
 from lora_kernels.batch import LoRABatch
+from lora_kernels.triton import sgmv
 from lora_kernels.weights import LoRAWeights
-
-sgmv = pytest.importorskip("lora_kernels.triton.sgmv")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 RANKS = (1, 8, 16, 33, 64, 128)
@@ -72,7 +75,7 @@ def pairwise(factors: dict, seed: int = 0, tries: int = 40) -> list:
 FACTORS = {
     "dist": DISTRIBUTIONS,
     "T": (1, 7, 33, 257),
-    "frac_none": (0.0, 0.3, 1.0),
+    "frac_none": (0.0, 0.3, 0.8),  # every case serves some tokens; the all -1 batch has its own test
     "in_f": (16, 48, 200),
     "slices": (1, 3),
     "dtype": ("fp16", "fp32"),
@@ -88,7 +91,7 @@ SMALL_TILES = {
     "fused": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "N_SPLIT": 3},
 }
 CASES = pairwise(FACTORS)
-# Pairwise coverage spends many cases on all -1 batches; add busy ones at the largest sizes.
+# Busy cases at the largest sizes, on top of the pairwise sample.
 _K = ("dist", "T", "frac_none", "in_f", "slices", "dtype", "layout", "storage", "tiles")
 CASES += [dict(zip(_K, v)) for v in (
     ("zipf", 257, 0.3, 200, 3, "fp16", "strided", "churn", "default"),
@@ -119,6 +122,7 @@ def _setup(case: dict, seed: int):
     ranks = random_ranks(n_adapters, RANKS, g)
     w = make_weights(case["in_f"], outs, ranks, dtype=dt, generator=g, churn=case["storage"] == "churn")
     ids = make_ids(case["dist"], case["T"], n_adapters, case["frac_none"], g)
+    assert bool((ids >= 0).any()), f"case {_case_id(case)}: no token has an adapter (only the early exit runs)"
     x = torch.randn(case["T"], case["in_f"], generator=g).to(dt)
     y0 = torch.randn(case["T"], w.out_features, generator=g).to(dt)
     return w, ids, x, y0
@@ -176,12 +180,25 @@ def _run_expand(w, ids, y0, h, config=None, strided=False):
     return y.cpu()
 
 
+def _fp32_copy(y0: torch.Tensor) -> torch.Tensor:
+    """A new fp32 tensor holding y0: the in-place reference writes into it, never into y0 (``y0.float()`` is y0
+    itself when y0 is fp32, and then the baseline would already hold the delta)."""
+    return y0.to(torch.float32, copy=True)
+
+
+def _ref_add_lora(w, ids, x, y0):
+    """The fp32 spec of ``y0 += delta``, computed into a copy (y0 stays the baseline)."""
+    return reference.add_lora_(_fp32_copy(y0), x, w.a, w.b, w.offsets, w.ranks, w.scales, ids, w.slice_cols,
+                               w.slice_outs)
+
+
 def _check_add_lora(y, w, ids, x, y0, name):
     dt = y0.dtype
-    ref = reference.add_lora_(y0.float(), x, w.a, w.b, w.offsets, w.ranks, w.scales, ids, w.slice_cols,
-                              w.slice_outs)
+    before = y0.clone()
+    ref = _ref_add_lora(w, ids, x, y0)
     low = lowp_add_lora_(y0.clone(), x, w, ids, dt)
-    assert_close_rule(y, ref, low, name=name)
+    assert _same_bits(y0, before), f"{name}: the yardsticks wrote into the baseline y0"
+    assert_close_rule(y, ref, low, name=name, base=y0)
     none = ids < 0
     assert _same_bits(y[none], y0[none]), f"{name}: rows of tokens with no adapter changed"
 
@@ -200,14 +217,15 @@ def test_matrix(case):
     # shrink: fp32 h, exact zeros where the spec says so
     h = _run_shrink(w, ids, x, SMALL_TILES["shrink"] if small else None, strided=strided)
     h_ref = reference.shrink(x, w.a, w.offsets, w.ranks, ids, r_cap)
-    assert_close_rule(h, h_ref, lowp_shrink(x, w, ids, r_cap, dt), dtype=dt, name="shrink h")
+    assert_close_rule(h, h_ref, lowp_shrink(x, w, ids, r_cap, dt), dtype=dt, name="shrink h", base=0.0)
     assert torch.equal(h[h_ref == 0], h_ref[h_ref == 0]), "shrink: expected exact zeros past ranks / for -1 tokens"
 
     # expand_: reads only h[s, t, :r] of tokens in segments (everything else is NaN here)
     y = _run_expand(w, ids, y0, _h_poisoned(h_ref, w, ids), SMALL_TILES["expand"] if small else None,
                     strided=strided)
-    ref = reference.expand_(y0.float(), h_ref, w.b, w.offsets, w.ranks, w.scales, ids, w.slice_cols, w.slice_outs)
-    assert_close_rule(y, ref, lowp_expand_(y0.clone(), h_ref, w, ids, dt), name="expand_ y")
+    ref = reference.expand_(_fp32_copy(y0), h_ref, w.b, w.offsets, w.ranks, w.scales, ids, w.slice_cols,
+                            w.slice_outs)
+    assert_close_rule(y, ref, lowp_expand_(y0.clone(), h_ref, w, ids, dt), name="expand_ y", base=y0)
     assert _same_bits(y[ids < 0], y0[ids < 0]), "expand_: rows of tokens with no adapter changed"
 
     configs = {"fused": {"strategy": "fused"}, "two_pass": {"strategy": "two_pass"}}
@@ -223,6 +241,28 @@ def test_pairwise_covers_every_pair():
     for a, b in itertools.combinations(FACTORS, 2):
         seen = {(c[a], c[b]) for c in CASES}
         assert seen == set(itertools.product(FACTORS[a], FACTORS[b])), (a, b)
+    # the pairs are only worth counting if every case serves tokens (not only the all -1 early exit)
+    assert all(c["frac_none"] < 1.0 for c in CASES)
+    for seed, c in enumerate(CASES):
+        _setup(c, seed)  # asserts some token has an adapter
+
+
+@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+def test_all_tokens_without_adapter(strategy):
+    """The one explicit all -1 batch: shrink writes exact zeros, expand_ and add_lora_ leave y bit-identical
+    (NaN in h where nothing may be read)."""
+    g = torch.Generator().manual_seed(11)
+    w = make_weights(48, (48, 16), [8, 33, 1], dtype=torch.float16, generator=g)
+    ids = make_ids("uniform", 9, 3, 1.0, g)
+    assert bool((ids == -1).all())
+    x = torch.randn(9, 48, generator=g).half()
+    y0 = torch.randn(9, w.out_features, generator=g).half()
+    h = _run_shrink(w, ids, x)
+    assert torch.equal(h, torch.zeros_like(h)), "shrink: expected zeros for tokens with no adapter"
+    y = _run_expand(w, ids, y0, torch.full_like(h, float("nan")))
+    assert _same_bits(y, y0), "expand_: rows of tokens with no adapter changed"
+    y = _run_add_lora(w, ids, x, y0, {"strategy": strategy})
+    assert _same_bits(y, y0), f"add_lora_ {strategy}: rows of tokens with no adapter changed"
 
 
 # ---- targeted cases ----------------------------------------------------------------------------------------
@@ -236,7 +276,7 @@ def test_split_k(split_k, block_k):
     x = torch.randn(7, 200, generator=g).half()
     h = _run_shrink(w, ids, x, {"SPLIT_K": split_k, "BLOCK_K": block_k, "BLOCK_R": 16})
     h_ref = reference.shrink(x, w.a, w.offsets, w.ranks, ids, w.max_rank)
-    assert_close_rule(h, h_ref, lowp_shrink(x, w, ids, w.max_rank, torch.float16), dtype=torch.float16)
+    assert_close_rule(h, h_ref, lowp_shrink(x, w, ids, w.max_rank, torch.float16), dtype=torch.float16, base=0.0)
     assert torch.equal(h[h_ref == 0], h_ref[h_ref == 0])
     y0 = torch.randn(7, 80, generator=g).half()
     cfg = {"strategy": "two_pass", "shrink": {"SPLIT_K": split_k, "BLOCK_K": block_k}}
@@ -325,12 +365,11 @@ def test_mixed_dtypes(x_dt, w_dt, y_dt, strategy):
     y0 = torch.randn(7, 48, generator=g).to(y_dt)
     y = _run_add_lora(w, ids, x, y0, {"strategy": strategy})
     # PyTorch baseline: x's precision for the shrink, y's for the expand, as the kernels do.
-    ref = reference.add_lora_(y0.float(), x, w.a, w.b, w.offsets, w.ranks, w.scales, ids, w.slice_cols,
-                              w.slice_outs)
+    ref = _ref_add_lora(w, ids, x, y0)
     h_low = lowp_shrink(x, w, ids, w.max_rank, x_dt)
     low = lowp_expand_(y0.clone(), h_low, w, ids, y_dt)
     low_dt = x_dt if x_dt != torch.float32 else y_dt
-    assert_close_rule(y, ref, low, dtype=low_dt)
+    assert_close_rule(y, ref, low, dtype=low_dt, base=y0)
     assert _same_bits(y[ids < 0], y0[ids < 0])
 
 

@@ -13,8 +13,14 @@ set of shapes chosen to reach every branch (decode with split-K, odd ``in`` (EVE
 rank > 64, more than ``_FLAT_SEGMENT_LIMIT`` segments, mixed mode, fused and two-pass), plus the largest tile
 of each op's tuning sweep (``candidate_configs``), in bf16, fp16 and fp32. Identical launches compile once.
 
-Each unique case is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` to a
-cubin (Triton's own ptxas), and checked for:
+Each case is compiled as the launch would compile it: the signature, constexprs, specialisation attributes
+(``tt.divisibility`` 16 for pointers aligned to 16 bytes and integers divisible by 16; integers equal to 1 as
+constants) and options come from Triton's own launch-time code (:func:`launch_specialization`: the JIT's binder
+``create_function_from_signature`` + ``JITFunction._pack_args``, the two steps ``JITFunction.run`` takes before
+compiling) applied to the recorded arguments, and are cross-checked against what ``JITFunction.run`` itself hands
+to its compiler (:func:`jit_run_specialization`, run with a stand-in driver for the target and the compile step
+captured). Then ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+options=...)`` builds a cubin (Triton's own ptxas), checked for:
 
 * shared memory within the target's per-block limit (a config over it compiles but fails to launch);
 * 64-bit offsets: in the TTIR, every ``tt.addptr`` applied directly to a data-tensor argument (or to its
@@ -24,7 +30,11 @@ cubin (Triton's own ptxas), and checked for:
 * grids within CUDA's limits (axes 1 and 2 <= 65535), also for launches recorded on ``meta`` tensors of
   large sizes (:func:`big_grid_scenarios`: recorded only, never compiled);
 * "wide" variant (bf16, sm_90, one per kernel): every integer argument typed i64, which is what Triton passes
-  when a stride or size is >= 2^31: the kernel must still compile.
+  when a stride or size is >= 2^31: the kernel must still compile (specialised as a launch with each integer
+  ``v + 2**32`` would be: i64, divisibility by 16 kept, no constant 1).
+
+The report also shows the specialisation matters (``spec_effect``: one launch compiled with and without its
+attributes gives different PTX) and checks the mechanism on a probe kernel (``probe_spec``).
 
 Prints one JSON object per case on stdout (and writes the list to ``--out``).
 """
@@ -32,7 +42,6 @@ Prints one JSON object per case on stdout (and writes the list to ``--out``).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -41,10 +50,16 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import collections  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.runtime import driver as _driver  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.join(ROOT, "tests")):
@@ -77,6 +92,9 @@ _scenario = ["?"]
 _grids: list = []  # (scenario, kernel, grid) of every recorded launch
 
 
+_REAL_RUN = JITFunction.run
+
+
 def _record(self, *args, grid, warmup, **kwargs):
     _captured.append((_scenario[0], self, args, kwargs))
     _grids.append((_scenario[0], self.__name__, tuple(grid) if not callable(grid) else grid(kwargs)))
@@ -85,34 +103,103 @@ def _record(self, *args, grid, warmup, **kwargs):
 JITFunction.run = _record
 
 
-def case_of(fn, args, kwargs, wide=False):
-    """(signature, constexprs, options) of one recorded launch, specialised as Triton's launcher does (ints
-    equal to 1 become constexprs, except ``do_not_specialize`` ones); ``wide``: every integer argument as i64."""
-    params = list(inspect.signature(fn.fn).parameters)
-    vals = dict(zip(params, args))
-    opts = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
-    vals.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
-    const_names = {params[i] for i in fn.constexprs} if fn.constexprs and isinstance(
-        next(iter(fn.constexprs)), int) else {p.name for p in fn.params if p.is_constexpr}
-    dns = {p.name for p in fn.params if p.do_not_specialize}
-    sig, consts = {}, {}
-    for name in params:
-        v = vals[name]
-        # Triton's launch-time specialisation: an int argument equal to 1 becomes the constant 1
-        if name in const_names or (not wide and type(v) is int and v == 1 and name not in dns):
-            sig[name] = "constexpr"
-            consts[name] = v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = _PTR[v.dtype]
-        elif isinstance(v, bool):
-            sig[name] = "i1"
-        elif isinstance(v, int):
-            sig[name] = "i64" if wide or not -2**31 <= v < 2**31 else "i32"
-        elif isinstance(v, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {name}: unsupported {type(v).__name__}")
-    return sig, consts, opts
+def _launch_kwargs(fn, kwargs):
+    """The keyword arguments as ``JITFunction.run`` completes them before binding (debug, instrumentation)."""
+    kw = dict(kwargs)
+    kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    return kw
+
+
+def _widen(fn, args, kwargs):
+    """The launch with every non-constexpr integer argument ``v + 2**32``: Triton types it i64 (as for a size or
+    stride >= 2^31) and keeps its divisibility by 16; none equals 1 any more."""
+    const = {p.name for p in fn.params if p.is_constexpr}
+    names = [p.name for p in fn.params]
+
+    def w(name, v):
+        return v + 2**32 if type(v) is int and name not in const else v
+
+    return (tuple(w(n, v) for n, v in zip(names, args)),
+            {k: w(k, v) if k in names else v for k, v in kwargs.items()})
+
+
+def launch_specialization(fn, args, kwargs, arch: int = 90, wide: bool = False):
+    """What Triton's JIT compiles for this launch on ``sm_<arch>``, computed by Triton's own launch-time code
+    (the binder from ``create_function_from_signature`` and ``JITFunction._pack_args``) on the real arguments:
+    ``(signature, constexprs, attrs, options)`` with ``signature`` {name: type or "constexpr"}, ``constexprs``
+    {name: value} (the constexpr parameters and the integers equal to 1), ``attrs`` {(index,): [[attr, value]]}
+    (``tt.divisibility`` 16 for 16-byte aligned pointers and integers divisible by 16) and ``options`` the
+    backend's options dict. ``wide``: as :func:`_widen`."""
+    if wide:
+        args, kwargs = _widen(fn, args, kwargs)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kw = _launch_kwargs(fn, kwargs)
+    bound, spec, opts = binder(*args, **kw)
+    options, sig, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
+    names = fn.arg_names
+    consts = {}
+    for path, v in constexprs.items():
+        assert len(path) == 1, f"{fn.__name__}: tuple arguments are not supported here ({path})"
+        consts[names[path[0]]] = v
+    return sig, consts, attrs, options.__dict__
+
+
+class _StandInDriver:
+    """Just enough of a Triton driver for ``JITFunction.run`` to reach its compile step without a GPU."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def jit_run_specialization(fn, args, kwargs, arch: int = 90):
+    """``(signature, constexprs, attrs, options)`` that ``JITFunction.run`` itself hands to its compile step for
+    this launch (run for real, with a stand-in driver for ``sm_<arch>`` and ``_do_compile`` captured: nothing is
+    compiled or launched). The independent check of :func:`launch_specialization`."""
+    got = {}
+
+    def capture(key, signature, device, constexprs, options, attrs, warmup):
+        got.update(signature=signature, constexprs=constexprs, attrs=attrs, options=options)
+        return None  # run() returns before any launch
+
+    prev_active, prev_caches = _driver._active, fn.__dict__.get("device_caches")
+    _driver.set_active(_StandInDriver(arch))
+    fn.device_caches = collections.defaultdict(fn.create_binder)
+    fn._do_compile = capture
+    try:
+        _REAL_RUN(fn, *args, grid=(1,), warmup=False, **kwargs)
+    finally:
+        del fn._do_compile
+        if prev_caches is not None:
+            fn.device_caches = prev_caches
+        _driver.set_active(prev_active)
+    names = fn.arg_names
+    consts = {names[p[0]]: v for p, v in got["constexprs"].items()}
+    return got["signature"], consts, got["attrs"], got["options"].__dict__
+
+
+def named_attrs(fn, attrs) -> dict:
+    """``attrs`` by parameter name, the non-empty ones only (for reports)."""
+    return {fn.arg_names[p[0]]: [list(a) for a in v] for p, v in attrs.items() if v}
+
+
+def case_of(fn, args, kwargs, wide=False, arch: int = 90):
+    """(signature, constexprs, attrs, options, launch options) of one recorded launch as Triton's JIT
+    specialises it (:func:`launch_specialization`); the launch options are the ``_OPTIONS`` subset (reports,
+    de-duplication)."""
+    sig, consts, attrs, options = launch_specialization(fn, args, kwargs, arch, wide)
+    opts = {k: options[k] for k in _OPTIONS if k in kwargs}
+    return sig, consts, attrs, options, opts
 
 
 _ADDPTR = re.compile(r"tt\.addptr (%[\w#]+), %[\w#]+ : ([^,]+), (\S+)")
@@ -134,6 +221,16 @@ def narrow_offsets(ttir: str, sig: dict) -> list[str]:
         if name is not None and name not in _SMALL and not off_t.rstrip(")").endswith("i64>") and off_t != "i64":
             bad.add(f"{name}:{off_t}")
     return sorted(bad)
+
+
+def ttir_divisible_args(ttir: str) -> list[str]:
+    """Arguments of the compiled kernel's TTIR signature that carry ``tt.divisibility = 16`` (what the compiler
+    was actually told, as opposed to what the launch specialisation asked for)."""
+    m = re.search(r"tt\.func public @\w+\((.*?)\)\s*(attributes|\{)", ttir, re.S)
+    if not m:
+        return []
+    return sorted(name for name, rest in re.findall(r"%([\w#]+): ([^%]*)", m.group(1))
+                  if "tt.divisibility = 16" in rest)
 
 
 @triton.jit
@@ -319,23 +416,26 @@ def collect(families=None, dtypes=("bf16", "fp16", "fp32")):
                     _captured[i] = (f"{dn}:{sc}", fn, a, k)
     seen, out = set(), []
     for sc, fn, a, k in _captured:
-        sig, consts, opts = case_of(fn, a, k)
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(opts.items())))
+        sig, consts, attrs, _, opts = case_of(fn, a, k)
+        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(opts.items())),
+               repr(sorted(attrs.items())))
         if key not in seen:
             seen.add(key)
             out.append((key, sc, fn, a, k))
     return out
 
 
-def compile_case(fn, sig, consts, opts, arch):
+def compile_case(fn, sig, consts, attrs, options, opts, arch):
+    """Compile one launch's variant (signature, constexprs, specialisation attrs, full options) for sm_<arch>."""
     t0 = time.time()
     res = {"kernel": fn.__name__, "arch": arch, "sig": sig, "consts": {k: str(v) for k, v in consts.items()},
-           "opts": opts}
+           "attrs": named_attrs(fn, attrs), "opts": opts}
     try:
-        k = triton_aot_compile(fn, sig, consts, arch, opts)
+        k = triton_aot_compile(fn, sig, consts, arch, options, attrs=attrs)
         res["ok"] = bool(k.asm.get("cubin"))
         res["shared"] = int(k.metadata.shared)
         res["narrow"] = narrow_offsets(k.asm["ttir"], sig)
+        res["ttir_divisible"] = ttir_divisible_args(k.asm["ttir"])
         res["error"] = "" if res["ok"] else "no cubin"
     except Exception as e:  # noqa: BLE001 - reported per case, the test fails on it
         res["ok"], res["shared"], res["narrow"] = False, -1, []
@@ -351,7 +451,7 @@ _DOT_KERNELS = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_sgmv_fused_kerne
 
 def _structure(key):
     """A launch's code path: kernel, branch flags, >1-ness of the split/slice counts, the 2-D grid, dtypes."""
-    name, sig, consts, _ = key
+    name, sig, consts = key[:3]
     c, sg = dict(consts), dict(sig)
     f = tuple((k, c[k]) for k in _FLAGS if k in c)
     f += tuple((k, int(c[k]) > 1) for k in ("SPLIT_K", "SPLIT_M", "N_SPLIT", "NUM_SLICES") if k in c)
@@ -392,11 +492,67 @@ _CASES: list = []
 def _run_job(job):
     i, arch, wide = job
     key, sc, fn, a, k = _CASES[i]
-    sig, consts, opts = case_of(fn, a, k, wide=wide)
-    r = compile_case(fn, sig, consts, opts, arch)
+    sig, consts, attrs, options, opts = case_of(fn, a, k, wide=wide, arch=arch)
+    r = compile_case(fn, sig, consts, attrs, options, opts, arch)
     r["scenario"] = sc + (":wide_i64" if wide else "")
     r["limit"] = SMEM_LIMIT.get(arch)
     return r
+
+
+# ---- the specialisation: checked on a probe, against JITFunction.run, and shown to change the code ----------
+@triton.jit
+def _spec_probe(a_ptr, b_ptr, n16, n7, one, BLOCK: tl.constexpr):
+    """Probe of :func:`launch_specialization`: a_ptr aligned, b_ptr not; n16 divisible by 16, n7 not; one == 1."""
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(a_ptr + offs * one, mask=offs < n16)
+    tl.store(b_ptr + offs, v, mask=offs < n7)
+
+
+def probe_spec() -> dict:
+    """The probe's specialisation, by Triton's launch-time code and by ``JITFunction.run`` (test_triton_compile
+    compares both with the rule written out)."""
+    buf = torch.zeros(64)
+    args, kwargs = (buf, buf[1:], 32, 7, 1), {"BLOCK": 16, "num_warps": 1}
+    out = {}
+    for how, f in (("launch", launch_specialization), ("jit_run", jit_run_specialization)):
+        sig, consts, attrs, _ = f(_spec_probe, args, kwargs, 90)
+        out[how] = {"sig": sig, "consts": consts, "attrs": named_attrs(_spec_probe, attrs)}
+    return out
+
+
+def check_against_jit_run(cases, arch: int) -> tuple[int, list[str]]:
+    """Every unique launch: :func:`launch_specialization` equals what ``JITFunction.run`` would compile."""
+    bad = []
+    for _key, sc, fn, a, k in cases:
+        ours = launch_specialization(fn, a, k, arch)
+        theirs = jit_run_specialization(fn, a, k, arch)
+        if ours != theirs:
+            diff = [n for n, x, y in zip(("signature", "constexprs", "attrs", "options"), ours, theirs) if x != y]
+            bad.append(f"{fn.__name__} [{sc}]: {diff} differ")
+    return len(cases), bad
+
+
+# Wide global loads: 16-byte asynchronous copies to shared memory, or vector loads (.v2/.v4/.v8).
+_WIDE_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:cp\.async\.\w+\.shared\.global|ld\.global(?:\.\w+)*\.v[248])\b",
+                        re.M)
+
+
+def spec_effect(cases, arch: int) -> dict:
+    """One launch (bf16 shrink, in = 4096: aligned pointers, sizes and strides divisible by 16) compiled with
+    its specialisation attributes and without them: the PTX must differ, and the specialised kernel loads its
+    tiles with wide (16-byte) copies where the unspecialised one needs element-wise loads (it cannot assume the
+    alignment)."""
+    pick = next(c for c in cases if c[2].__name__ == "_sgmv_shrink_kernel" and c[1].startswith("bf16:")
+                and "decode_splitk" in c[1])
+    _key, sc, fn, a, k = pick
+    sig, consts, attrs, options, _ = case_of(fn, a, k, arch=arch)
+    ptx = {}
+    for how, at in (("with", attrs), ("without", {})):
+        ptx[how] = triton_aot_compile(fn, sig, consts, arch, options, attrs=at).asm["ptx"]
+    return {"kernel": fn.__name__, "scenario": sc, "attrs": named_attrs(fn, attrs),
+            "ptx_differs": ptx["with"] != ptx["without"],
+            "wide_loads_with": len(_WIDE_LOAD.findall(ptx["with"])),
+            "wide_loads_without": len(_WIDE_LOAD.findall(ptx["without"]))}
 
 
 def main(argv=None):
@@ -428,7 +584,9 @@ def main(argv=None):
     sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "stride": "i32", "BLOCK": "constexpr"}
     report = {"triton": triton.__version__, "results": results, "kernels": kernels_in_package(),
               "n_grids": len(_grids), "grids_over": grids_over_limits(),
-              "probe_narrow": narrow_offsets(probe.asm["ttir"], sig)}
+              "probe_narrow": narrow_offsets(probe.asm["ttir"], sig), "probe_spec": probe_spec()}
+    report["spec_checked"], report["spec_mismatch"] = check_against_jit_run(_CASES, archs[0])
+    report["spec_effect"] = spec_effect(_CASES, archs[0])
     if ns.out:
         with open(ns.out, "w") as f:
             json.dump(report, f)

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check
+from .._validation import check, check_int, check_real
 from ..weights import LoRAWeights
 
-__all__ = ["LoRAFactors", "ClientAdapter", "as_client", "from_weights", "check_clients", "check_client_weights"]
+__all__ = ["LoRAFactors", "ClientAdapter", "as_client", "from_weights", "check_clients", "check_client_weights",
+           "client_weight_values"]
 
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -77,8 +79,10 @@ def _as_layer(v: Any, where: str) -> LoRAFactors:
         sl = v[2] if len(v) == 3 else None
         check(sl is not None or w.num_slices == 1, where, "(weights, adapter_id, slice_index) for a fused group "
               f"of {w.num_slices} slices", "no slice index")
-        check(isinstance(aid, int) and aid in w.loaded, where, f"a loaded adapter id of the LoRAWeights "
-              f"(loaded: {w.loaded})", aid)
+        aid = check_int(f"{where}.adapter_id", aid)
+        check(aid in w.loaded, where, f"a loaded adapter id of the LoRAWeights (loaded: {w.loaded})", aid)
+        if sl is not None:
+            sl = check_int(f"{where}.slice_index", sl, lo=0, hi=w.num_slices - 1)
         A, B, sc = w.adapter(aid, 0 if sl is None else sl)
     elif isinstance(v, (tuple, list)) and len(v) in (2, 3):
         A, B = v[0], v[1]
@@ -95,12 +99,9 @@ def _as_layer(v: Any, where: str) -> LoRAFactors:
     check(A.shape[0] >= 1 and B.shape[1] == A.shape[0], where, "A [r, in] and B [out, r] with the same r >= 1",
           f"A {tuple(A.shape)}, B {tuple(B.shape)}")
     check(A.device == B.device, where, "A and B on one device", f"{A.device} and {B.device}")
-    if isinstance(sc, torch.Tensor):
-        check(sc.numel() == 1, f"{where}.scale", "a float", f"tensor of shape {tuple(sc.shape)}")
-        sc = float(sc)
-    check(isinstance(sc, (int, float)) and math.isfinite(float(sc)), f"{where}.scale", "a finite float", sc,
-          TypeError if not isinstance(sc, (int, float)) else ValueError)
-    return LoRAFactors(A, B, float(sc))
+    # a finite real number: int, float, numpy scalar or 0-dim tensor; never bool (True was read as 1.0), str
+    # or complex (TypeError), nor NaN / inf / a Python int beyond float64 (ValueError)
+    return LoRAFactors(A, B, check_real(f"{where}.scale", sc))
 
 
 def as_client(adapter: ClientAdapter, where: str = "client") -> Dict[str, LoRAFactors]:
@@ -135,24 +136,59 @@ def check_clients(clients: Sequence[ClientAdapter], name: str = "clients") -> Li
     return norm
 
 
+def client_weight_values(weights: Any, K: int, name: str = "weights") -> List[Fraction]:
+    """The K raw weights as exact rationals, checked (see :func:`check_client_weights`; the sum is not checked
+    here: one process of a distributed aggregation may hold only zero weights)."""
+    if isinstance(weights, torch.Tensor):
+        if weights.dtype == torch.bool or weights.is_complex() or weights.device.type == "meta" or weights.ndim > 1:
+            raise TypeError(f"{name}: expected None or a sequence of numbers (one per client), got a tensor of "
+                            f"dtype {weights.dtype}, shape {tuple(weights.shape)} on {weights.device}")
+        weights = weights.detach().reshape(-1).tolist()  # (exact: every float dtype widens to float64)
+    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Iterable):
+        raise TypeError(f"{name}: expected None or a sequence of numbers (one per client), got {weights!r:.80}")
+    weights = list(weights)
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, (bool,)) and type(w).__name__ != "bool_"
+               for w in weights):
+        raise TypeError(f"{name}: expected None or a sequence of numbers (one per client), got {weights!r:.80}")
+    check(len(weights) == K, name, f"{K} weights (one per client)", len(weights))
+    exact: List[Fraction] = []
+    for w in weights:
+        if isinstance(w, numbers.Integral):
+            exact.append(Fraction(int(w)))
+            continue
+        f = float(w)  # (a numpy float widens exactly)
+        if not math.isfinite(f):
+            raise ValueError(f"{name}: expected finite values, got {_show(weights)}")
+        exact.append(Fraction(f))
+    if not all(w >= 0 for w in exact):
+        raise ValueError(f"{name}: expected non-negative values, got {_show(weights)}")
+    return exact
+
+
+def _show(weights: Sequence[Any]) -> str:
+    """The first weights for a message (huge ints abbreviated: float() of them would overflow)."""
+    out = [f"~1e{len(str(abs(int(w)))) - 1}" if isinstance(w, numbers.Integral) and abs(int(w)) > 10**15 else repr(w)
+           for w in weights[:8]]
+    return "[" + ", ".join(out) + (", ...]" if len(weights) > 8 else "]")
+
+
 def check_client_weights(weights: Optional[Sequence[float]], K: int, name: str = "weights") -> List[float]:
     """Normalised aggregation weights ``p_k = w_k / sum(w)`` (uniform when None).
 
-    Raises ValueError for a wrong length, a negative or non-finite weight, or weights summing to zero.
+    Semantics: ``w`` are K finite real numbers >= 0 with a positive sum: ints (sample counts, any size), floats,
+    numpy scalars, or a 1-D real tensor / array. The sum and the quotients are computed exactly (rational
+    arithmetic) and each ``p_k`` is the correctly rounded float64 of ``w_k / sum(w)``: weights as large as
+    ``1e308`` each (whose float64 sum overflows), integers beyond float64, or as small as subnormals all
+    normalise, and scaling every weight by a power of two never changes the result.
+
+    Raises TypeError naming ``name`` for anything but real numbers (bool, str, complex, None; bool / complex
+    tensors; a meta tensor), ValueError for a wrong length, a negative, NaN or infinite weight, or weights summing
+    to zero. Reads a tensor's values to the host (one sync for a CUDA tensor).
     """
     if weights is None:
         return [1.0 / K] * K
-    if isinstance(weights, torch.Tensor):
-        weights = weights.detach().cpu().double().reshape(-1).tolist()
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
-        raise TypeError(f"{name}: expected None or a sequence of numbers (one per client), got {weights!r:.80}")
-    weights = list(weights)
-    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights):
-        raise TypeError(f"{name}: expected None or a sequence of numbers (one per client), got {weights!r:.80}")
-    ws = [float(w) for w in weights]
-    check(len(ws) == K, name, f"{K} weights (one per client)", len(ws))
-    check(all(math.isfinite(w) for w in ws), name, "finite values", ws)
-    check(all(w >= 0 for w in ws), name, "non-negative values", ws)
-    total = math.fsum(ws)
-    check(total > 0, name, "a positive sum (not all zero)", ws)
-    return [w / total for w in ws]
+    exact = client_weight_values(weights, K, name)
+    total = sum(exact)
+    if not total > 0:
+        raise ValueError(f"{name}: expected a positive sum (not all zero), got {_show([float(w) for w in exact])}")
+    return [float(w / total) for w in exact]

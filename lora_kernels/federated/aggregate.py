@@ -26,12 +26,13 @@ arithmetic: a refused call computes nothing and changes nothing (inputs are neve
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping as _MappingABC
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check
+from .._validation import check, check_int
 from ..profiling import nvtx_range as _nvtx_range
 from .adapters import ClientAdapter, LoRAFactors, as_client, check_client_weights, check_clients
 from .lowrank import lowrank_diff_norm, lowrank_norm, lowrank_svd, pad_rank, stack_factors, svd_method, truncate
@@ -112,10 +113,32 @@ def _stacked(clients, p: List[float], names: List[str], dt: torch.dtype) -> Tupl
     return stack_factors(As, Bs, coefs)
 
 
+def _check_coefs(clients: Sequence[Dict[str, LoRAFactors]], p: Sequence[float], dt: torch.dtype,
+                 name: str = "clients") -> None:
+    """Each client's coefficient ``p_k * s_k`` (formed in float64) must be a finite value of the compute dtype:
+    an fp32 aggregation of a layer with scale 1e39 would otherwise return inf factors. ValueError naming the
+    client's scale (suggesting fp64 maths, which holds any finite float64)."""
+    lim = torch.finfo(dt).max
+    for k, c in enumerate(clients):
+        for n, f in c.items():
+            if not abs(p[k] * f.scale) <= lim:
+                where = f"{name}[{k}]" if len(clients) > 1 or name == "clients" else name
+                raise ValueError(f"{where}[{n!r}].scale: expected |weight * scale| <= {lim:.4g} (finite in "
+                                 f"{dt}; pass compute_dtype=torch.float64 for larger ones), got "
+                                 f"{p[k]!r} * {f.scale!r}")
+
+
+def _check_method(method) -> None:
+    check(isinstance(method, str) and method in ("auto", "qr", "dense"), "method", "'auto', 'qr' or 'dense'",
+          repr(method)[:60])
+
+
 def _prepare(clients, weights, compute_dtype):
     norm = check_clients(clients)
     p = check_client_weights(weights, len(norm))
-    return norm, p, _compute_dtype(norm, compute_dtype)
+    dt = _compute_dtype(norm, compute_dtype)
+    _check_coefs(norm, p, dt)
+    return norm, p, dt
 
 
 def _rel(diff: torch.Tensor, ref: torch.Tensor) -> List[float]:
@@ -214,9 +237,9 @@ def stack_svd(clients: Sequence[ClientAdapter], rank: int, weights: Optional[Seq
         ValueError: ``rank`` above the stacked rank or the layer's dims, bad ``method``; and as :func:`stack`.
     """
     norm, p, dt = _prepare(clients, weights, compute_dtype)
-    check(method in ("auto", "qr", "dense"), "method", "'auto', 'qr' or 'dense'", repr(method))
-    check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", "an int >= 1", rank,
-          TypeError if not isinstance(rank, int) else ValueError)
+    _check_method(method)
+    rank = check_int("rank", rank)  # (any integer type; TypeError for bool, float, str)
+    check(rank >= 1, "rank", "an int >= 1", rank)
     groups = _groups(norm)
     for (in_f, out_f, ranks), names in groups.items():
         R = sum(ranks)
@@ -266,13 +289,14 @@ def redistribute(global_adapter: ClientAdapter, targets: Sequence[Union[int, Cli
         ValueError: a target rank < 1, a zero target scale, target layers that differ from the global's.
     """
     glob = as_client(global_adapter, "global_adapter")
-    check(method in ("auto", "qr", "dense"), "method", "'auto', 'qr' or 'dense'", repr(method))
-    if isinstance(targets, _MappingABC) or not isinstance(targets, Sequence):
+    _check_method(method)
+    if isinstance(targets, (_MappingABC, str)) or not isinstance(targets, Sequence):
         raise TypeError(f"targets: expected a sequence of ranks or client adapters, got {type(targets).__name__}")
     check(len(targets) >= 1, "targets", "at least one target", 0)
     plans: List[Dict[str, Tuple[int, float]]] = []
     for k, t in enumerate(targets):
-        if isinstance(t, int) and not isinstance(t, bool):
+        if isinstance(t, (numbers.Number, torch.Tensor)) or type(t).__name__ == "bool_":
+            t = check_int(f"targets[{k}]", t)  # a rank: any integer type (TypeError for bool / float / str)
             check(t >= 1, f"targets[{k}]", "a rank >= 1", t)
             plans.append({n: (t, 1.0) for n in glob})
             continue
@@ -286,6 +310,7 @@ def redistribute(global_adapter: ClientAdapter, targets: Sequence[Union[int, Cli
             plan[n] = (f.rank, f.scale)
         plans.append(plan)
     dt = _compute_dtype([glob], compute_dtype)
+    _check_coefs([glob], [1.0], dt, "global_adapter")
     groups: Dict[Tuple[int, int, int], List[str]] = {}
     for n, f in glob.items():
         groups.setdefault((f.A.shape[1], f.B.shape[0], f.rank), []).append(n)

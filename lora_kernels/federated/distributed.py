@@ -41,7 +41,6 @@ Launch (see docs/federated.md)::
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -49,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .._validation import check
-from .adapters import ClientAdapter, LoRAFactors, check_clients
+from .adapters import ClientAdapter, LoRAFactors, check_client_weights, check_clients, client_weight_values
 from .aggregate import Aggregate, _compute_dtype, fedavg, stack, stack_svd
 from .lowrank import pad_rank, truncate
 
@@ -134,9 +133,18 @@ def aggregate(local_clients: Sequence[ClientAdapter], method: str = "stack", *,
     any64 = False
     try:
         norm = check_clients(local_clients, "local_clients")
-        raw_w = [1.0] * len(norm) if weights is None else [float(w) for w in weights]
-        check(len(raw_w) == len(norm), "weights", f"{len(norm)} weights (one per local client)", len(raw_w))
-        check(all(math.isfinite(w) and w >= 0 for w in raw_w), "weights", "finite non-negative values", raw_w)
+        if weights is None:
+            raw_w = [1.0] * len(norm)
+        else:  # the single-process rules (types, finite, >= 0: any error here is a ValueError / TypeError, so
+            # every process learns of it through the header instead of one process raising before the collective)
+            exact = client_weight_values(weights, len(norm), "weights")
+            raw_w = []
+            for w in exact:
+                try:
+                    raw_w.append(float(w))
+                except OverflowError:
+                    raise ValueError(f"weights: expected values that float64 holds (they travel between processes "
+                                     f"as float64), got one of about 10**{len(str(int(w))) - 1}") from None
         layers = sorted((n, f.A.shape[1], f.B.shape[0]) for n, f in norm[0].items())
         any64 = _compute_dtype(norm, compute_dtype) == torch.float64
     except (TypeError, ValueError) as e:
@@ -177,8 +185,8 @@ def aggregate(local_clients: Sequence[ClientAdapter], method: str = "stack", *,
     dist.all_gather(tabs, tab.to(dev), group=group)
     table = torch.cat([t.cpu()[:n] for t, n in zip(tabs, counts)]).tolist()  # [K, row], process order
     gw = [t[0] for t in table]
-    check(math.fsum(gw) > 0, "weights", "a positive sum over all clients (not all zero)", gw)
-    p = [w / math.fsum(gw) for w in gw]
+    # (exact normalisation, as the single-process aggregators: weights of 1e308 each do not overflow the sum)
+    p = check_client_weights(gw, K, "weights")
     ranks = [[int(t[1 + L + j]) for j in range(L)] for t in table]
     scales = [[t[1 + j] for j in range(L)] for t in table]
     if method == "stack_svd":

@@ -10,16 +10,17 @@ client adapter and a task adapter are the same object (and fusion results, :clas
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check
+from .._validation import check, check_real
 from ..federated.adapters import LoRAFactors, check_clients
 
-__all__ = ["LoRAFactors", "PLAIN_KEY", "resolve_tasks", "resolve_lambdas", "compute_dtype", "check_finite"]
+__all__ = ["LoRAFactors", "PLAIN_KEY", "resolve_tasks", "resolve_lambdas", "compute_dtype", "check_finite",
+           "check_coefficients", "real_values"]
 
 PLAIN_KEY = "layer"  # the layer name errors use when the tasks are plain adapters, not dicts
 
@@ -40,21 +41,49 @@ def resolve_tasks(adapters: Any) -> Tuple[Optional[List[str]], List[List[LoRAFac
     return (None if plain else keys), [[t[k] for t in tasks] for k in keys]
 
 
+def real_values(name: str, values: Any, n: int, what: str = "floats") -> List[float]:
+    """One real number for all n entries, or n of them (a sequence, or a 1-D tensor / numpy array); each a finite
+    real number (int, float, numpy scalar, 0-dim tensor; never bool, str, complex or None: TypeError), NaN and
+    +-inf refused (ValueError). Errors name ``name`` and the index. Returns n Python floats."""
+    if isinstance(values, torch.Tensor) or (type(values).__module__ == "numpy" and hasattr(values, "ndim")):
+        if values.ndim > 1:
+            raise ValueError(f"{name}: expected one value or {n} values, got shape {tuple(values.shape)}")
+        if isinstance(values, torch.Tensor) and values.device.type == "meta":
+            raise TypeError(f"{name}: expected values, got a meta tensor")
+        values = values.tolist()  # (bool / complex elements are refused below)
+    if isinstance(values, (numbers.Number, bool)):
+        return [check_real(name, values)] * n
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a float or a sequence of {n} {what}, got {type(values).__name__}")
+    values = list(values)
+    check(len(values) == n, name, f"one float or {n} {what} (one per task)", f"{len(values)} values")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(check_real(name, v))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (at {name}[{i}])") from None
+    return out
+
+
 def resolve_lambdas(name: str, lambdas: Union[float, Sequence[float]], n: int) -> List[float]:
-    """One float for every task, or one per task; finite. Returns n floats."""
-    if isinstance(lambdas, torch.Tensor):
-        lambdas = lambdas.reshape(-1).tolist() if lambdas.numel() != 1 else float(lambdas)
-    if isinstance(lambdas, (int, float)) and not isinstance(lambdas, bool):
-        vals = [float(lambdas)] * n
-    elif isinstance(lambdas, Sequence) and not isinstance(lambdas, str):
-        check(len(lambdas) == n, name, f"one float or {n} floats (one per task)", f"{len(lambdas)} values")
-        check(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lambdas), name, "floats",
-              lambdas, TypeError)
-        vals = [float(v) for v in lambdas]
-    else:
-        raise TypeError(f"{name}: expected a float or a sequence of {n} floats, got {type(lambdas).__name__}")
-    check(all(math.isfinite(v) for v in vals), name, "finite values", vals)
-    return vals
+    """One float for every task, or one per task; finite real numbers (see :func:`real_values`). Returns n
+    floats."""
+    return real_values(name, lambdas, n)
+
+
+def check_coefficients(name: str, keys: Optional[List[str]], layers: List[List[LoRAFactors]],
+                       lams: Sequence[float]) -> None:
+    """Every task's coefficient ``lambda_i * scale_i`` (formed in float64) must be finite in its layer's compute
+    dtype (:func:`compute_dtype`): a lambda of 1e300 would otherwise give inf factors / NaN deltas in fp32.
+    ValueError naming ``name`` (the lambdas), the task and the layer."""
+    for li, layer in enumerate(layers):
+        lim = torch.finfo(compute_dtype(layer)).max
+        for i, (f, lam) in enumerate(zip(layer, lams)):
+            if not abs(lam * f.scale) <= lim:
+                raise ValueError(f"{name}: expected lambda * scale finite in {compute_dtype(layer)} (|x| <= "
+                                 f"{lim:.4g}; fp64 factors allow more), got {lam!r} * {f.scale!r} for "
+                                 f"{where(keys, li, i)}")
 
 
 def compute_dtype(layer: Sequence[LoRAFactors]) -> torch.dtype:

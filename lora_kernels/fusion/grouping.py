@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Union
 
-from .._validation import check
+from .._validation import check, check_int, check_real
+from ._inputs import real_values
 
 __all__ = ["TaskGrouping", "group_tasks"]
 
@@ -91,9 +91,10 @@ def group_tasks(
         :class:`TaskGrouping`.
 
     Raises:
-        TypeError / ValueError naming the argument: no tasks, floors of the wrong length or non-finite, both
-        ``fuse`` and ``train``, a bad ``order``, or ``evaluate`` returning the wrong number of accuracies or
-        non-finite values (``evaluate: ...``).
+        TypeError / ValueError naming the argument: no tasks, floors of the wrong length, type (bool, str) or
+        non-finite, both ``fuse`` and ``train``, a bad ``order`` (not a permutation of integers), or ``evaluate``
+        returning the wrong number of accuracies, or values that are not finite real numbers
+        (``evaluate: ...``).
     """
     if isinstance(adapters, (Mapping, str)) or not isinstance(adapters, Sequence):
         raise TypeError(f"adapters: expected a sequence (one entry per task), got {type(adapters).__name__}")
@@ -101,13 +102,7 @@ def group_tasks(
     check(n >= 1, "adapters", "at least one task", "an empty sequence")
     check(callable(evaluate), "evaluate", "a callable (adapter, tasks) -> accuracies", type(evaluate).__name__,
           TypeError)
-    if isinstance(floors, (int, float)) and not isinstance(floors, bool):
-        fl = [float(floors)] * n
-    else:
-        check(isinstance(floors, Sequence) and len(floors) == n, "floors", f"one float or {n} floats",
-              floors if not isinstance(floors, Sequence) else f"{len(floors)} values")
-        fl = [float(v) for v in floors]
-    check(all(math.isfinite(v) for v in fl), "floors", "finite values", fl)
+    fl = real_values("floors", floors, n)  # finite real numbers (never bool / str): one, or one per task
     check(fuse is None or train is None, "fuse", "None when train is given (one way to make an adapter)", fuse)
     make = train if train is not None else (fuse if fuse is not None else _default_fuse)
     check(callable(make), "train" if train is not None else "fuse", "a callable", type(make).__name__, TypeError)
@@ -115,8 +110,10 @@ def group_tasks(
         check(order in ("given", "headroom", "tightest"), "order", "'given', 'headroom', 'tightest' or a "
               "permutation", repr(order))
     else:
-        check(isinstance(order, Sequence) and sorted(order) == list(range(n)), "order",
-              f"a permutation of 0..{n - 1}", order)
+        check(isinstance(order, Sequence), "order", "'given', 'headroom', 'tightest' or a permutation",
+              type(order).__name__, TypeError)
+        order = [check_int("order", t) for t in order]  # (ints of any integer type; 1.0 is refused)
+        check(sorted(order) == list(range(n)), "order", f"a permutation of 0..{n - 1}", order)
 
     calls = 0
 
@@ -131,9 +128,8 @@ def group_tasks(
             res = list(res)
             check(len(res) == len(tasks), "evaluate", f"{len(tasks)} accuracies (one per task of {tasks})",
                   len(res))
-        vals = [float(v) for v in res]
-        check(all(math.isfinite(v) for v in vals), "evaluate", f"finite accuracies for tasks {tasks}", vals)
-        return vals
+        # real numbers (float("0.9") of a str, or True as 1.0, would guess): TypeError / ValueError naming evaluate
+        return [check_real("evaluate", v) for v in res]
 
     single_adapters = [make([adapters[t]]) for t in range(n)]
     acc1 = [measure(single_adapters[t], [t])[0] for t in range(n)]

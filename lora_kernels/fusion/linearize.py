@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._validation import check, check_tensor
+from .._validation import check, check_real, check_tensor
 from ._inputs import LoRAFactors
 
 __all__ = ["linearize"]
@@ -54,9 +52,7 @@ def linearize(A0: torch.Tensor, B0: torch.Tensor, A: torch.Tensor, B: torch.Tens
     check(B0.shape[1] == r and B0.shape[0] >= 1, "B0", f"shape (out, {r})", tuple(B0.shape))
     check_tensor("A", A, shape=(r, in_f), dtypes=_DTYPES, device=A0.device)
     check_tensor("B", B, shape=tuple(B0.shape), dtypes=_DTYPES, device=A0.device)
-    check(isinstance(scale, (int, float)) and not isinstance(scale, bool), "scale", "a float", type(scale).__name__,
-          TypeError)
-    check(math.isfinite(scale), "scale", "a finite float", scale)
+    scale = check_real("scale", scale)  # (int, float, numpy scalar, 0-dim tensor; finite; not bool / str)
     dt = A0.dtype
     for t in (B0, A, B):
         dt = torch.promote_types(dt, t.dtype)

@@ -14,10 +14,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .._validation import check
+from .._validation import check, check_int, check_real
 from ..federated.lowrank import lowrank_svd, stack_factors, truncate
 from ..profiling import nvtx_range
-from ._inputs import LoRAFactors, check_finite, compute_dtype, resolve_lambdas, resolve_tasks
+from ._inputs import LoRAFactors, check_coefficients, check_finite, compute_dtype, resolve_lambdas, resolve_tasks
 from .select import kth_largest_magnitude
 
 __all__ = ["task_arithmetic", "ties", "ties_keep_count"]
@@ -26,16 +26,40 @@ Result = Union[torch.Tensor, LoRAFactors]
 _CHUNK_ELEMS = 1 << 24  # default chunk: about this many elements of dense task vectors at once
 
 
-def _check_rank(rank: Any, allow_exact: bool) -> None:
-    if rank is None or (allow_exact and rank == "exact"):
-        return
-    check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank",
-          "None (dense), an int >= 1" + (" or 'exact'" if allow_exact else ""), rank)
+def _check_rank(rank: Any, allow_exact: bool) -> Any:
+    """None, ``"exact"`` (when allowed) or an integer >= 1 of any integer type (returned as a Python int)."""
+    if rank is None or (allow_exact and isinstance(rank, str) and rank == "exact"):
+        return rank
+    want = "None (dense), an int >= 1" + (" or 'exact'" if allow_exact else "")
+    if isinstance(rank, str):  # (a str is a rank's type when it is 'exact': another one is a bad value)
+        raise ValueError(f"rank: expected {want}, got {rank!r:.40}")
+    try:
+        return check_int("rank", rank, lo=1)
+    except TypeError:
+        raise TypeError(f"rank: expected {want}, got {type(rank).__name__} {rank!r:.40}") from None
+    except ValueError:
+        raise ValueError(f"rank: expected {want}, got {rank!r:.40}") from None
 
 
-def _check_chunk_rows(chunk_rows: Any) -> None:
-    check(chunk_rows is None or (isinstance(chunk_rows, int) and not isinstance(chunk_rows, bool) and chunk_rows >= 1),
-          "chunk_rows", "None or an int >= 1", chunk_rows)
+def _check_chunk_rows(chunk_rows: Any) -> Any:
+    if chunk_rows is None:
+        return None
+    try:
+        return check_int("chunk_rows", chunk_rows, lo=1)
+    except TypeError:
+        raise TypeError(f"chunk_rows: expected None or an int >= 1, got {type(chunk_rows).__name__}") from None
+    except ValueError:
+        raise ValueError(f"chunk_rows: expected None or an int >= 1, got {chunk_rows!r:.40}") from None
+
+
+def _check_density(density: Any) -> float:
+    """A real number in (0, 1] (int, float, numpy scalar, 0-dim tensor; never bool or str)."""
+    try:
+        d = check_real("density", density)
+    except TypeError:
+        raise TypeError(f"density: expected a float in (0, 1], got {type(density).__name__}") from None
+    check(0.0 < d <= 1.0, "density", "a float in (0, 1]", d)
+    return d
 
 
 def _chunk(chunk_rows: Optional[int], n_tasks: int, out: int, in_f: int) -> int:
@@ -90,8 +114,9 @@ def task_arithmetic(
     """
     keys, layers = resolve_tasks(adapters)
     lams = resolve_lambdas("lambdas", lambdas, len(layers[0]))
-    _check_rank(rank, allow_exact=True)
-    _check_chunk_rows(chunk_rows)
+    rank = _check_rank(rank, allow_exact=True)
+    chunk_rows = _check_chunk_rows(chunk_rows)
+    check_coefficients("lambdas", keys, layers, lams)
     check_finite(keys, layers)
     with nvtx_range("lora_kernels.fusion.task_arithmetic"):
         return _per_layer(keys, [_task_arithmetic_layer(layer, lams, rank, chunk_rows) for layer in layers])
@@ -118,10 +143,14 @@ def _task_arithmetic_layer(layer: List[LoRAFactors], lams: List[float], rank, ch
 def ties_keep_count(density: float, numel: int) -> int:
     """Entries TIES keeps per task (before ties at the threshold): ``max(1, round(density * numel))``.
 
-    Raises ValueError for ``density`` outside (0, 1] or ``numel < 1``."""
-    check(isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1, "density",
-          "a float in (0, 1]", density)
-    check(isinstance(numel, int) and not isinstance(numel, bool) and numel >= 1, "numel", "an int >= 1", numel)
+    ``density``: a real number in (0, 1] (int, float, numpy scalar or 0-dim tensor); ``numel``: an integer >= 1
+    of any integer type. Raises TypeError for a non-number density (bool, str), ValueError for ``density`` outside
+    (0, 1] or NaN, or ``numel`` not an integer >= 1."""
+    density = _check_density(density)
+    try:
+        numel = check_int("numel", numel, lo=1)
+    except (TypeError, ValueError):
+        raise ValueError(f"numel: expected an int >= 1, got {numel!r:.40}") from None
     return max(1, min(numel, round(density * numel)))
 
 
@@ -173,12 +202,11 @@ def ties(
         TypeError / ValueError naming the argument: as :func:`task_arithmetic`, and ``density`` outside (0, 1].
     """
     keys, layers = resolve_tasks(adapters)
-    check(isinstance(density, (int, float)) and not isinstance(density, bool), "density", "a float in (0, 1]",
-          type(density).__name__, TypeError)
-    check(0.0 < density <= 1.0, "density", "a float in (0, 1]", density)
+    density = _check_density(density)
     lams = resolve_lambdas("lambdas", lambdas, len(layers[0]))
-    _check_rank(rank, allow_exact=False)
-    _check_chunk_rows(chunk_rows)
+    rank = _check_rank(rank, allow_exact=False)
+    chunk_rows = _check_chunk_rows(chunk_rows)
+    check_coefficients("lambdas", keys, layers, lams)
     check_finite(keys, layers)
     with nvtx_range("lora_kernels.fusion.ties"):
         return _per_layer(keys, [_ties_layer(layer, float(density), lams, rank, chunk_rows) for layer in layers])

@@ -1,7 +1,8 @@
 """CUDA-graph decode with per-request adapters: :class:`DecodeGraph`.
 
 Semantics:
-    A decode step is ``out = step(adapter_ids=ids, **inputs)`` over static buffers: ``ids`` int32 [batch] and
+    A decode step is ``out = step(adapter_ids=ids, **inputs)`` over static buffers: ``ids`` int32 [batch] (new ids
+    of any integer dtype are narrowed without aliasing: :func:`lora_kernels.batch.ids_to_int32`) and
     each named input (default: ``input_ids`` int64 [batch, 1]). For a patched model the step's forward
     pre-hook expands ``ids`` to the step's tokens and rebuilds the model's :class:`~lora_kernels.LoRABatch` in
     place (fixed capacity, device-only work), then every patched layer runs its LoRA delta. :meth:`capture`
@@ -26,6 +27,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .._validation import check, check_tensor
+from ..batch import check_ids_dtype, check_ids_range, ids_to_int32
 from .transformers import LoRAPatch
 
 __all__ = ["DecodeGraph"]
@@ -124,12 +126,20 @@ class DecodeGraph:
         return out
 
     def _load(self, adapter_ids: torch.Tensor, inputs: Dict[str, torch.Tensor]) -> None:
-        check_tensor("adapter_ids", adapter_ids, shape=(self.batch_size,), dtypes=(torch.int32, torch.int64))
+        """Check everything, then copy into the static buffers (a refusal changes nothing). The int32 ids buffer
+        receives :func:`~lora_kernels.batch.ids_to_int32` of the ids: a wide id out of range stays out of range
+        (served as -1 and counted in ``batch.num_invalid``) instead of being truncated into another adapter's id;
+        CPU ids are range-checked first when the patch validates."""
+        check_tensor("adapter_ids", adapter_ids, shape=(self.batch_size,))
+        check_ids_dtype("adapter_ids", adapter_ids)
         unknown = sorted(set(inputs) - set(self.static_inputs))
         check(not unknown, "inputs", f"names among {sorted(self.static_inputs)}", unknown)
         for k, v in inputs.items():
             check_tensor(k, v, shape=tuple(self.static_inputs[k].shape))
-        self.adapter_ids.copy_(adapter_ids, non_blocking=True)
+        n = self.patch.max_adapters
+        if self.patch.validate and adapter_ids.device.type == "cpu":
+            check_ids_range(adapter_ids, n)
+        self.adapter_ids.copy_(ids_to_int32(adapter_ids, n), non_blocking=True)
         for k, v in inputs.items():
             self.static_inputs[k].copy_(v, non_blocking=True)
 

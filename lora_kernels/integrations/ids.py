@@ -17,6 +17,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from ..batch import check_ids_dtype
+
 __all__ = ["adapters", "current_adapter_ids", "set_adapter_ids", "as_ids_tensor"]
 
 _current: Optional[torch.Tensor] = None
@@ -25,20 +27,24 @@ IdsLike = Union[torch.Tensor, Sequence[int]]
 
 
 def as_ids_tensor(ids: IdsLike, name: str = "ids") -> torch.Tensor:
-    """``ids`` as an integer tensor (a list becomes int32 on the CPU; tensors are kept as they are).
+    """``ids`` as an integer tensor (a list becomes int32 on the CPU, int64 when a value does not fit int32;
+    tensors of any integer dtype are kept as they are: the batch builder range-checks them at full width).
 
     Raises:
         TypeError: not a tensor or sequence of ints, or a non-integer tensor.
-        ValueError: more than 2 dims.
+        ValueError: more than 2 dims, or a listed id outside int64.
     """
     if isinstance(ids, torch.Tensor):
         t = ids
     elif isinstance(ids, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
-        t = torch.tensor(list(ids), dtype=torch.int32)
+        vals = list(ids)
+        if not all(-(2**63) <= v < 2**63 for v in vals):
+            raise ValueError(f"{name}: expected ids that fit int64, got {max(vals, key=abs)}")
+        wide = any(not -(2**31) <= v < 2**31 for v in vals)  # never truncated into another adapter's id
+        t = torch.tensor(vals, dtype=torch.int64 if wide else torch.int32)
     else:
         raise TypeError(f"{name}: expected an integer tensor or a list of ints, got {type(ids).__name__}")
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
+    check_ids_dtype(name, t)
     if t.ndim not in (1, 2):
         raise ValueError(f"{name}: expected 1 dim [batch] or 2 dims [batch, seq], got shape {tuple(t.shape)}")
     return t

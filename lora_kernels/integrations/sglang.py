@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check, check_tensor
+from .._validation import check, check_int, check_real, check_tensor
 from ..batch import LoRABatch
 from ..ops.sgmv import add_lora_, expand_, shrink
 from ..weights import LoRAWeights
@@ -128,14 +128,17 @@ class SGLangLoRABackend:
         """
         lens = _seq_lens_of(forward_batch)
         N = self.max_loras_per_batch
-        wi = [int(v) for v in weight_indices]
+        # integers and real numbers as given, never int("3") / int(2.7) / float("2"); all checked before any write
+        wi = [check_int(f"weight_indices[{k}]", v) for k, v in enumerate(weight_indices)]
         check(len(wi) == len(lens), "weight_indices", f"{len(lens)} entries (one per request)", len(wi))
         check(all(-1 <= v < N for v in wi), "weight_indices", f"slots in [-1, {N})", wi)
         check(len(lora_ranks) == N and len(scalings) == N, "lora_ranks", f"{N} entries (and {N} scalings)",
               (len(lora_ranks), len(scalings)))
         T = sum(lens)
         check(T <= self.max_num_tokens, "forward_batch", f"at most max_num_tokens={self.max_num_tokens} tokens", T)
-        rk = tuple(int(r) for r in lora_ranks)
+        rk = tuple(check_int(f"lora_ranks[{k}]", r, lo=0) for k, r in enumerate(lora_ranks))
+        fmax = float(torch.finfo(torch.float32).max)
+        sc = [check_real(f"scalings[{k}]", v, lo=-fmax, hi=fmax) for k, v in enumerate(scalings)]
         served = [v if v >= 0 and rk[v] > 0 else -1 for v in wi]
         dev = self.device
         seg_lens = torch.tensor(lens, dtype=torch.int32)
@@ -143,7 +146,7 @@ class SGLangLoRABackend:
         indptr[1:] = torch.cumsum(seg_lens, 0)
         self._ranks_host = rk
         self._ranks.copy_(torch.tensor(rk, dtype=torch.int32), non_blocking=True)
-        self._scalings.copy_(torch.tensor([float(s) for s in scalings], dtype=torch.float32), non_blocking=True)
+        self._scalings.copy_(torch.tensor(sc, dtype=torch.float32), non_blocking=True)
         seg_dev = seg_lens.to(dev, non_blocking=True)
         srv_dev = torch.tensor(served, dtype=torch.int32).to(dev, non_blocking=True)
         ids = torch.repeat_interleave(srv_dev, seg_dev.long(), output_size=T)

@@ -77,7 +77,8 @@ def _param_device_dtype(module: nn.Module) -> Tuple[torch.device, Optional[torch
 
 
 def expand_ids(ids: torch.Tensor, token_shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Per-token int32 ids [prod(token_shape)] from per-sequence ids [batch] or per-token ids [batch, seq].
+    """Per-token ids [prod(token_shape)] (the dtype of ``ids``) from per-sequence ids [batch] or per-token ids
+    [batch, seq].
 
     No host sync: a [batch] tensor is broadcast over the sequence dimension with ``expand``.
 
@@ -94,7 +95,9 @@ def expand_ids(ids: torch.Tensor, token_shape: Tuple[int, ...], device: torch.de
         check(tuple(ids.shape) == tuple(token_shape), "adapter_ids",
               f"shape {tuple(token_shape)} (one id per token) or ({B},)", tuple(ids.shape))
         tok = ids
-    return tok.reshape(-1).to(device=device, dtype=torch.int32, non_blocking=True)
+    # (the ids keep their dtype: LoRABatch.build range-checks them at full width before narrowing to int32; a
+    # cast to int32 here would truncate int64 ids, e.g. 2**32 + 1 into adapter 1)
+    return tok.reshape(-1).to(device=device, non_blocking=True)
 
 
 class LoRAPatch:

@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check, check_tensor
+from .._validation import check, check_real, check_tensor
 from ..batch import LoRABatch
 from ..ops.sgmv import add_lora_, expand_, shrink
 from ..weights import LoRAWeights
@@ -205,6 +205,12 @@ class PunicaWrapperLK:
         return self._cache.get(list(a or ()) + list(b or ()), ("vllm", a is None, b is None, outs), build)
 
     @staticmethod
+    def _check_scale(scale) -> float:
+        """``scale`` as a float: a finite real number that fp32 holds (never a string, bool or complex)."""
+        fmax = float(torch.finfo(torch.float32).max)
+        return check_real("scale", scale, lo=-fmax, hi=fmax)
+
+    @staticmethod
     def _scale(w: LoRAWeights, scale: float) -> None:
         if getattr(w, "_lk_scale", None) != scale:  # host memo: the device fill runs only when it changes
             w.scales.fill_(float(scale))
@@ -213,6 +219,7 @@ class PunicaWrapperLK:
     # ---- the PunicaWrapper interface --------------------------------------------------------------------------
     def add_shrink(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: TensorSeq, scale: float, **kwargs) -> None:
         """``y[s] = scale * x @ A_s^T`` per token's slot; y fp32 [S, T, r] (overwritten; 0 for -1 tokens)."""
+        scale = self._check_scale(scale)
         a = _as_tuple(lora_a_stacked)
         x2 = x.reshape(-1, x.shape[-1])
         w = self._weights(a, None)
@@ -259,6 +266,7 @@ class PunicaWrapperLK:
         """``y[t, slice s] += scale * (x[t] @ A_s^T) @ B_s^T`` per token's slot: one fused
         :func:`~lora_kernels.add_lora_` over all slices (no intermediate buffer; ``buffer`` must be None)."""
         check(buffer is None, "buffer", "None (the fused op needs no buffer)", type(buffer).__name__)
+        scale = self._check_scale(scale)
         a, b = _as_tuple(lora_a_stacked), _as_tuple(lora_b_stacked)
         w = self._weights(a, b)
         check(tuple(output_slices) == w.slice_outs, "output_slices", f"{w.slice_outs} (lora_b_stacked widths)",
@@ -272,8 +280,9 @@ class PunicaWrapperLK:
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None, **kwargs) -> None:
         """``y[j] += scale * (x[j] @ A^T) @ B^T`` with the slot of sampled row j (``sampler_indices``)."""
         check(buffer is None, "buffer", "None (the fused op needs no buffer)", type(buffer).__name__)
+        scale = self._check_scale(scale)
         w = self._weights((lora_a_stacked,), (lora_b_stacked,))
-        self._scale(w, float(scale))
+        self._scale(w, scale)
         y2 = y.view(-1, y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         add_lora_(y2[:, : w.out_features], x2, w, self._batch("sampler", x2.shape[0]))

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
+from .._validation import check, check_real
 from .lora_linear import LoRALinear
 
 __all__ = ["ModeController", "VLoRAPolicy", "MODES", "Policy", "normalize_counts"]
@@ -99,13 +100,13 @@ class VLoRAPolicy:
     allow_mixed: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.dominant_fraction < 1.0:
-            raise ValueError(f"dominant_fraction: expected a value in [0, 1), got {self.dominant_fraction}")
-        if not 0.0 <= self.max_starving_fraction <= 1.0:
-            raise ValueError(f"max_starving_fraction: expected a value in [0, 1], got {self.max_starving_fraction}")
-        if not isinstance(self.starving_credit, numbers.Real) or not math.isfinite(self.starving_credit):
-            # NaN would make every comparison False: no request would ever count as starving.
-            raise ValueError(f"starving_credit: expected a finite number, got {self.starving_credit!r}")
+        # Finite real numbers (never bool or str: TypeError); NaN would make every comparison False (no request
+        # would ever count as starving), so it is a ValueError like any value out of range.
+        self.dominant_fraction = check_real("dominant_fraction", self.dominant_fraction, lo=0.0)
+        check(self.dominant_fraction < 1.0, "dominant_fraction", "a value in [0, 1)", self.dominant_fraction)
+        self.max_starving_fraction = check_real("max_starving_fraction", self.max_starving_fraction, lo=0.0, hi=1.0)
+        self.starving_credit = check_real("starving_credit", self.starving_credit)
+        check(isinstance(self.allow_mixed, bool), "allow_mixed", "a bool", type(self.allow_mixed).__name__, TypeError)
 
     def __call__(
         self,
@@ -124,7 +125,8 @@ class VLoRAPolicy:
         if waiting_credit is not None:
             credits = waiting_credit.tolist() if isinstance(waiting_credit, torch.Tensor) else list(waiting_credit)
             if credits:
-                if not all(isinstance(c, numbers.Real) and math.isfinite(c) for c in credits):
+                if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c)
+                           for c in credits):
                     raise ValueError(f"waiting_credit: expected finite numbers (NaN is never > the threshold), got "
                                      f"{credits[:8]!r}")
                 starving = sum(1 for c in credits if float(c) > self.starving_credit)
@@ -196,7 +198,8 @@ class ModeController:
                 got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
                 raise TypeError(f"layer {i}: expected base.weight of shape {shape} (a mergeable linear), got {got}")
         self.layers: List[LoRALinear] = layers
-        self.exact = bool(exact)
+        check(isinstance(exact, bool), "exact", "a bool", type(exact).__name__, TypeError)  # (bool("no") is True)
+        self.exact = exact
         self._ops = merge_ops
         self._mode = "unmerged"
         self._adapter: Optional[int] = None
@@ -313,8 +316,8 @@ class ModeController:
                 unless the merge itself failed after the old adapter was unmerged (then the mode is
                 ``unmerged``).
         """
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r:.60}")
         if mode == "unmerged":
             if adapter is not None:
                 raise ValueError(f"adapter: expected None for mode 'unmerged', got {adapter}")
@@ -389,8 +392,8 @@ class ModeController:
         if not isinstance(res, (tuple, list)) or len(res) != 2:
             raise TypeError(f"policy: expected it to return a (mode, adapter) tuple, got {res!r:.80}")
         mode, adapter = res
-        if mode not in MODES:
-            raise ValueError(f"policy: returned mode {mode!r}, expected one of {MODES}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"policy: returned mode {mode!r:.60}, expected one of {MODES}")
         return mode, (None if mode == "unmerged" else adapter)
 
     def auto(

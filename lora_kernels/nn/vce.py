@@ -15,6 +15,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .._validation import check_int, check_real
 from ..ops.deform import deform_sample
 from ..profiling import nvtx_range
 
@@ -111,10 +112,12 @@ class VisualCueEnhancement(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
-        if not isinstance(query_level, int) or not -n_levels <= query_level < n_levels:
+        if not isinstance(query_level, int) or isinstance(query_level, bool) or not -n_levels <= query_level < n_levels:
             raise ValueError(f"query_level: expected an int in [{-n_levels}, {n_levels}), got {query_level!r}")
-        if projector_dim is not None and (not isinstance(projector_dim, int) or projector_dim <= 0):
+        if projector_dim is not None and (not isinstance(projector_dim, int) or isinstance(projector_dim, bool)
+                                          or projector_dim <= 0):
             raise ValueError(f"projector_dim: expected None or a positive int, got {projector_dim!r}")
+        eps = check_real("eps", eps, lo=0.0, lo_open=True)
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.query_level = query_level % n_levels
         self.apply_final_norm = bool(apply_final_norm)
@@ -314,13 +317,15 @@ class VisualCueEnhancement(nn.Module):
 
 
 def _check_shapes(spatial_shapes, n_levels: int) -> Tuple[Tuple[int, int], ...]:
+    # every entry an integer (int, numpy or 0-dim integer tensor): 2.5 and 3.0 alike are refused, never truncated
     try:
-        shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
-        ok = all(h == hh and w == ww for (h, w), (hh, ww) in zip(shapes, spatial_shapes))
-    except (TypeError, ValueError):
+        pairs = [tuple(hw) for hw in spatial_shapes]
+    except TypeError:
         raise TypeError(f"spatial_shapes: expected a sequence of (H, W) int pairs, got {spatial_shapes!r}") from None
-    if not ok:
+    if not all(len(p) == 2 for p in pairs):
         raise TypeError(f"spatial_shapes: expected (H, W) int pairs, got {spatial_shapes!r}")
+    shapes = tuple((check_int(f"spatial_shapes[{i}][0]", h), check_int(f"spatial_shapes[{i}][1]", w))
+                   for i, (h, w) in enumerate(pairs))
     if len(shapes) != n_levels:
         raise ValueError(f"spatial_shapes: expected {n_levels} (H, W) pairs (n_levels), got {len(shapes)}")
     for i, (h, w) in enumerate(shapes):

@@ -35,7 +35,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import backends, reference
-from .._validation import FLOAT_DTYPES, check, check_tensor
+from .._validation import FLOAT_DTYPES, check, check_int, check_tensor
 from ..profiling import nvtx_range
 
 __all__ = ["deform_pool", "deform_sample"]
@@ -182,11 +182,7 @@ def _shapes_tensor(spatial_shapes: ShapesArg, device: torch.device
               tuple(spatial_shapes.shape))
         check_tensor("spatial_shapes", spatial_shapes, device=device)
         return spatial_shapes.contiguous(), None, None
-    try:
-        pairs = [(int(h), int(w)) for h, w in spatial_shapes]
-    except (TypeError, ValueError):
-        raise TypeError(f"spatial_shapes: expected an int64 tensor [L, 2] or a sequence of (H_l, W_l) pairs, got "
-                        f"{spatial_shapes!r}") from None
+    pairs = _host_pairs(spatial_shapes)
     key = (tuple(pairs), str(device))
     hit = _SHAPES_CACHE.get(key)
     if hit is None:
@@ -196,6 +192,35 @@ def _shapes_tensor(spatial_shapes: ShapesArg, device: torch.device
         hit = _SHAPES_CACHE[key] = (torch.tensor(pairs, dtype=torch.int64).view(-1, 2).to(device),
                                     torch.tensor(starts, dtype=torch.int64).to(device))
     return hit[0], pairs, hit[1]
+
+
+_I64 = 2**63 - 1
+
+
+def _host_pairs(spatial_shapes) -> list:
+    """A host sequence of (H_l, W_l) as a list of Python int pairs. Every entry must be an integer (int, numpy
+    integer, 0-dim integer tensor; a float such as 2.5 or 3.0, a bool or a string is refused rather than
+    truncated), and the level sizes and their running total must fit int64 (the kernels' row arithmetic).
+    TypeError / ValueError naming ``spatial_shapes``."""
+    if isinstance(spatial_shapes, (str, bytes)) or not hasattr(spatial_shapes, "__iter__"):
+        raise TypeError(f"spatial_shapes: expected an int64 tensor [L, 2] or a sequence of (H_l, W_l) pairs, got "
+                        f"{type(spatial_shapes).__name__}")
+    pairs, total = [], 0
+    for i, hw in enumerate(spatial_shapes):
+        try:
+            h, w = hw
+        except (TypeError, ValueError):
+            raise TypeError(f"spatial_shapes[{i}]: expected an (H_l, W_l) pair of integers, got {hw!r:.60}") from None
+        h = check_int(f"spatial_shapes[{i}][0]", h, lo=-_I64, hi=_I64)
+        w = check_int(f"spatial_shapes[{i}][1]", w, lo=-_I64, hi=_I64)
+        # the level starts are the running sums of H_l * W_l (as given: validate=False keeps negative sizes), in
+        # int64 on the device: every product and running sum must fit
+        total += h * w
+        check(abs(h * w) <= _I64 and abs(total) <= _I64, "spatial_shapes",
+              "H_l * W_l and their running sum within int64 (|x| <= 2**63 - 1: the kernels' row indices)",
+              f"a running total of {total} at level {i} ({h}, {w})")
+        pairs.append((h, w))
+    return pairs
 
 
 def _check_value_points(value: torch.Tensor, name: str, points: torch.Tensor, spatial_shapes: ShapesArg
@@ -218,10 +243,17 @@ def _level_starts(shapes: torch.Tensor, pairs: Optional[list], host_starts: Opti
     L = shapes.shape[0]
     if level_start_index is not None:
         check_tensor("level_start_index", level_start_index, shape=(L,), dtypes=(torch.int64,), device=shapes.device)
+    if validate and shapes.device.type == "meta":  # meta tensors have no values to check (as under tracing)
+        validate = False
     if validate:
         if pairs is None:
             pairs = [tuple(p) for p in shapes.tolist()]  # one host sync (documented)
         check(all(h >= 1 and w >= 1 for h, w in pairs), "spatial_shapes", "every (H_l, W_l) >= 1", pairs)
+        # each level bounded by value's rows before anything is summed: a huge (H_l, W_l) is named here, not
+        # reported as a wrong S (and no product can overflow: Python ints, each level <= S)
+        for i, (h, w) in enumerate(pairs):
+            check(h * w <= S, "spatial_shapes", f"H_l * W_l <= S = {S} (value's rows) for every level",
+                  f"level {i} ({h}, {w}) with {h * w} rows")
         total = sum(h * w for h, w in pairs)
         check(S == total, "value", f"S = sum(H_l * W_l) = {total} rows (dim 1)", f"S = {S}")
         if level_start_index is not None:
@@ -265,8 +297,12 @@ def deform_pool(value: torch.Tensor, spatial_shapes: ShapesArg, level_start_inde
 
     Raises:
         TypeError: a non-tensor argument, wrong dtypes (locations and weights share one, value's or float32;
-            shapes and starts int64).
-        ValueError: inconsistent shapes, devices, level metadata, or a forced backend that cannot run.
+            shapes and starts int64), host spatial_shapes entries that are not integers (2.5 and 3.0 alike: never
+            truncated).
+        ValueError: inconsistent shapes, devices, level metadata (with ``validate``: a level larger than value's
+            S rows, S != sum H_l W_l, level_start_index not their running sum; always, for host shapes: sizes or
+            running sums outside int64), or a forced backend that cannot run. Every refusal names the argument
+            and comes before any launch.
     """
     shapes, pairs, host_starts = _check_value_points(value, "sampling_locations", sampling_locations,
                                                      spatial_shapes)

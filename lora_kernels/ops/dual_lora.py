@@ -27,7 +27,7 @@ from .._validation import FLOAT_DTYPES, check, check_tensor
 from ..batch import LoRABatch
 from ..dual_weights import DualLoRAWeights
 from ..profiling import nvtx_range
-from .sgmv import _check_no_overlap
+from .sgmv import _check_out_disjoint
 
 __all__ = ["dual_lora_", "dual_lora"]
 
@@ -134,7 +134,8 @@ torch.library.register_autograd("lora_kernels::dual_lora", _backward, setup_cont
 def _check_args(x: torch.Tensor, w_dual: DualLoRAWeights, batch: LoRABatch) -> None:
     check(isinstance(w_dual, DualLoRAWeights), "w_dual", "a DualLoRAWeights", type(w_dual).__name__, TypeError)
     check(isinstance(batch, LoRABatch), "batch", "a LoRABatch", type(batch).__name__, TypeError)
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, inner_contiguous=True)
+    # x is checked against w_dual's device (not the reverse): the storage is fixed, x is this call's argument
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, inner_contiguous=True, device=w_dual.device)
     check(x.shape[1] == w_dual.in_features, "x", f"shape (T, {w_dual.in_features}) (w_dual.in_features)",
           tuple(x.shape))
     dev = x.device
@@ -171,7 +172,8 @@ def dual_lora_(y: torch.Tensor, x: torch.Tensor, w_dual: DualLoRAWeights, batch:
 
     Raises:
         TypeError / ValueError naming the argument (type, dtype, device, shape, strides, a batch for another T
-        or more adapter slots, y overlapping x); RuntimeError when x or y requires grad under grad mode (use
+        or more adapter slots, y sharing memory with x or with the library's storage: w_dual's tensors or the
+        batch's metadata); RuntimeError when x or y requires grad under grad mode (use
         :func:`dual_lora` to train). y is unchanged when it raises.
     """
     _check_args(x, w_dual, batch)
@@ -180,7 +182,7 @@ def dual_lora_(y: torch.Tensor, x: torch.Tensor, w_dual: DualLoRAWeights, batch:
     check(tuple(y.shape) == (T, w_dual.out_features), "y", f"shape ({T}, {w_dual.out_features})", tuple(y.shape))
     check(T <= 1 or y.stride(0) >= y.shape[1], "y", f"rows that do not overlap (row stride >= {y.shape[1]}; "
           "e.g. not an expand())", f"strides {y.stride()}")
-    _check_no_overlap(y, x, "x")
+    _check_out_disjoint(y, {"x": x}, w_dual, batch, "w_dual")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, w_dual.a, w_dual.b, w_dual.ln_weight,
                                                                   w_dual.ln_bias)):
         raise RuntimeError("x/y/w_dual: expected tensors that do not require grad (dual_lora_ is the in-place "

@@ -29,6 +29,31 @@ invalidation there), and the unmerge of a merge_many_'s records reuses it. Neith
 Adapter weights with NaN/Inf (or a delta that overflows): the merged weights are what IEEE arithmetic gives
 (NaN/Inf); every such weight is an escape (its original value is kept), so exact unmerge still restores W
 bit for bit. ``merge_`` warns (RuntimeWarning) when it made finite weights non-finite.
+
+Input contract (issue 13; docs/input-contract.md):
+
+* Arguments are validated and converted before anything is written: adapter ids are integers of any integer
+  type (Python, numpy, 0-dim or 1-D integer tensors; never bool, never a float such as ``1.0``), in
+  ``[0, weights.max_adapters)`` and loaded (an id listed twice is two terms of the sum, each with its lambda);
+  lambdas are finite real numbers (never bool, str or complex) whose fp32 coefficient
+  ``fl32(fl32(lambda) * scale)`` is finite for every slice; ``exact`` is a bool.
+* Outputs never overlap library-owned storage: a W may not share memory with any tensor of the layers'
+  LoRAWeights (``a``, ``b``, ``offsets``, ``ranks``, ``scales``, ``slice_info``), with another W of the call, or
+  with what a live (not yet unmerged) MergeRecord will read or write at its unmerge (its weights' storage, its
+  side data); the adapter storage of a call may not overlap the W of a live record either. ValueError naming
+  ``W`` / ``Ws[i]`` (or ``weights[i].a`` ...).
+* Transactional: a refusal, or an exception at any later step (a launch, the escape pass, building the records,
+  the non-finite warning turned into an error by a warnings filter), leaves every W bit-identical, W's version
+  counter as it was, every record and the plan cache as they were. How: every check runs before the first
+  write; after it, a failure is rolled back. An exact merge restores the layers written so far from the side
+  data its own pass produced (the unmerge path, bit-exact for the same reason the unmerge is); the reference
+  backend computes that side data for approximate merges too (host-only, it is discarded on success); an
+  approximate Triton/CUDA merge has one launch as its last write (by construction nothing that can fail comes
+  after it), or, when the layers span several dtype groups (several launches), keeps a copy of the layers of all
+  launches but the last until they are done. An unmerge rolls back by merging the restored layers again
+  (deterministic: the same kernel gives the same W' bit for bit), and approximate reference unmerges keep the
+  codes of the inverse step. A launch that raises is assumed to have written nothing (launch-time failures: a
+  compile error, an invalid argument). If the rollback itself fails, a note on the exception says so.
 """
 
 from __future__ import annotations
@@ -37,13 +62,14 @@ import math
 import numbers
 import struct
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import backends, reference
-from .._validation import FLOAT_DTYPES, check, check_tensor
+from .._validation import FLOAT_DTYPES, check, check_int, check_real, check_tensor, first_overlap, tensor_span
 from ..profiling import nvtx_range
 from ..weights import LoRAWeights
 from . import merge_plan
@@ -104,6 +130,8 @@ class MergeRecord:
     # The cached plan of the merge_many_ call that made it, and this record's layer index in that call.
     _plan: Any = field(default=None, repr=False)
     _gidx: int = field(default=-1, repr=False)
+    # The storage this record's unmerge will read and write, checked by later merges (see _LiveMerge).
+    _live: Any = field(default=None, repr=False)
 
     @property
     def side_bytes(self) -> int:
@@ -243,9 +271,12 @@ def _tables(backend: str, Ws, a_list, b_list, terms, coefs, code_col, sel, packe
     return out
 
 
-def _run(backend: str, groups, bases: Sequence[int], unmerge: bool, exact: bool, counter: torch.Tensor) -> None:
-    """One grouped launch per group of :func:`_tables`, the code column rebased onto this call's buffers."""
-    for w_dtype, ab_dtype, jobs, ts, tt, cf, tiles, jsel, _ in groups:
+def _run(backend: str, groups, bases: Sequence[int], unmerge: bool, exact: bool, counter: torch.Tensor,
+         done: Optional[List[int]] = None) -> None:
+    """One grouped launch per group of :func:`_tables`, the code column rebased onto this call's buffers.
+    ``done`` (optional) receives the index of every group launched, so that a failure of a later group can roll
+    back the earlier ones."""
+    for gi, (w_dtype, ab_dtype, jobs, ts, tt, cf, tiles, jsel, _) in enumerate(groups):
         if not tiles:
             continue
         if exact and any(bases):
@@ -257,6 +288,8 @@ def _run(backend: str, groups, bases: Sequence[int], unmerge: bool, exact: bool,
             from ..triton import merge as tmerge
 
             tmerge.launch_merge_grouped(jobs, ts, tt, cf, counter, tiles, w_dtype, ab_dtype, unmerge, exact)
+        if done is not None:
+            done.append(gi)
 
 
 def _kind(dtype: torch.dtype) -> int:
@@ -291,7 +324,79 @@ def _split_terms(terms: torch.Tensor, coefs: torch.Tensor, L: int):
     return tl_, cl_
 
 
+def _scatter(W: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+    """``W.view(-1)[idx] = vals``: the escape writes (one function, so tests can inject a failure here)."""
+    W.view(-1)[idx] = vals
+
+
+def _layers_of(groups, launched: Sequence[int]) -> List[int]:
+    """The layer indices (ascending) written by the launched groups of :func:`_tables`."""
+    return sorted({li for gi in launched for li in groups[gi][8].tolist()})
+
+
+def _snapshot(Ws, groups) -> Optional[dict]:
+    """Copies of the layers of every launch but the last, when there are several: what an approximate
+    (side-data-free) pass restores from if a later launch fails. None for one launch (nothing can fail after
+    it)."""
+    live = [gi for gi, g in enumerate(groups) if g[6]]
+    if len(live) < 2:
+        return None
+    return {li: Ws[li].clone() for li in _layers_of(groups, live[:-1])}
+
+
+def _rolled_back(what: str, err: BaseException, rollback) -> BaseException:
+    """Run ``rollback()`` and return ``err`` to re-raise. If the rollback fails too (the device or the allocator
+    failing twice in a row), ``err`` keeps its type and gets a note saying so (as lora_kernels._transaction
+    does): the weights may then be partly written."""
+    try:
+        rollback()
+    except BaseException as e2:  # noqa: BLE001 - reported on the original exception
+        msg = (f"lora_kernels {what}: rolling back after this error failed too ({type(e2).__name__}: {e2}); the "
+               "weights may be partly written")
+        if hasattr(err, "add_note"):
+            err.add_note(msg)
+        else:  # pragma: no cover - Python < 3.11
+            err.args = (f"{err.args[0] if err.args else ''} [{msg}]",) + tuple(err.args[1:])
+    return err
+
+
+def _reference_merge(Ws, a_list, b_list, terms_list, coefs_list, exact: bool) -> List[torch.Tensor]:
+    """The reference merge of every layer, layer by layer (:func:`lora_kernels.reference.merge_`'s operations).
+    Each layer's codes and escapes are computed before it is written, also for an approximate merge (host
+    memory only: the packed codes, dropped on success), so a failure at layer k restores layers 0..k-1 bit for
+    bit with the reference unmerge."""
+    done: List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        for li, W in enumerate(Ws):
+            d = reference.merge_delta(W.shape, a_list[li], b_list[li], terms_list[li], coefs_list[li])
+            W_new = (W.float() + d).to(W.dtype)
+            code = reference.merge_codes(W, W_new, d).reshape(-1)
+            esc_idx = (code == 3).nonzero().flatten()
+            esc_val = W.reshape(-1)[esc_idx].clone()
+            packed = reference.pack_codes(code)
+            del d, code
+            W.copy_(W_new)
+            done.append((li, packed, esc_idx, esc_val))
+    except BaseException as err:
+        def undo():
+            for li, packed, ei, ev in reversed(done):
+                reference.unmerge_(Ws[li], a_list[li], b_list[li], terms_list[li], coefs_list[li], packed, ei, ev)
+
+        raise _rolled_back("merge", err, undo)  # noqa: B904 (re-raises the original exception, rolled back)
+    L = len(Ws)
+    if exact:
+        outs = [d[1] for d in done] + [d[2] for d in done] + [d[3] for d in done]
+    else:
+        dev = Ws[0].device
+        outs = ([torch.empty(0, dtype=torch.uint8, device=dev) for _ in range(L)]
+                + [torch.empty(0, dtype=torch.int64, device=dev) for _ in range(L)]
+                + [torch.empty(0, dtype=W.dtype, device=dev) for W in Ws])
+    flat = torch.cat(outs[:L]) if L else torch.empty(0, dtype=torch.uint8)
+    return outs + [flat]
+
+
 def _merge_impl(Ws, a_list, b_list, terms, coefs, exact: bool, backend: str) -> List[torch.Tensor]:
+    """The op's implementation: every layer merged, or (on any exception) none (see the module docstring)."""
     L = len(Ws)
     entry = merge_plan.active(terms)  # the cached plan of this call (None: plan from scratch)
     terms_list = coefs_list = None
@@ -300,10 +405,7 @@ def _merge_impl(Ws, a_list, b_list, terms, coefs, exact: bool, backend: str) -> 
     if backend == "reference":
         if terms_list is None:
             terms_list, coefs_list = _split_terms(terms, coefs, L)
-        outs = [reference.merge_(W, a, b, t, c, exact) for W, a, b, t, c in zip(Ws, a_list, b_list, terms_list,
-                                                                               coefs_list)]
-        flat = torch.cat([o[0] for o in outs]) if outs else torch.empty(0, dtype=torch.uint8)
-        return [o[0] for o in outs] + [o[1] for o in outs] + [o[2] for o in outs] + [flat]
+        return _reference_merge(Ws, a_list, b_list, terms_list, coefs_list, exact)
     dev = Ws[0].device
     sizes = entry.sizes if entry is not None else merge_plan.layer_sizes(Ws, exact)
     packed = [W.shape[1] % 4 == 0 for W in Ws]
@@ -318,28 +420,69 @@ def _merge_impl(Ws, a_list, b_list, terms, coefs, exact: bool, backend: str) -> 
     sel = [(1 if pk else 2) if exact else 0 for pk in packed]
     groups = _tables(backend, Ws, a_list, b_list, terms, coefs, code_col, sel, packed, entry, ("merge", exact))
     counter = torch.zeros(max(L, 1), dtype=torch.int32, device=dev)
-    _run(backend, groups, [code_flat.data_ptr() if code_flat.numel() else 0,
-                           bytes_flat.data_ptr() if bytes_flat is not None else 0], False, exact, counter)
-    counts = counter.tolist() if exact else [0] * L  # the one host sync of a merge
+    snap = None if exact else _snapshot(Ws, groups)
+    launched: List[int] = []
+    scattered: dict = {}  # layer -> (escape indices, original values) already written with merged values
     codes = list(code_flat.split(sizes))
-    if bytes_flat is not None:
+
+    def packed_code(li: int) -> torch.Tensor:
+        if byte_sizes[li]:
+            return reference.pack_codes(bytes_flat[b_off[li] : b_off[li] + byte_sizes[li]])
+        return codes[li]
+
+    try:
+        _run(backend, groups, [code_flat.data_ptr() if code_flat.numel() else 0,
+                               bytes_flat.data_ptr() if bytes_flat is not None else 0], False, exact, counter,
+             launched)
+        if not exact:
+            e_idx = torch.empty(0, dtype=torch.int64, device=dev)
+            return codes + [e_idx] * L + [torch.empty(0, dtype=W.dtype, device=dev) for W in Ws] + [code_flat]
+        counts = counter.tolist()  # the one host sync of a merge
         for li in range(L):
             if byte_sizes[li]:
-                codes[li].copy_(reference.pack_codes(bytes_flat[b_off[li] : b_off[li] + byte_sizes[li]]))
+                codes[li].copy_(packed_code(li))
+        # Escapes: every index, original and merged value is gathered before the first of them is written.
+        pending = []
+        for li, W in enumerate(Ws):
+            if counts[li]:
+                if terms_list is None:  # escapes are rare: split the terms only when one needs its delta
+                    terms_list, coefs_list = _split_terms(terms, coefs, L)
+                idx = reference.escape_indices(codes[li], W.numel())
+                if idx.numel() != counts[li]:
+                    raise RuntimeError(f"merge_: internal error: {counts[li]} escapes counted, {idx.numel()} coded")
+                v = W.view(-1)[idx].clone()  # escaped weights were left unwritten: these are the originals
+                pending.append((li, idx, v, _escape_merged_values(W, idx, v, a_list[li], b_list[li], terms_list[li],
+                                                                  coefs_list[li])))
+        for li, idx, v, m in pending:
+            _scatter(Ws[li], idx, m)
+            scattered[li] = (idx, v)
+    except BaseException as err:
+        def undo():
+            if snap is not None:  # approximate, several launches
+                for li, W0 in snap.items():
+                    Ws[li].copy_(W0)
+                return
+            if not exact:  # one launch: it raised, so it wrote nothing
+                return
+            layers = _layers_of(groups, launched)
+            if not layers:
+                return
+            tl_, cl_ = (terms_list, coefs_list) if terms_list is not None else _split_terms(terms, coefs, L)
+            t, c = _terms_tensors([tl_[li] for li in layers], [cl_[li] for li in layers])
+            e_i, e_v = torch.empty(0, dtype=torch.int64, device=dev), {}
+            idxs = [scattered[li][0] if li in scattered else e_i for li in layers]
+            vals = [scattered[li][1] if li in scattered else e_v.setdefault(Ws[li].dtype, torch.empty(
+                0, dtype=Ws[li].dtype, device=dev)) for li in layers]
+            _unmerge_raw([Ws[li] for li in layers], [a_list[li] for li in layers], [b_list[li] for li in layers],
+                         t, c, [packed_code(li) for li in layers], idxs, vals, backend, None)
+
+        raise _rolled_back("merge", err, undo)  # noqa: B904 (re-raises the original exception, rolled back)
     e_idx = torch.empty(0, dtype=torch.int64, device=dev)
     e_val: dict = {}
     idxs, vals = [], []
     for li, W in enumerate(Ws):
-        if counts[li]:
-            if terms_list is None:  # escapes are rare: split the terms only when one needs its delta
-                terms_list, coefs_list = _split_terms(terms, coefs, L)
-            code = codes[li]
-            idx = reference.escape_indices(code, W.numel())
-            if idx.numel() != counts[li]:
-                raise RuntimeError(f"merge_: internal error: {counts[li]} escapes counted, {idx.numel()} coded")
-            flat = W.view(-1)
-            v = flat[idx].clone()  # escaped weights were left unwritten: these are the originals
-            flat[idx] = _escape_merged_values(W, idx, v, a_list[li], b_list[li], terms_list[li], coefs_list[li])
+        if li in scattered:
+            idx, v = scattered[li]
         else:
             idx = e_idx
             v = e_val.get(W.dtype)
@@ -350,17 +493,58 @@ def _merge_impl(Ws, a_list, b_list, terms, coefs, exact: bool, backend: str) -> 
     return codes + idxs + vals + [code_flat]
 
 
-def _unmerge_impl(Ws, a_list, b_list, terms, coefs, codes, idxs, vals, backend: str) -> None:
-    entry = merge_plan.active(terms)
-    if backend == "reference":
-        if entry is not None:
-            terms_list, coefs_list = entry.terms_list, entry.coefs_list
-        else:
-            terms_list, coefs_list = _split_terms(terms, coefs, len(Ws))
-        for W, a, b, t, c, code, i, v in zip(Ws, a_list, b_list, terms_list, coefs_list, codes, idxs, vals):
-            reference.unmerge_(W, a, b, t, c, code, i, v)
-        return
+def _reference_unmerge(Ws, a_list, b_list, terms_list, coefs_list, codes, idxs, vals) -> None:
+    """The reference unmerge of every layer (:func:`lora_kernels.reference.unmerge_`'s operations), layer by
+    layer; a failure at layer k re-merges layers 0..k-1: for exact records ``rnd(W + delta)`` of the restored W
+    is the merged W bit for bit (the reference merge wrote exactly that), for approximate ones the codes of the
+    inverse step (``W'' = rnd(W' - delta)``, computed before writing) restore W'."""
+    done: List[Tuple[int, Any]] = []
+    try:
+        for li, W in enumerate(Ws):
+            d = reference.merge_delta(W.shape, a_list[li], b_list[li], terms_list[li], coefs_list[li])
+            if codes[li].numel():
+                c = reference.unpack_codes(codes[li], W.numel()).view(W.shape)
+                out = reference.unmerge_values(W, d, c)
+                if idxs[li].numel():
+                    out.view(-1)[idxs[li]] = vals[li]
+                undo = None
+            else:
+                nd = -d  # (exact: x - d == x + (-d) in IEEE arithmetic)
+                out = (W.float() + nd).to(W.dtype)
+                code = reference.merge_codes(W, out, nd).reshape(-1)
+                ei = (code == 3).nonzero().flatten()
+                undo = (reference.pack_codes(code), ei, W.reshape(-1)[ei].clone())
+            del d
+            W.copy_(out)
+            done.append((li, undo))
+    except BaseException as err:
+        def redo():
+            for li, undo in reversed(done):
+                W = Ws[li]
+                d = reference.merge_delta(W.shape, a_list[li], b_list[li], terms_list[li], coefs_list[li])
+                if undo is None:
+                    W.copy_((W.float() + d).to(W.dtype))
+                else:
+                    packed, ei, ev = undo
+                    out = reference.unmerge_values(W, -d, reference.unpack_codes(packed, W.numel()).view(W.shape))
+                    out.view(-1)[ei] = ev
+                    W.copy_(out)
+
+        raise _rolled_back("unmerge", err, redo)  # noqa: B904 (re-raises the original exception, rolled back)
+
+
+def _unmerge_raw(Ws, a_list, b_list, terms, coefs, codes, idxs, vals, backend: str, entry) -> None:
+    """Launch the unmerge of every layer and scatter the escapes, with no rollback (Triton / CUDA backends)."""
     dev = Ws[0].device
+    groups, base = _unmerge_tables(Ws, a_list, b_list, terms, coefs, codes, backend, entry)
+    counter = torch.zeros(max(len(Ws), 1), dtype=torch.int32, device=dev)
+    _run(backend, groups, [base], True, codes[0].numel() > 0, counter)
+    for W, i, v in zip(Ws, idxs, vals):
+        if i.numel():
+            _scatter(W, i, v)
+
+
+def _unmerge_tables(Ws, a_list, b_list, terms, coefs, codes, backend: str, entry):
     exact = codes[0].numel() > 0
     sizes = [c.numel() for c in codes]
     p_off, _ = merge_plan.offsets(sizes)
@@ -377,11 +561,56 @@ def _unmerge_impl(Ws, a_list, b_list, terms, coefs, codes, idxs, vals, backend: 
         sel = [1 if exact else 0] * len(Ws)
     groups = _tables(backend, Ws, a_list, b_list, terms, coefs, code_col, sel, [True] * len(Ws), entry,
                      ("unmerge", exact))
-    counter = torch.zeros(max(len(Ws), 1), dtype=torch.int32, device=dev)
-    _run(backend, groups, [base], True, exact, counter)
-    for W, i, v in zip(Ws, idxs, vals):
-        if i.numel():
-            W.view(-1)[i] = v
+    return groups, base
+
+
+def _unmerge_impl(Ws, a_list, b_list, terms, coefs, codes, idxs, vals, backend: str) -> None:
+    """The op's implementation: every layer unmerged, or (on any exception) none (see the module docstring)."""
+    entry = merge_plan.active(terms)
+    L = len(Ws)
+    if backend == "reference":
+        if entry is not None:
+            terms_list, coefs_list = entry.terms_list, entry.coefs_list
+        else:
+            terms_list, coefs_list = _split_terms(terms, coefs, L)
+        _reference_unmerge(Ws, a_list, b_list, terms_list, coefs_list, codes, idxs, vals)
+        return
+    dev = Ws[0].device
+    exact = codes[0].numel() > 0
+    groups, base = _unmerge_tables(Ws, a_list, b_list, terms, coefs, codes, backend, entry)
+    snap = None if exact else _snapshot(Ws, groups)
+    counter = torch.zeros(max(L, 1), dtype=torch.int32, device=dev)
+    launched: List[int] = []
+    try:
+        _run(backend, groups, [base], True, exact, counter, launched)
+        for W, i, v in zip(Ws, idxs, vals):
+            if i.numel():
+                _scatter(W, i, v)
+    except BaseException as err:
+        def redo():
+            if snap is not None:
+                for li, W0 in snap.items():
+                    Ws[li].copy_(W0)
+                return
+            layers = _layers_of(groups, launched)
+            if not exact or not layers:  # approximate with one launch: it raised, so it wrote nothing
+                return
+            # The restored layers hold the original W bit for bit: the merge kernel (same tiles, same order of
+            # operations) gives the merged W' again, and the escapes get the values the merge wrapper wrote.
+            tl_, cl_ = ((entry.terms_list, entry.coefs_list) if entry is not None else _split_terms(terms, coefs, L))
+            t, c = _terms_tensors([tl_[li] for li in layers], [cl_[li] for li in layers])
+            sub = [Ws[li] for li in layers]
+            mg = _tables(backend, sub, [a_list[li] for li in layers], [b_list[li] for li in layers], t, c,
+                         [0] * len(layers), [0] * len(layers), [W.shape[1] % 4 == 0 for W in sub], None,
+                         ("merge", False))
+            _run(backend, mg, [0, 0], False, False, torch.zeros(max(len(sub), 1), dtype=torch.int32, device=dev))
+            for li in layers:
+                if idxs[li].numel():
+                    W = Ws[li]
+                    _scatter(W, idxs[li], _escape_merged_values(W, idxs[li], vals[li], a_list[li], b_list[li],
+                                                                tl_[li], cl_[li]))
+
+        raise _rolled_back("unmerge", err, redo)  # noqa: B904 (re-raises the original exception, rolled back)
 
 
 # ---- custom ops -------------------------------------------------------------------------------------------------
@@ -476,29 +705,100 @@ def _(W, a, b, terms, coefs, code, escape_idx, escape_val, backend):
 
 
 # ---- validation -------------------------------------------------------------------------------------------------
-def _norm_adapters(weights: LoRAWeights, adapters: AdapterArg, lambdas: LambdaArg, name: str = "adapters"):
-    if isinstance(adapters, bool) or not isinstance(adapters, (int, Sequence)) or isinstance(adapters, str):
-        raise TypeError(f"{name}: expected an int or a sequence of ints, got {type(adapters).__name__}")
-    ids = (adapters,) if isinstance(adapters, int) else tuple(adapters)
-    check(len(ids) >= 1, name, "at least one adapter id", "an empty sequence")
-    for j in ids:
-        check(isinstance(j, int) and not isinstance(j, bool) and 0 <= j < weights.max_adapters, name,
-              f"ints in [0, {weights.max_adapters}) (weights.max_adapters)", j)
-        check(j in weights._alloc, name, "ids of loaded adapters", f"{j} (a free slot)")
-    if lambdas is None:
-        lams = (1.0,) * len(ids)
-    elif isinstance(lambdas, (int, float)) and not isinstance(lambdas, bool):
-        check(len(ids) == 1, "lambdas", f"a sequence of {len(ids)} floats (one per adapter)", lambdas)
-        lams = (float(lambdas),)
+def _is_array(x: Any) -> bool:
+    """A torch tensor or a numpy array (read with ``tolist``; a CUDA tensor costs one sync)."""
+    return isinstance(x, torch.Tensor) or (type(x).__module__ == "numpy" and hasattr(x, "ndim"))
+
+
+def _integer_dtype(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+    return x.dtype.kind in "iu"  # numpy: signed / unsigned integers
+
+
+def _elements(name: str, x: Any) -> list:
+    """The elements of an argument that takes one value or many: a tensor / numpy array of 0 or 1 dims, or any
+    iterable that is not a string, bytes or a mapping. TypeError / ValueError name ``name``."""
+    if _is_array(x):
+        if x.ndim > 1:
+            raise ValueError(f"{name}: expected a scalar or one dimension, got shape {tuple(x.shape)}")
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            raise TypeError(f"{name}: expected values, got a meta tensor (no data)")
+        return [x.tolist()] if x.ndim == 0 else x.tolist()
+    if isinstance(x, (str, bytes, bytearray, Mapping)) or not isinstance(x, Iterable):
+        raise TypeError(f"{name}: expected a number or a sequence of numbers, got {type(x).__name__} {x!r:.60}")
+    return list(x)
+
+
+def _each(name: str, items: list, conv) -> tuple:
+    """``conv(name, v)`` of every item; the error names the argument and the item's index."""
+    out = []
+    for i, v in enumerate(items):
+        try:
+            out.append(conv(name, v))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (at {name}[{i}])") from None
+    return tuple(out)
+
+
+def _canon_ids(adapters: Any) -> Tuple[int, ...]:
+    """Adapter ids as a tuple of Python ints, before any narrowing: an int of any integer type (Python, numpy,
+    a 0-dim integer tensor) or a sequence / 1-D integer tensor or array of them. Refused (TypeError naming
+    ``adapters``): bool, floats (even integral ones such as ``1.0``: a float id is usually a lambda in the
+    wrong place), str. Refused (ValueError): no id. An id may appear more than once: each occurrence is its own
+    term of the sum, with its own lambda (``[1, 1]`` with ``[a, b]`` merges adapter 1 twice; the record restores
+    W exactly all the same). The range is checked per layer (:func:`_norm_adapters`)."""
+    if type(adapters) is int:
+        return (adapters,)
+    if type(adapters) in (list, tuple) and adapters and all(type(j) is int for j in adapters):
+        ids = tuple(adapters)
     else:
-        # float("1") would silently accept strings (and merge_ once turned "1" into ("1",)): numbers only.
-        ok = not isinstance(lambdas, (str, bytes)) and isinstance(lambdas, Sequence) and all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in lambdas)
-        check(ok, "lambdas", "None, a float or a sequence of floats", repr(lambdas)[:80], TypeError)
-        lams = tuple(float(v) for v in lambdas)
-        check(len(lams) == len(ids), "lambdas", f"{len(ids)} floats (one per adapter)", f"{len(lams)} values")
-    check(all(math.isfinite(v) for v in lams), "lambdas", "finite floats", lams)
-    return ids, lams
+        if isinstance(adapters, numbers.Integral) and not isinstance(adapters, bool):
+            return (int(adapters),)
+        if isinstance(adapters, (bool, float, complex, str, bytes)) or (
+                not _is_array(adapters) and not isinstance(adapters, Iterable)):
+            raise TypeError(f"adapters: expected an int or a sequence of ints, got {type(adapters).__name__} "
+                            f"{adapters!r:.60}")
+        if _is_array(adapters) and not _integer_dtype(adapters):
+            raise TypeError(f"adapters: expected integer ids, got an array of dtype {adapters.dtype}")
+        ids = _each("adapters", _elements("adapters", adapters), check_int)
+    check(len(ids) >= 1, "adapters", "at least one adapter id", "an empty sequence")
+    return ids
+
+
+def _canon_lams(lambdas: Any, n: int) -> Optional[Tuple[float, ...]]:
+    """Lambdas as a tuple of n Python floats (None: every lambda 1). One real number (for one adapter) or a
+    sequence / 1-D tensor / array of n of them; finite (NaN and +-inf refused); never bool, str or complex
+    (TypeError). Any magnitude is accepted here; :func:`_plan` refuses a lambda whose fp32 coefficient
+    ``fl32(fl32(lambda) * scale)`` overflows."""
+    if lambdas is None:
+        return None
+    if isinstance(lambdas, (numbers.Number, bool)) or (_is_array(lambdas) and lambdas.ndim == 0):
+        if not isinstance(lambdas, torch.Tensor) and _is_array(lambdas):
+            lambdas = lambdas.item()  # a 0-dim numpy array
+        lam = check_real("lambdas", lambdas)
+        check(n == 1, "lambdas", f"a sequence of {n} floats (one per adapter)", lambdas)
+        return (lam,)
+    if isinstance(lambdas, (str, bytes)):
+        raise TypeError(f"lambdas: expected None, a float or a sequence of floats, got {lambdas!r:.80}")
+    try:
+        items = _elements("lambdas", lambdas)
+    except TypeError:
+        raise TypeError(f"lambdas: expected None, a float or a sequence of floats, got {lambdas!r:.80}") from None
+    lams = _each("lambdas", items, check_real)
+    check(len(lams) == n, "lambdas", f"{n} floats (one per adapter)", f"{len(lams)} values")
+    return lams
+
+
+def _norm_adapters(weights: LoRAWeights, adapters: AdapterArg, lambdas: LambdaArg, name: str = "adapters"):
+    """``(ids, lambdas)`` checked against one layer's weights: every id in ``[0, weights.max_adapters)`` and
+    loaded; lambdas default to 1."""
+    ids = _canon_ids(adapters)
+    lams = _canon_lams(lambdas, len(ids))
+    for j in ids:
+        check(0 <= j < weights.max_adapters, name, f"ints in [0, {weights.max_adapters}) (weights.max_adapters)", j)
+        check(j in weights._alloc, name, "ids of loaded adapters", f"{j} (a free slot)")
+    return ids, (lams if lams is not None else (1.0,) * len(ids))
 
 
 def _plan(W: torch.Tensor, weights: LoRAWeights, adapters: AdapterArg, lambdas: LambdaArg, wname: str,
@@ -610,6 +910,8 @@ def _check_record(W: torch.Tensor, rec: Any, wname: str = "W", rname: str = "rec
     check(W.device == rec.device, rname, f"a record of W's device {W.device}", rec.device)
     check(W.data_ptr() == rec.data_ptr, rname, "a record of this W (same data pointer)",
           f"a record of another tensor (data_ptr {rec.data_ptr:#x}, W's {W.data_ptr():#x})")
+    # (a transposed view of a square W has its pointer, shape and version: the merge wrote a contiguous W)
+    check(W.is_contiguous(), wname, "the contiguous tensor the merge wrote", f"strides {W.stride()}")
     v = _version(W)
     check(rec.version is None or v == rec.version, rname,
           f"W unchanged since the merge (version {rec.version})", f"W modified since (version {v})")
@@ -624,7 +926,8 @@ def _record_ok(W: Any, rec: Any) -> bool:
     """True when :func:`_check_record` would pass (no message formatting: the fast path of a 224-layer unmerge)."""
     if type(rec) is not MergeRecord or not isinstance(W, torch.Tensor) or rec.used:
         return False
-    if W.data_ptr() != rec.data_ptr or W.dtype != rec.dtype or W.shape != rec.shape or W.device != rec.device:
+    if W.data_ptr() != rec.data_ptr or W.dtype != rec.dtype or W.shape != rec.shape or W.device != rec.device \
+            or not W.is_contiguous():
         return False
     if rec.version is not None and _version(W) != rec.version:
         return False
@@ -645,6 +948,112 @@ def _merged_nonfinite(recs: Sequence[MergeRecord], Ws: Sequence[torch.Tensor]) -
     return n
 
 
+# ---- live records: what later merges must not overlap ------------------------------------------------------------
+_STORAGE = ("a", "b", "offsets", "ranks", "scales", "slice_info")  # the tensors a LoRAWeights owns
+
+
+class _LiveMerge:
+    """The records of one merge call: while one of them is not yet used, its unmerge will write its W and read
+    its layers' adapter storage and its side data, so no later merge may write into any of those, nor read
+    adapter storage that is such a W. ``entry`` holds the byte spans of the call's Ws and adapter storage
+    (computed once per plan), ``bufs`` the call's side-data buffers (``(name, tensor)``), ``pending`` how many
+    of its records are not used yet. The records hold the group (and nothing else does, but a weak set): it
+    disappears with them. Conservative: a group with one record pending still guards every layer of its call."""
+
+    __slots__ = ("entry", "bufs", "pending", "__weakref__")
+
+    def __init__(self, entry, pending: int):
+        self.entry = entry
+        self.bufs: tuple = ()
+        self.pending = pending
+
+
+_LIVE: "weakref.WeakSet[_LiveMerge]" = weakref.WeakSet()
+
+
+def _span(t: torch.Tensor, label: Any) -> tuple:
+    if t.is_contiguous():
+        p = t.data_ptr()
+        return (p, p + t.numel() * t.element_size(), label)
+    return tensor_span(t, label)
+
+
+def _name(label: tuple, single: bool) -> str:
+    """How an error names a span: ``("W", i, None)`` -> ``W`` / ``Ws[i]``; ``("weights", i, "a")`` ->
+    ``weights.a`` / ``weights[i].a``; ``("rec", i, "code")`` -> ``records[i].code``."""
+    kind, i, attr = label
+    if kind == "W":
+        return "W" if single else f"Ws[{i}]"
+    if kind == "weights":
+        return f"weights.{attr}" if single else f"weights[{i}].{attr}"
+    return f"record {i}'s {attr}"
+
+
+def _storage_spans(Ws: Sequence[torch.Tensor], ws: Sequence[LoRAWeights]) -> Tuple[list, list]:
+    """Byte spans of the call's Ws (contiguous, checked) and of every tensor its LoRAWeights own."""
+    w_spans = [_span(W, ("W", i, None)) for i, W in enumerate(Ws)]
+    in_spans, seen = [], set()
+    for i, w in enumerate(ws):
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        for nm in _STORAGE:
+            t = getattr(w, nm, None)
+            if isinstance(t, torch.Tensor):
+                in_spans.append(_span(t, ("weights", i, nm)))
+    return w_spans, in_spans
+
+
+def _disjoint_error(out: str, other: str, why: str) -> ValueError:
+    return ValueError(f"{out}: expected memory disjoint from {other} ({why}), got overlapping storage")
+
+
+def _check_live(entry, single: bool) -> None:
+    """Refuse a merge that would write what a live record's unmerge reads or writes, or read adapter storage
+    that a live record's unmerge will rewrite (ValueError naming the W / the weights' tensor). Free when no
+    record is live (the common case: a mode switch unmerges before it merges)."""
+    if not _LIVE:
+        return
+    dev = entry.device
+    for g in list(_LIVE):
+        if g.pending <= 0 or g.entry.device != dev:
+            continue
+        bufs = [_span(t, ("rec", 0, nm)) for nm, t in g.bufs if isinstance(t, torch.Tensor)]
+        hit = first_overlap(entry.w_spans, list(g.entry.in_spans) + bufs)
+        if hit:
+            theirs = hit[1]
+            other = (f"the adapter storage {_name(theirs, False)} of a live MergeRecord's merge" if theirs[0] != "rec"
+                     else f"the side data ({theirs[2]}) of a live MergeRecord")
+            raise _disjoint_error(_name(hit[0], single), other, "its unmerge reads it; unmerge or drop that record "
+                                  "first")
+        hit = first_overlap(entry.in_spans, g.entry.w_spans)
+        if hit:
+            raise _disjoint_error(_name(hit[0], single), f"the weight {_name(hit[1], False)} of a live MergeRecord's "
+                                  "merge", "its unmerge will rewrite it, changing these adapter rows")
+
+
+def _register_live(entry, recs: Sequence[MergeRecord]) -> _LiveMerge:
+    g = _LiveMerge(entry, len(recs))
+    for r in recs:
+        r.__dict__["_live"] = g
+    _LIVE.add(g)  # (last: nothing registered if anything above raised)
+    return g
+
+
+def _restore_versions(Ws: Sequence[torch.Tensor], versions: Sequence[Optional[int]]) -> None:
+    """Put W's version counter back after a rollback restored its bits, so that records that check it (and
+    autograd) see the W they knew. No-op where torch lacks the (unsafe, internal) setter."""
+    fix = [(W, v) for W, v in zip(Ws, versions) if v is not None and W._version != v]
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if not fix or setter is None:
+        return
+    try:
+        setter(tuple(W for W, _ in fix), tuple(v for _, v in fix))
+    except TypeError:  # older torch: one tensor at a time
+        for W, v in fix:
+            setter(W, v)
+
+
 # ---- public API -------------------------------------------------------------------------------------------------
 def merge_(
     W: torch.Tensor, weights: LoRAWeights, adapters: AdapterArg, lambdas: LambdaArg = None, *, exact: bool = True,
@@ -660,28 +1069,33 @@ def merge_(
     Args:
         W: [weights.out_features, weights.in_features] fp16/bf16/fp32, contiguous, on the weights' device (a
             fused q/k/v weight gets slice s's delta in rows ``[col_s, col_s + out_s)``). Parameters are fine
-            (the write happens under no_grad).
+            (the write happens under no_grad). Its memory must be disjoint from every tensor of ``weights``
+            and from what a live record's unmerge reads or writes.
         weights: the layer's :class:`~lora_kernels.LoRAWeights`.
-        adapters: one loaded adapter id, or a sequence of them (mixed ranks allowed).
-        lambdas: one float per adapter (default 1), finite.
-        exact: keep the side data for a bit-exact unmerge.
+        adapters: one loaded adapter id, or a sequence / 1-D integer tensor of ids (mixed ranks allowed; an id
+            listed twice contributes twice); ids of any integer type, never bool or float (``1.0`` is refused).
+        lambdas: one real number per adapter (default 1): any finite value (not bool, str or complex) whose
+            coefficient ``fl32(fl32(lambda) * scale)`` is finite in fp32 for every slice.
+        exact: a bool: keep the side data for a bit-exact unmerge.
 
     Returns:
         :class:`MergeRecord` (``escapes``: how many weights needed the escape list).
 
     Raises:
-        TypeError / ValueError naming the argument (W's shape/dtype/device/layout, ids out of range or free
-        slots, lambdas of the wrong length or non-finite): W is unchanged when it raises.
+        TypeError / ValueError naming the argument (W's shape/dtype/device/layout or overlapping memory, ids out
+        of range, free or not integers, lambdas of the wrong type, length or value, ``exact`` not a
+        bool). W is bit-identical (and its version counter unchanged) when it raises, whatever the step
+        (see the module docstring: checks first, rollback after the first write).
         Syncs with the host once (escape count; scales).
     """
-    return merge_many_([W], [weights], adapters, None if lambdas is None else _as_lams(lambdas), exact=exact,
-                       _single=True)[0]
+    return merge_many_([W], [weights], adapters, lambdas, exact=exact, _single=True)[0]
 
 
-def _as_lams(lambdas):
-    if isinstance(lambdas, (int, float, str, bytes)) and not isinstance(lambdas, bool):
-        return lambdas  # (a str is refused by _norm_adapters, naming lambdas)
-    return tuple(lambdas) if isinstance(lambdas, Iterable) else lambdas
+def _as_seq(name: str, x: Any, item: str) -> list:
+    """A list argument of many layers; a lone tensor / LoRAWeights / record is refused (it would iterate rows)."""
+    if isinstance(x, (torch.Tensor, LoRAWeights, MergeRecord, str, bytes, Mapping)) or not isinstance(x, Iterable):
+        raise TypeError(f"{name}: expected a sequence of {item} (one per layer), got {type(x).__name__}")
+    return list(x)
 
 
 def merge_many_(
@@ -692,49 +1106,114 @@ def merge_many_(
 
     Args:
         Ws: the layers' weights; ``weights``: their LoRAWeights (same length); ``adapters`` / ``lambdas``: as in
-            :func:`merge_`, applied to every layer (each must hold the adapters). All on one device.
+            :func:`merge_`, applied to every layer (each must hold the adapters). All on one device; the Ws'
+            memory pairwise disjoint and disjoint from every LoRAWeights' tensors.
 
     Returns: one :class:`MergeRecord` per layer, in order. Raises as :func:`merge_` (``Ws[i]`` named), before
-    any layer is written. Layers must be distinct tensors.
+    any layer is written; an exception after the first write (a launch, the escape pass, the records, a warning
+    turned into an error) restores every layer bit for bit before it propagates.
     """
-    Ws, ws = list(Ws), list(weights)
+    if _single:
+        Ws, ws = list(Ws), list(weights)
+    else:
+        Ws, ws = _as_seq("Ws", Ws, "weight tensors"), _as_seq("weights", weights, "LoRAWeights")
     check(len(Ws) == len(ws), "weights", f"{len(Ws)} LoRAWeights (one per W)", len(ws))
     for i, w in enumerate(ws):
-        check(isinstance(w, LoRAWeights), f"weights[{i}]", "a LoRAWeights", type(w).__name__, TypeError)
+        check(isinstance(w, LoRAWeights), "weights" if _single else f"weights[{i}]", "a LoRAWeights",
+              type(w).__name__, TypeError)
+    check(isinstance(exact, bool), "exact", "a bool", type(exact).__name__, TypeError)
+    ids = _canon_ids(adapters)
+    lams = _canon_lams(lambdas, len(ids))
     if not Ws:
         return []
     # The host plan (validation, scales, terms, device tables) is cached per (layers, adapters, lambdas):
-    # see lora_kernels.ops.merge_plan for the key and what invalidates it.
+    # see lora_kernels.ops.merge_plan for the key and what invalidates it. A hit implies every check of the
+    # cold plan (the key holds the pointers, shapes and strides the overlap checks looked at).
     entry, key, backend = None, None, None
-    al = _cache_ids(adapters, lambdas)
-    if al is not None and all(isinstance(W, torch.Tensor) for W in Ws):
+    if all(isinstance(W, torch.Tensor) for W in Ws):
         backend = _select(Ws[0].device)
-        key = merge_plan.plan_key(Ws, ws, al[0], al[1], exact, backend)
+        lam_key = (None,) if lams is None else tuple((v, math.copysign(1.0, v)) for v in lams)
+        key = merge_plan.plan_key(Ws, ws, ids, lam_key, exact, backend)
         entry = merge_plan.lookup(key, ws)
-    if entry is None:
-        entry, backend = _plan_many(Ws, ws, adapters, lambdas, exact, _single, key)
-    plans = entry.plans
-    with torch.no_grad(), merge_plan.activate(entry):
-        terms, coefs = entry.terms_t, entry.coefs_t
-        if _single:
-            outs = list(torch.ops.lora_kernels.merge_(Ws[0], ws[0].a, ws[0].b, terms, coefs, exact, backend))
-        else:
-            code, idx, vb, counts = torch.ops.lora_kernels.merge_many_(
-                Ws, [w.a for w in ws], [w.b for w in ws], terms, coefs, exact, backend)
-            L = len(Ws)
-            if idx.numel():
-                ns = counts.tolist()
-                idxs = list(idx.split(ns))
-                vals = [_from_bits(v, W.dtype) for v, W in zip(vb.split(ns), Ws)]
-            else:  # no escapes (the common case): shared empty tensors, no per-layer work
-                e_val: dict = {}
-                for W in Ws:
-                    if W.dtype not in e_val:
-                        e_val[W.dtype] = _from_bits(vb, W.dtype)
-                idxs = [idx] * L
-                vals = [e_val[W.dtype] for W in Ws]
-            outs = list(code.split(entry.sizes)) + idxs + vals
+    cold = entry is None
+    if cold:
+        entry, backend = _plan_many(Ws, ws, ids, lams, exact, _single, key)
+    _check_live(entry, _single)
+    recs = _new_records(entry, Ws, ws, exact, backend)
+    # Bookkeeping first (undone on failure), so that nothing that can fail is left after the write of an
+    # approximate merge, which has no side data to roll back from.
+    versions = [_version(W) for W in Ws]
+    group = None
+    try:
+        if cold and key is not None and key[0] == backend:
+            merge_plan.store(entry)
+        group = _register_live(entry, recs)
+        with torch.no_grad(), merge_plan.activate(entry):
+            terms, coefs = entry.terms_t, entry.coefs_t
+            if _single:
+                outs = torch.ops.lora_kernels.merge_(Ws[0], ws[0].a, ws[0].b, terms, coefs, exact, backend)
+            else:
+                outs = torch.ops.lora_kernels.merge_many_(Ws, [w.a for w in ws], [w.b for w in ws], terms, coefs,
+                                                          exact, backend)
+    except BaseException:
+        if group is not None:
+            _LIVE.discard(group)
+        if cold:
+            merge_plan.discard(entry)  # (only if it is the entry cached under its key)
+        _restore_versions(Ws, versions)
+        raise
+    for r, W in zip(recs, Ws):
+        r.__dict__["version"] = _version(W)
+    if not exact:
+        return recs
+    group.bufs = tuple(zip(("code", "escape_idx", "escape_val", "counts"), outs))
+    try:
+        codes, idxs, vals = _split_outs(outs, Ws, entry, _single)
+        for r, code, idx, v in zip(recs, codes, idxs, vals):
+            r.__dict__.update(code=code, escape_idx=idx, escape_val=v, escapes=idx.numel())
+        bad = _merged_nonfinite(recs, Ws)
+        if bad:
+            warnings.warn(f"merge_: {bad} finite weights became NaN/Inf (non-finite adapter weights or overflow); "
+                          "unmerge_ restores them exactly from the escape list", RuntimeWarning, stacklevel=2)
+    except BaseException as err:  # (a warnings filter may turn the warning into an error)
+        def undo():
+            c, i, v = _split_outs(outs, Ws, entry, _single)
+            with torch.no_grad(), merge_plan.activate(entry):
+                _unmerge_impl(Ws, [w.a for w in ws], [w.b for w in ws], entry.terms_t, entry.coefs_t, c, i, v,
+                              backend)
+
+        e2 = _rolled_back("merge", err, undo)
+        _LIVE.discard(group)
+        if cold:
+            merge_plan.discard(entry)
+        _restore_versions(Ws, versions)
+        raise e2  # noqa: B904 (re-raises the original exception, rolled back)
+    return recs
+
+
+def _split_outs(outs, Ws, entry, single: bool):
+    """Per-layer ``(codes, escape indices, escape values)`` from the op's outputs (exact merges)."""
+    if single:
+        code, idx, val = outs
+        return [code], [idx], [val]
+    code, idx, vb, counts = outs
     L = len(Ws)
+    if idx.numel():
+        ns = counts.tolist()
+        idxs = list(idx.split(ns))
+        vals = [_from_bits(v, W.dtype) for v, W in zip(vb.split(ns), Ws)]
+    else:  # no escapes (the common case): shared empty tensors, no per-layer work
+        e_val: dict = {}
+        for W in Ws:
+            if W.dtype not in e_val:
+                e_val[W.dtype] = _from_bits(vb, W.dtype)
+        idxs = [idx] * L
+        vals = [e_val[W.dtype] for W in Ws]
+    return list(code.split(entry.sizes)), idxs, vals
+
+
+def _new_records(entry, Ws, ws, exact: bool, backend: str) -> List[MergeRecord]:
+    """The records of this call, before it writes anything (their outputs and W's version filled after)."""
     tmpl = entry.records
     if tmpl is None:  # the fields every record of this plan shares with the next one (the key fixes them)
         tmpl = entry.records = [dict(vars(MergeRecord(
@@ -742,47 +1221,29 @@ def merge_many_(
             adapters=p["ids"], lambdas=p["lams"], ranks=p["ranks"], offsets=p["offsets"], scales=p["scales"],
             exact=bool(exact), backend=backend, code=None, escape_idx=None, escape_val=None, escapes=0,
             _terms=p["terms"], _coefs=p["coefs"], _tokens=p["tokens"], _plan=entry, _gidx=i,
-        ))) for i, (W, p) in enumerate(zip(Ws, plans))]  # (no LoRAWeights here: the cache holds them weakly)
+        ))) for i, (W, p) in enumerate(zip(Ws, entry.plans))]  # (no LoRAWeights here: the cache holds them weakly)
+    dev = Ws[0].device
+    e_code = torch.empty(0, dtype=torch.uint8, device=dev)
+    e_idx = torch.empty(0, dtype=torch.int64, device=dev)
+    e_val: dict = {}
     recs = []
     for i, (W, w) in enumerate(zip(Ws, ws)):
-        idx = outs[L + i]
-        r = MergeRecord.__new__(MergeRecord)  # (the dataclass __init__ of 24 fields costs ~2 us a layer)
+        r = MergeRecord.__new__(MergeRecord)  # (the dataclass __init__ of 25 fields costs ~2 us a layer)
         d = r.__dict__
         d.update(tmpl[i])
-        d.update(version=_version(W), code=outs[i], escape_idx=idx, escape_val=outs[2 * L + i],
-                 escapes=idx.numel(), _weights=w, _a=w.a, _b=w.b)
+        d.update(_weights=w, _a=w.a, _b=w.b)
+        if not exact:  # an approximate merge has no side data: its (empty) fields are set here, before the write
+            v = e_val.get(W.dtype)
+            if v is None:
+                v = e_val[W.dtype] = torch.empty(0, dtype=W.dtype, device=dev)
+            d.update(code=e_code, escape_idx=e_idx, escape_val=v)
         recs.append(r)
-    if exact:
-        bad = _merged_nonfinite(recs, Ws)
-        if bad:
-            warnings.warn(f"merge_: {bad} finite weights became NaN/Inf (non-finite adapter weights or overflow); "
-                          "unmerge_ restores them exactly from the escape list", RuntimeWarning, stacklevel=2)
     return recs
 
 
-def _cache_ids(adapters: AdapterArg, lambdas: LambdaArg):
-    """``(ids, lambdas)`` as they key the plan cache, or None when they are not plain ints / floats (the
-    uncached path then validates and raises). Signed zeros are kept apart (-0.0 and 0.0 give different W)."""
-    if isinstance(adapters, int) and not isinstance(adapters, bool):
-        ids = (adapters,)
-    elif isinstance(adapters, (list, tuple)) and all(type(j) is int for j in adapters):
-        ids = tuple(adapters)
-    else:
-        return None
-    if lambdas is None:
-        lams: Tuple[Any, ...] = (None,)
-    elif type(lambdas) in (int, float):
-        lams = ((float(lambdas), math.copysign(1.0, lambdas)),)
-    elif isinstance(lambdas, (list, tuple)) and all(type(v) in (int, float) for v in lambdas):
-        lams = tuple((float(v), math.copysign(1.0, v)) for v in lambdas)
-    else:
-        return None
-    return ids, lams
-
-
-def _plan_many(Ws, ws, adapters, lambdas, exact, _single, key):
+def _plan_many(Ws, ws, ids, lams, exact, _single, key):
     """Validate every layer and plan the call from scratch (the uncached path). Returns ``(entry, backend)``;
-    the entry is stored in the plan cache when ``key`` is not None."""
+    the caller stores the entry in the plan cache once the call succeeded."""
     # Every layer's scales in one device->host copy per device (one sync for the whole model, not one per
     # layer); off[id(w)]: where w's scales start in the host vector.
     parts, off, pos = [], {}, 0
@@ -793,14 +1254,14 @@ def _plan_many(Ws, ws, adapters, lambdas, exact, _single, key):
             off[id(w)] = pos
             pos += w.scales.numel()
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-    fast = _plan_fast(Ws, ws, adapters, lambdas, flat, off)
+    fast = _plan_fast(Ws, ws, ids, lams, flat, off)
     if fast is not None:
         plans, terms, coefs = fast
     else:  # a cheap check failed somewhere: the per-layer path names the argument (and raises), or plans it
         host = {id(w): flat[off[id(w)] : off[id(w)] + w.scales.numel()] for w in ws}
         plans = []
         for i, (W, w) in enumerate(zip(Ws, ws)):
-            plans.append(_plan(W, w, adapters, lambdas, "W" if _single else f"Ws[{i}]", host[id(w)]))
+            plans.append(_plan(W, w, ids, lams, "W" if _single else f"Ws[{i}]", host[id(w)]))
         terms, coefs = _terms_tensors([p["terms"] for p in plans], [p["coefs"] for p in plans])
     dev = Ws[0].device
     for i, W in enumerate(Ws):
@@ -811,10 +1272,16 @@ def _plan_many(Ws, ws, adapters, lambdas, exact, _single, key):
     for (_, e0, i0), (s1, _, i1) in zip(spans, spans[1:]):
         check(s1 >= e0, "Ws", "distinct weight tensors with disjoint memory",
               f"Ws[{min(i0, i1)}] and Ws[{max(i0, i1)}] overlapping (the same tensor twice, or views of one buffer)")
+    # W inside adapter storage (a view of weights.a, or of its offsets/ranks/scales read as floats): the merge
+    # would rewrite the rows it reads, and the unmerge would recompute another delta (no longer bit-exact).
+    w_spans, in_spans = _storage_spans(Ws, ws)
+    hit = first_overlap(w_spans, in_spans)
+    if hit:
+        raise _disjoint_error(_name(hit[0], _single), _name(hit[1], _single),
+                              "the merge writes W; the LoRAWeights' tensors are storage the library owns")
     backend = _select(dev)
     entry = merge_plan.PlanEntry(key, ws, plans, terms, coefs, merge_plan.layer_sizes(Ws, exact))
-    if key is not None and key[0] == backend:
-        merge_plan.store(entry)
+    entry.w_spans, entry.in_spans, entry.device = w_spans, in_spans, dev
     return entry, backend
 
 
@@ -825,7 +1292,12 @@ def unmerge_(W: torch.Tensor, record: MergeRecord) -> torch.Tensor:
     Raises:
         TypeError / ValueError naming ``record`` when it does not belong to W (shape, dtype, device, data
         pointer, or W modified since: version), was already used, or its adapter slot was removed/reloaded
-        since the merge. W is unchanged when it raises. No host sync.
+        since the merge; naming ``W`` when W is not the contiguous tensor the merge wrote (a transposed view of a
+        square W). W is unchanged when it raises, and when any later step fails (rolled back: the layers
+        already restored are merged again, bit for bit). No host sync.
+
+    W cannot overlap the record's side data or adapter storage: W is the memory the merge checked (same
+    pointer, shape, dtype and layout), and the side data was allocated while W was alive.
     """
     unmerge_many_([W], [record], _single=True)
     return W
@@ -833,8 +1305,13 @@ def unmerge_(W: torch.Tensor, record: MergeRecord) -> torch.Tensor:
 
 def unmerge_many_(Ws: Sequence[torch.Tensor], records: Sequence[MergeRecord], *, _single: bool = False) -> None:
     """:func:`unmerge_` for many layers in one grouped launch (records from :func:`merge_many_` or
-    :func:`merge_`; all of one backend and device). Every record is checked before any layer is written."""
-    Ws, recs = list(Ws), list(records)
+    :func:`merge_`; all of one backend and device). Every record is checked before any layer is written; a
+    failure after the first write restores every layer to its merged state bit for bit (exact records) before
+    it propagates, and the records stay usable."""
+    if _single:
+        Ws, recs = list(Ws), list(records)
+    else:
+        Ws, recs = _as_seq("Ws", Ws, "weight tensors"), _as_seq("records", records, "MergeRecords")
     check(len(Ws) == len(recs), "records", f"{len(Ws)} records (one per W)", len(recs))
     for i, (W, r) in enumerate(zip(Ws, recs)):
         if not _record_ok(W, r):  # the detailed checks (and their messages) only when a cheap one fails
@@ -856,14 +1333,22 @@ def unmerge_many_(Ws: Sequence[torch.Tensor], records: Sequence[MergeRecord], *,
         terms, coefs = entry.terms_t, entry.coefs_t
     else:
         terms, coefs = _terms_tensors([r._terms for r in recs], [r._coefs for r in recs])
-    with torch.no_grad(), merge_plan.activate(entry):
-        if _single:
-            r = recs[0]
-            torch.ops.lora_kernels.unmerge_(Ws[0], r._a, r._b, terms, coefs, r.code, r.escape_idx, r.escape_val,
-                                            backend)
-        else:
-            torch.ops.lora_kernels.unmerge_many_(Ws, [r._a for r in recs], [r._b for r in recs], terms, coefs,
-                                                 [r.code for r in recs], [r.escape_idx for r in recs],
-                                                 [r.escape_val for r in recs], backend)
+    versions = [_version(W) for W in Ws]
+    try:
+        with torch.no_grad(), merge_plan.activate(entry):
+            if _single:
+                r = recs[0]
+                torch.ops.lora_kernels.unmerge_(Ws[0], r._a, r._b, terms, coefs, r.code, r.escape_idx,
+                                                r.escape_val, backend)
+            else:
+                torch.ops.lora_kernels.unmerge_many_(Ws, [r._a for r in recs], [r._b for r in recs], terms, coefs,
+                                                     [r.code for r in recs], [r.escape_idx for r in recs],
+                                                     [r.escape_val for r in recs], backend)
+    except BaseException:
+        _restore_versions(Ws, versions)
+        raise
     for r in recs:
         r.used = True
+        g = r.__dict__.get("_live")
+        if g is not None:
+            g.pending -= 1

@@ -10,10 +10,14 @@ switches to the same adapter, so :func:`lookup` / :func:`store` keep it in a sma
                 the LoRAWeights' identity and ``version`` (bumped by add/remove), its scales tensor's identity,
                 data pointer and in-place version counter, and the data pointers, strides and dtypes of a / b)
 
-and a hit is also checked against the adapters' allocation tokens (the same identity check a MergeRecord
-uses), so an add/remove, a direct write to ``weights.scales``, a reassigned ``a`` / ``b`` or a replaced W
-all miss. W's *contents* (its version counter) are not in the key: the tables hold pointers, not values; the
-records still check W's data pointer and version at unmerge time.
+and a hit is also checked against the adapters' allocation tokens (the same identity check a MergeRecord uses), so
+an add/remove, a direct write to ``weights.scales``, a reassigned ``a`` / ``b`` or a replaced W all miss. A hit
+therefore implies every check the cold plan made, including the overlap checks of W against the LoRAWeights'
+tensors (the key fixes W's and a/b's pointers and strides; ``offsets`` / ``ranks`` / ``slice_info`` are allocated
+once per LoRAWeights object, whose identity the key holds). Only the checks against live records
+(:func:`lora_kernels.ops.merge._check_live`) run on every call. A call that fails after storing its plan removes it
+again (:func:`discard`). W's *contents* (its version counter) are not in the key: the tables hold pointers, not
+values; the records still check W's data pointer and version at unmerge time.
 
 The tables hold raw device pointers of W, A and B; the code buffer (the record's side data) is new for every
 merge, so its column holds an offset that :func:`code_column` turns into pointers per call (a few tiny device
@@ -32,8 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["PlanEntry", "plan_key", "lookup", "store", "clear", "info", "set_enabled", "build_tables_vec",
-           "code_column", "active", "activate"]
+__all__ = ["PlanEntry", "plan_key", "lookup", "store", "discard", "clear", "info", "set_enabled",
+           "build_tables_vec", "code_column", "active", "activate"]
 
 _JOB_COLS = 16
 _MAX_ENTRIES = 16
@@ -49,7 +53,7 @@ class PlanEntry:
     (backend, unmerge) variant (filled by the first launch)."""
 
     __slots__ = ("key", "wrefs", "plans", "terms_t", "coefs_t", "terms_list", "coefs_list", "sizes", "tables",
-                 "records", "__weakref__")
+                 "records", "w_spans", "in_spans", "device", "__weakref__")
 
     def __init__(self, key, ws, plans, terms_t, coefs_t, sizes):
         self.key = key
@@ -62,6 +66,11 @@ class PlanEntry:
         self.sizes = sizes
         self.tables: Dict[Any, Any] = {}
         self.records: Optional[List[dict]] = None  # MergeRecord fields shared by every merge of this plan
+        # Byte spans (start, end, label) of the Ws and of every tensor their LoRAWeights own, taken when the plan
+        # was checked (the key fixes them): later merges check theirs against these while a record is live.
+        self.w_spans: List[tuple] = []
+        self.in_spans: List[tuple] = []
+        self.device: Optional[torch.device] = None
 
 
 def _tensor_version(t: torch.Tensor) -> Optional[int]:
@@ -118,6 +127,12 @@ def store(entry: PlanEntry) -> None:
     _cache.move_to_end(entry.key)
     while len(_cache) > _MAX_ENTRIES:
         _cache.popitem(last=False)
+
+
+def discard(entry: PlanEntry) -> None:
+    """Remove ``entry`` if it is the one cached under its key (a merge that failed after storing its plan)."""
+    if entry.key is not None and _cache.get(entry.key) is entry:
+        del _cache[entry.key]
 
 
 def clear() -> None:

@@ -21,10 +21,16 @@ export / jit tracing, no dispatch or torch-function mode, no functorch transform
 tensors; :func:`_eager`) the wrappers call the op's implementation directly instead of going through the
 dispatcher, which is all the custom op would do there (autograd is refused for these ops and y's version
 counter is bumped as the mutating op's ADInplaceOrView kernel would). The arguments are first checked by one
-combined predicate (:func:`_add_lora_args_ok` and friends) that only reads shapes, dtypes, devices and
-strides; when it is false, or outside plain eager, the detailed per-argument checks run and raise with the
+combined predicate (:func:`_add_lora_args_ok` and friends) that only reads shapes, dtypes, devices, strides and
+data pointers; when it is false, or outside plain eager, the detailed per-argument checks run and raise with the
 argument's name, so every check and message is the same on both paths. Everything else (tracing, compile,
 opcheck, fake tensors) goes through the custom op as before.
+
+Outputs never share memory with an input or with storage the library owns (:func:`library_storage`: the
+weights' ``a``, ``b``, ``offsets``, ``ranks``, ``scales``, ``slice_info`` and the batch's ``meta``): an op writing
+y into B's rows would read rows it already changed and leave the adapter corrupted for every later call. The
+fast predicate tests the byte spans (:func:`_clear_of`, about 1 us for the eight tensors); the detailed path
+names the tensor y overlaps (:func:`_check_out_disjoint`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Optional
 import torch
 
 from .. import backends, profiling, reference
-from .._validation import FLOAT_DTYPES, check, check_tensor
+from .._validation import FLOAT_DTYPES, check, check_disjoint, check_int, check_tensor
 from ..batch import LoRABatch
 from ..profiling import nvtx_range
 from ..weights import LoRAWeights
@@ -193,15 +199,33 @@ def _check_y(y: torch.Tensor, weights: LoRAWeights, T: int, dev: torch.device) -
           f"strides {y.stride()}")
 
 
-def _check_no_overlap(y: torch.Tensor, other: torch.Tensor, name: str) -> None:
+def library_storage(weights, batch, prefix: str = "weights") -> dict:
+    """``{name: tensor}`` of the storage the library owns that an op reading ``weights`` under ``batch`` reads:
+    an output sharing memory with any of it would change the adapters (or the batch) while the op runs, and for
+    every later call. ``weights`` is a LoRAWeights or a DualLoRAWeights (``prefix``: its argument name)."""
+    out = {}
+    for name in ("a", "b", "ln_weight", "ln_bias", "offsets", "ranks", "ranks2", "scales", "slice_info",
+                 "in_slice_info"):
+        t = getattr(weights, name, None)
+        if isinstance(t, torch.Tensor):
+            out[f"{prefix}.{name}"] = t
+    out["batch.meta"] = batch.meta
+    return out
+
+
+def _check_out_disjoint(y: torch.Tensor, inputs: dict, weights, batch, prefix: str = "weights") -> None:
+    """The output y of an in-place op vs its tensor inputs (``{name: tensor}``) and the library's storage
+    (:func:`library_storage`): ValueError naming y on any overlap."""
     if torch.compiler.is_compiling():  # fake tensors have no storage; eager calls are checked
         return
-    if y.numel() == 0 or other.numel() == 0 or y.device != other.device:
-        return
-    ys, ye = y.data_ptr(), y.data_ptr() + _span(y)
-    os_, oe = other.data_ptr(), other.data_ptr() + _span(other)
-    check(ye <= os_ or oe <= ys, "y", f"memory disjoint from {name} (the op writes y while reading {name})",
-          "overlapping storage")
+    others = dict(inputs)
+    others.update(library_storage(weights, batch, prefix))
+    try:  # the fast test first (~1 us); check_disjoint (exact, names the tensor) only when it sees an overlap
+        if y.numel() == 0 or _clear_of(y, *others.values()):
+            return
+    except (RuntimeError, NotImplementedError):  # tensors without storage: check_disjoint decides
+        pass
+    check_disjoint("y", y, others)
 
 
 def _check_no_grad(*tensors: torch.Tensor) -> None:
@@ -216,14 +240,22 @@ def _check_no_grad(*tensors: torch.Tensor) -> None:
 
 
 def _check_merged(merged, weights: LoRAWeights) -> int:
-    """``merged`` (None or a loaded adapter id) as the op's int (-1 = none)."""
+    """``merged`` (None or a loaded adapter id: a Python or numpy integer, or a 0-dim integer CPU tensor; never a
+    bool, float or string) as the op's int (-1 = none). ValueError naming ``merged`` otherwise."""
     if merged is None:
         return -1
-    check(isinstance(merged, int) and not isinstance(merged, bool) and 0 <= merged < weights.max_adapters,
+    check(isinstance(weights, LoRAWeights), "weights", "a LoRAWeights", type(weights).__name__, TypeError)
+    m = merged
+    if type(m) is not int:  # (the common case skips check_int: this runs on every mixed-mode call)
+        try:
+            m = check_int("merged", m)
+        except TypeError:  # bool, float, str...: a ValueError naming merged, as for an id out of range
+            m = None
+    check(m is not None and 0 <= m < weights.max_adapters,
           "merged", f"None or an adapter id in [0, {weights.max_adapters})", repr(merged))
-    check(merged in weights._alloc, "merged", "a loaded adapter (the one merged into the base weight)",
-          f"{merged} (free slot)")
-    return merged
+    check(m in weights._alloc, "merged", "a loaded adapter (the one merged into the base weight)",
+          f"{m} (free slot)")
+    return m
 
 
 def _refuse_merged(merged, op: str) -> None:
@@ -296,11 +328,18 @@ def _same_dev(a: torch.device, b: torch.device) -> bool:
     return a == b or (a.type == b.type == "cuda" and (a.index or 0) == (b.index or 0))
 
 
-def _disjoint(y: torch.Tensor, other: torch.Tensor) -> bool:
-    if y.numel() == 0 or other.numel() == 0:
-        return True
-    ys, os_ = y.data_ptr(), other.data_ptr()
-    return ys + _span(y) <= os_ or os_ + _span(other) <= ys
+def _clear_of(y: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Fast form of :func:`_check_out_disjoint` for a non-empty y: True when y's byte span misses every span of
+    ``others``. Conservative (an empty tensor inside y's span, a tensor of another device, meta tensors count as
+    overlapping): False only sends the call through the detailed checks, which decide exactly."""
+    yp = y.data_ptr()
+    ye = yp + (y.nbytes if y.is_contiguous() else _span(y))
+    for t in others:
+        p = t.data_ptr()
+        # a span starting inside y's overlaps it whatever its length; only one starting below y's needs its length
+        if p < ye and (p >= yp or p + (t.nbytes if t.is_contiguous() else _span(t)) > yp):
+            return False
+    return True
 
 
 def _inner_ok(t: torch.Tensor) -> bool:
@@ -351,9 +390,9 @@ def _add_lora_args_ok(y, x, weights, batch) -> bool:
             and (n_in <= 1 or x.stride(1) == 1) and (n_out <= 1 or y.stride(1) == 1)
             and (T <= 1 or y.stride(0) >= n_out)):
         return False
-    if T and n_in and n_out:  # y must not overlap x (the op writes y while reading x)
-        yp, xp = y.data_ptr(), x.data_ptr()
-        return yp + _span(y) <= xp or xp + _span(x) <= yp
+    if T and n_out:  # y must not overlap x nor the library's storage (the op writes y while reading them)
+        return _clear_of(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales,
+                         weights.slice_info, batch.meta)
     return True
 
 
@@ -368,7 +407,10 @@ def _expand_args_ok(y, h, weights, batch) -> bool:
     dev, T = y.device, (y.shape[0] if y.ndim == 2 else -1)
     return (_y_ok(y, weights, T, dev) and _common_ok(weights, batch, T, dev) and isinstance(h, _TENSOR)
             and h.dtype == torch.float32 and h.device == dev and h.ndim == 3 and h.shape[0] == weights.num_slices
-            and h.shape[1] == T and h.shape[2] == weights.max_rank and h.is_contiguous() and _disjoint(y, h))
+            and h.shape[1] == T and h.shape[2] == weights.max_rank and h.is_contiguous()
+            and (T == 0 or y.shape[1] == 0 or _clear_of(y, h, weights.a, weights.b, weights.offsets,
+                                                         weights.ranks, weights.scales, weights.slice_info,
+                                                         batch.meta)))
 
 
 # ---- public API -----------------------------------------------------------------------------------------
@@ -437,7 +479,7 @@ def expand_(
     _check_common(weights, batch, T, y.device)
     check_tensor("h", h, shape=(weights.num_slices, T, weights.max_rank), dtypes=(torch.float32,), device=y.device)
     check(h.is_contiguous(), "h", "a contiguous tensor", f"strides {h.stride()}")
-    _check_no_overlap(y, h, "h")
+    _check_out_disjoint(y, {"h": h}, weights, batch)
     _check_no_grad(y, h)
     if T == 0:
         return y
@@ -469,8 +511,10 @@ def add_lora_(
 
     Raises:
         TypeError / ValueError naming the argument (wrong type, dtype, device, shape, strides, a batch built for
-        another T or for more adapter slots than the weights have, y overlapping x, ``merged`` not None and not
-        a loaded adapter id); RuntimeError when x or y requires grad under grad mode (an in-place op without a
+        another T or for more adapter slots than the weights have, y sharing memory with x or with the library's
+        storage (``weights.a`` / ``b`` / ``offsets`` / ``ranks`` / ``scales`` / ``slice_info``, ``batch.meta``),
+        ``merged`` not None and not a loaded adapter id); RuntimeError when x or y requires grad under grad mode
+        (an in-place op without a
         backward: train with :func:`lora_kernels.lora_delta` / :func:`lora_kernels.lora_linear`). y is unchanged
         when it raises.
     """
@@ -491,7 +535,7 @@ def add_lora_(
     T = x.shape[0]
     _check_y(y, weights, T, x.device)
     _check_common(weights, batch, T, x.device)
-    _check_no_overlap(y, x, "x")
+    _check_out_disjoint(y, {"x": x}, weights, batch)
     _check_no_grad(x, y)
     if T == 0:
         return y

@@ -203,6 +203,13 @@ def launch_merge_grouped(
         counter: int32 [n_layers], zeroed: escapes per layer (merge with ``exact``).
         total_tiles: the grid (sum of the jobs' tiles).
     """
+    # (internal: lora_kernels.ops.merge validated everything; these two guards turn a KeyError or a negative
+    # grid deep in Triton into a message, should another caller get it wrong)
+    if w_dtype not in _KIND or ab_dtype not in _KIND:
+        raise TypeError(f"launch_merge_grouped: expected W / adapter dtypes in {[str(d) for d in _KIND]}, got "
+                        f"{w_dtype} / {ab_dtype}")
+    if isinstance(total_tiles, bool) or not isinstance(total_tiles, int) or total_tiles < 0:
+        raise ValueError(f"total_tiles: expected an int >= 0, got {total_tiles!r}")
     n_jobs = jobs.shape[0]
     if n_jobs == 0 or total_tiles == 0:
         return
