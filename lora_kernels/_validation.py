@@ -204,3 +204,15 @@ def first_overlap(a_spans: Sequence[tuple], b_spans: Sequence[tuple]) -> Optiona
         if e > end[side]:
             end[side], who[side] = e, lab
     return None
+
+
+def check_each(name: str, items: Iterable, conv) -> list:
+    """``conv(name, v)`` of every item (e.g. :func:`check_real`, :func:`check_int`); a refusal names the argument
+    and the item's index: ``"<message> (at name[i])"``, same exception type."""
+    out = []
+    for i, v in enumerate(items):
+        try:
+            out.append(conv(name, v))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (at {name}[{i}])") from None
+    return out

@@ -63,7 +63,7 @@ from torch import nn
 from ._transaction import Transaction, transaction
 from ._validation import check_fits
 from .peft_format import AdapterFormatError, HostAdapter, UnsupportedAdapterError, read_peft_adapter
-from .weights import LoRAWeights
+from .weights import LoRAWeights, _coalesce
 
 __all__ = ["AdapterPool", "PoolStats", "AdapterFormatError", "UnsupportedAdapterError", "AdapterInUseError",
            "PoolFullError"]
@@ -714,13 +714,3 @@ class AdapterPool:
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
         return self._side
-
-
-def _coalesce(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    out: List[Tuple[int, int]] = []
-    for start, n in sorted(ranges):
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((start, n))
-    return out

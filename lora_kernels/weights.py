@@ -587,6 +587,7 @@ def _is_sequence(x: Any) -> bool:
 
 
 def _coalesce(ranges) -> List[Tuple[int, int]]:
+    """Sorted (start, n) row ranges with adjacent ones merged (the free list of the row allocator)."""
     out: List[Tuple[int, int]] = []
     for start, n in sorted(ranges):
         if out and out[-1][0] + out[-1][1] == start:

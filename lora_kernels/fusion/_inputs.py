@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check, check_real
+from .._validation import check, check_each, check_real
 from ..federated.adapters import LoRAFactors, check_clients
 
 __all__ = ["LoRAFactors", "PLAIN_KEY", "resolve_tasks", "resolve_lambdas", "compute_dtype", "check_finite",
@@ -57,13 +57,7 @@ def real_values(name: str, values: Any, n: int, what: str = "floats") -> List[fl
         raise TypeError(f"{name}: expected a float or a sequence of {n} {what}, got {type(values).__name__}")
     values = list(values)
     check(len(values) == n, name, f"one float or {n} {what} (one per task)", f"{len(values)} values")
-    out = []
-    for i, v in enumerate(values):
-        try:
-            out.append(check_real(name, v))
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{e} (at {name}[{i}])") from None
-    return out
+    return check_each(name, values, check_real)
 
 
 def resolve_lambdas(name: str, lambdas: Union[float, Sequence[float]], n: int) -> List[float]:

@@ -69,7 +69,8 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 
 from .. import backends, reference
-from .._validation import FLOAT_DTYPES, check, check_int, check_real, check_tensor, first_overlap, tensor_span
+from .._validation import (FLOAT_DTYPES, check, check_each, check_int, check_real, check_tensor, first_overlap,
+                           tensor_span)
 from ..profiling import nvtx_range
 from ..weights import LoRAWeights
 from . import merge_plan
@@ -732,13 +733,7 @@ def _elements(name: str, x: Any) -> list:
 
 def _each(name: str, items: list, conv) -> tuple:
     """``conv(name, v)`` of every item; the error names the argument and the item's index."""
-    out = []
-    for i, v in enumerate(items):
-        try:
-            out.append(conv(name, v))
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{e} (at {name}[{i}])") from None
-    return tuple(out)
+    return tuple(check_each(name, items, conv))
 
 
 def _canon_ids(adapters: Any) -> Tuple[int, ...]:
