@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check, check_int, check_real, check_tensor
+from .._validation import check, check_fits, check_int, check_real, check_tensor
 from ..batch import LoRABatch
 from ..ops.sgmv import add_lora_, expand_, shrink
 from ..weights import LoRAWeights
@@ -137,8 +137,7 @@ class SGLangLoRABackend:
         T = sum(lens)
         check(T <= self.max_num_tokens, "forward_batch", f"at most max_num_tokens={self.max_num_tokens} tokens", T)
         rk = tuple(check_int(f"lora_ranks[{k}]", r, lo=0) for k, r in enumerate(lora_ranks))
-        fmax = float(torch.finfo(torch.float32).max)
-        sc = [check_real(f"scalings[{k}]", v, lo=-fmax, hi=fmax) for k, v in enumerate(scalings)]
+        sc = [check_fits(f"scalings[{k}]", check_real(f"scalings[{k}]", v)) for k, v in enumerate(scalings)]
         served = [v if v >= 0 and rk[v] > 0 else -1 for v in wi]
         dev = self.device
         seg_lens = torch.tensor(lens, dtype=torch.int32)

@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import check, check_real, check_tensor
+from .._validation import check, check_fits, check_real, check_tensor
 from ..batch import LoRABatch
 from ..ops.sgmv import add_lora_, expand_, shrink
 from ..weights import LoRAWeights
@@ -207,8 +207,7 @@ class PunicaWrapperLK:
     @staticmethod
     def _check_scale(scale) -> float:
         """``scale`` as a float: a finite real number that fp32 holds (never a string, bool or complex)."""
-        fmax = float(torch.finfo(torch.float32).max)
-        return check_real("scale", scale, lo=-fmax, hi=fmax)
+        return check_fits("scale", check_real("scale", scale))
 
     @staticmethod
     def _scale(w: LoRAWeights, scale: float) -> None:
