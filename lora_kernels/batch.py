@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from ._validation import check, check_int, check_tensor
+from .plan import PlanLayout, build_plan_
 
 __all__ = ["LoRABatch", "MetaLayout", "build_batch_torch_", "ids_to_int32", "check_ids_range", "check_ids_dtype",
            "INT_DTYPES"]
@@ -239,6 +240,10 @@ class LoRABatch:
         self.layout = layout
         self.meta = torch.zeros(self.layout.size, dtype=torch.int32, device=self.device)
         self.meta[self.layout.active_adapters : self.layout.seg_start].fill_(-1)
+        # the work plan (exact tile lists + the persistent kernel's counters, zero between calls): lora_kernels.plan
+        self.plan_layout = PlanLayout(max_tokens, self.layout.max_active)
+        self.plan = torch.zeros(self.plan_layout.size, dtype=torch.int32, device=self.device)
+        self._workspace = torch.empty(0, dtype=torch.uint8, device=self.device)
         self.num_tokens = 0
 
     # ---- field views -------------------------------------------------------------------------------
@@ -324,8 +329,18 @@ class LoRABatch:
                 and not torch.compiler.is_compiling():
             self._check_range(adapter_ids)  # before any write: a refusal leaves the batch as it was
         build_batch_(self.meta, adapter_ids, ranks, self.max_tokens, self.max_adapters)
+        if self.device.type != "meta":
+            build_plan_(self.plan, self.meta, self.layout, T)
         self.num_tokens = T
         return self
+
+    def workspace(self, nbytes: int) -> torch.Tensor:
+        """A byte buffer of at least ``nbytes`` on the batch's device, owned by the batch and reused by every
+        op on it (the persistent kernel's partial sums and h). Grows (one allocation) only when a larger one is
+        asked for, e.g. on the first call with wider weights: warm up once before capturing a CUDA graph."""
+        if self._workspace.numel() < nbytes:
+            self._workspace = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._workspace
 
     def _check_range(self, adapter_ids: torch.Tensor, name: str = "adapter_ids") -> None:
         """:func:`check_ids_range` against this batch's ``max_adapters``."""

@@ -287,7 +287,8 @@ def test_schema_and_opcheck():
     schema = torch.ops.lora_kernels.add_lora_.default._schema
     assert "Int merged=-1" in str(schema), str(schema)  # SymInt: what custom_op makes of a Python int
     writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    assert writes == ["y"]
+    # y, and the batch's plan (the persistent kernel's counters, reset by its last program) and workspace
+    assert writes == ["y", "plan", "ws"]
     st = Setup("uniform", torch.float32, 3, seed=17, T=9)
     b = st.batch()
     w = st.w
@@ -295,6 +296,9 @@ def test_schema_and_opcheck():
             w.max_rank)
     torch.library.opcheck(torch.ops.lora_kernels.add_lora_.default, args + (st.m,))
     torch.library.opcheck(torch.ops.lora_kernels.add_lora_.default, args)
+    ws = b.workspace(1 << 16)
+    torch.library.opcheck(torch.ops.lora_kernels.add_lora_.default,
+                          args + (st.m, b.plan, ws, list(w.slice_outs)))
 
 
 # ---- LoRALinear ----------------------------------------------------------------------------------------------

@@ -43,7 +43,10 @@ def test_defaults_are_valid(op):
     # split-K only where the grid is small and the reduction long
     assert tuning.default_config("shrink", torch.float16, 4, 4096, 0, 16)["SPLIT_K"] > 1
     assert tuning.default_config("shrink", torch.float16, 4096, 4096, 0, 16)["SPLIT_K"] == 1
-    assert tuning.default_config("add_lora", torch.float16, 4, 4096, 4096, 16)["strategy"] == "two_pass"
+    # the persistent one-launch kernel for every T, its plan family by T (decode 16, prefill 64 / 128)
+    for T, bm in ((1, 16), (64, 16), (65, 64), (512, 64), (513, 128), (8192, 128)):
+        cfg = tuning.default_config("add_lora", torch.float16, T, 4096, 4096, 16)
+        assert cfg["strategy"] == "persistent" and cfg["persistent"]["BLOCK_M"] == bm, (T, cfg)
 
 
 def test_cpu_gets_defaults_without_cuda():

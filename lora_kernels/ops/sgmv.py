@@ -35,7 +35,7 @@ names the tensor y overlaps (:func:`_check_out_disjoint`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -83,9 +83,12 @@ def _expand_impl(y, h, b, offsets, ranks, scales, meta, slice_info, max_tokens: 
 
 
 def _add_lora_impl(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens: int, r_cap: int,
-                   merged: int = -1, cols=None, outs=None) -> None:
+                   merged: int = -1, cols=None, outs=None, plan=None, ws=None) -> None:
+    """``plan`` / ``ws``: the batch's work plan and workspace (the persistent kernel's tile list, counters,
+    partial sums and h; :mod:`lora_kernels.plan`); None = the Triton launcher builds its own (allocates)."""
     if backends.select("sgmv", y.device.type) == "triton":
-        _triton().add_lora_(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, merged=merged)
+        _triton().add_lora_(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, merged=merged,
+                            plan=plan, ws=ws, outs=outs)
     else:
         if cols is None:
             cols, outs = slice_info.to("cpu").t().tolist()
@@ -127,19 +130,34 @@ def _(y, h, b, offsets, ranks, scales, meta, slice_info, max_tokens):
     return None
 
 
-@torch.library.custom_op("lora_kernels::add_lora_", mutates_args=("y",))
+@torch.library.custom_op("lora_kernels::add_lora_", mutates_args=("y", "plan", "ws"))
 def _add_lora_op(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
     ranks: torch.Tensor, scales: torch.Tensor, meta: torch.Tensor, slice_info: torch.Tensor,
-    max_tokens: int, r_cap: int, merged: int = -1,
+    max_tokens: int, r_cap: int, merged: int = -1, plan: Optional[torch.Tensor] = None,
+    ws: Optional[torch.Tensor] = None, outs: Optional[List[int]] = None,
 ) -> None:
     with nvtx_range("lora_kernels.add_lora_"):
-        _add_lora_impl(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap, merged)
+        cols = None
+        if outs is not None:
+            cols = [sum(outs[:i]) for i in range(len(outs))]
+        _add_lora_impl(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap, merged,
+                       cols=cols, outs=outs, plan=plan, ws=ws)
 
 
 @_add_lora_op.register_fake
-def _(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap, merged=-1):
+def _(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap, merged=-1, plan=None, ws=None,
+      outs=None):
     return None
+
+
+def _workspace(y, x, weights, batch, m: int):
+    """The batch's workspace sized for this call when the Triton backend runs it (None otherwise)."""
+    if backends.select("sgmv", x.device.type) != "triton":
+        return None
+    n = _triton().workspace_bytes(y, x, weights.a, weights.b, weights.max_rank, batch.meta, batch.max_tokens,
+                                  weights.slice_outs, m)
+    return batch.workspace(n) if n else None
 
 
 def _reference_mixed_(y, x, a, b, offsets, ranks, scales, token_adapter, cols, outs, m: int) -> torch.Tensor:
@@ -210,6 +228,9 @@ def library_storage(weights, batch, prefix: str = "weights") -> dict:
         if isinstance(t, torch.Tensor):
             out[f"{prefix}.{name}"] = t
     out["batch.meta"] = batch.meta
+    plan = getattr(batch, "plan", None)
+    if isinstance(plan, torch.Tensor):
+        out["batch.plan"] = plan
     return out
 
 
@@ -392,7 +413,7 @@ def _add_lora_args_ok(y, x, weights, batch) -> bool:
         return False
     if T and n_out:  # y must not overlap x nor the library's storage (the op writes y while reading them)
         return _clear_of(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales,
-                         weights.slice_info, batch.meta)
+                         weights.slice_info, batch.meta, batch.plan)
     return True
 
 
@@ -410,7 +431,7 @@ def _expand_args_ok(y, h, weights, batch) -> bool:
             and h.shape[1] == T and h.shape[2] == weights.max_rank and h.is_contiguous()
             and (T == 0 or y.shape[1] == 0 or _clear_of(y, h, weights.a, weights.b, weights.offsets,
                                                          weights.ranks, weights.scales, weights.slice_info,
-                                                         batch.meta)))
+                                                         batch.meta, batch.plan)))
 
 
 # ---- public API -----------------------------------------------------------------------------------------
@@ -523,7 +544,8 @@ def add_lora_(
         _check_no_grad(x, y)
         if x.shape[0]:
             args = (y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
-                    weights.slice_info, batch.max_tokens, weights.max_rank, m, weights.slice_cols, weights.slice_outs)
+                    weights.slice_info, batch.max_tokens, weights.max_rank, m, weights.slice_cols, weights.slice_outs,
+                    batch.plan, _workspace(y, x, weights, batch, m))
             if _nvtx_on():
                 with nvtx_range("lora_kernels.add_lora_"):
                     _add_lora_impl(*args)
@@ -540,5 +562,6 @@ def add_lora_(
     if T == 0:
         return y
     torch.ops.lora_kernels.add_lora_(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales,
-                                     batch.meta, weights.slice_info, batch.max_tokens, weights.max_rank, m)
+                                     batch.meta, weights.slice_info, batch.max_tokens, weights.max_rank, m,
+                                     batch.plan, _workspace(y, x, weights, batch, m), list(weights.slice_outs))
     return y

@@ -51,6 +51,7 @@ be captured in CUDA graphs. Configs come from :mod:`lora_kernels.tuning`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ import triton.language as tl
 from .. import tuning
 from ..backends import interpreting
 from ..batch import MetaLayout
+from ..plan import PlanLayout, build_plan_
 
 __all__ = ["add_lora_", "expand_", "shrink"]
 
@@ -443,6 +445,234 @@ def _sgmv_fused_kernel(
         tl.store(y_ptrs, (yt + upd).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# ---- the persistent kernel (strategy "persistent") ------------------------------------------------------------
+@triton.jit
+def _shrink_part(x_ptr, a_rows, rank, rows, row_mask, k_lo, K, stride_xm, stride_xk, stride_ar, stride_ak,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, KPS: tl.constexpr,
+                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """``x[rows, k_lo : k_lo + KPS] @ A[:rank, same]^T`` as an fp32 [BLOCK_M, R_PAD] tile (A rows from ``a_rows``;
+    columns past ``rank`` are 0 and their A rows are never loaded). rank == 0: zeros, nothing loaded."""
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if rank > 0:
+        offs_r = tl.arange(0, R_PAD)
+        r_mask = offs_r < rank
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        a_ptrs = a_rows + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+        for kk in range(0, KPS, BLOCK_K):
+            if EVEN_K:
+                xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+                at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+            else:
+                k_mask = (offs_k + kk) < K
+                xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            at = at.to(xt.dtype)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc = tl.dot(xt, at, acc, input_precision="ieee")
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
+def _tile_of(plan_ptr, meta_ptr, t, FAM, N_MAX, SORTED_OFF, BLOCK_M: tl.constexpr):
+    """(first sorted position, int64 token rows, row mask, adapter) of tile ``t`` of the plan's family."""
+    pos0 = tl.load(plan_ptr + FAM + 2 + t)
+    tlen = tl.load(plan_ptr + FAM + 2 + N_MAX + t)
+    adapter = tl.load(plan_ptr + FAM + 2 + 2 * N_MAX + t)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_mask = offs_m < tlen
+    rows = tl.load(meta_ptr + SORTED_OFF + pos0 + offs_m, mask=row_mask, other=0).to(tl.int64)
+    return pos0, rows, row_mask, adapter
+
+
+@triton.jit
+def _adapter_of(off_ptr, rank_ptr, scale_ptr, s, who, use, stride_rs, stride_ss):
+    """(rank, first storage row, scale) of adapter ``who`` in slice s; rank 0 when ``use`` is false."""
+    rank = tl.load(rank_ptr + s * stride_rs + who, mask=use, other=0)
+    off = tl.load(off_ptr + who, mask=use, other=0)
+    scale = tl.load(scale_ptr + s * stride_ss + who, mask=use, other=0.0)
+    return rank, off, scale
+
+
+@triton.jit(do_not_specialize=["merged", "P_S", "P_E", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC"])
+def _sgmv_persistent_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr, plan_ptr, part_ptr, hbuf_ptr,
+    K, merged, P_S, P_E, FAM, N_MAX, DONE_OFF, SORTED_OFF, TC,
+    stride_xm, stride_xk,
+    stride_ym, stride_yn,
+    stride_as, stride_ar, stride_ak,
+    stride_bk, stride_bn,
+    stride_rs, stride_ss, stride_si,
+    NUM_SLICES: tl.constexpr, N_COL: tl.constexpr, N_K: tl.constexpr, KPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST_X: tl.constexpr, UPCAST_Y: tl.constexpr,
+    MIXED: tl.constexpr,
+):
+    """One launch for the whole delta: ``P_S`` shrink programs, then ``P_E`` expand programs, all resident.
+
+    Work items (from the batch's plan, family ``FAM`` = tile height BLOCK_M; ``n_t`` tiles, read on the device):
+        shrink item ``w < n_t * S * N_K``: tile ``w // (S N_K)``, slice, split ``kc`` of ``in`` (KPS columns):
+            the fp32 partial ``x_tile @ A^T`` over that split. N_K == 1: rounded to y's dtype straight into h;
+            else into the partial buffer, and the *last* split of the tile to finish (counter) sums all of the
+            tile's partials in split order (deterministic whoever finishes last) into h, rounded to y's dtype.
+        expand item ``w < n_t * N_COL``: tile ``w // N_COL``, column block ``w % N_COL`` over all slices:
+            waits until the tile's h is complete (its counter reached S N_K, + 1 when N_K > 1), then
+            ``y[rows, cols] += scale * h @ B`` (fp32 accumulate, one rounding into y).
+    Program p < P_S takes shrink items p, p + P_S, ...; program P_S + q takes expand items q, q + P_E, ... .
+    Programs only ever wait for shrink items, and a shrink program never waits, so with every program
+    resident (P_S + P_E <= SMs x CTAs per SM, the launcher's grid) the kernel always finishes; the CPU
+    interpreter runs programs in order, so the waits there are already satisfied. No atomics touch y or h.
+    The last program to finish resets the counters it used to 0 (the plan's invariant between calls).
+
+    h layout: ``hbuf[s, pos, part * R_PAD + r]`` (pos = sorted position, part 1 = the merged adapter in MIXED
+    mode) in y's dtype; partials ``part[(s N_K + kc), pos, ...]`` fp32; both with TC positions per plane.
+    """
+    pid = tl.program_id(0)
+    R2: tl.constexpr = R_PAD * (1 + MIXED)
+    if MIXED:
+        n_t = tl.load(plan_ptr + FAM + 1)
+    else:
+        n_t = tl.load(plan_ptr + FAM)
+    offs_c = tl.arange(0, R_PAD)
+    if pid < P_S:
+        # ---- shrink role ----
+        for w in range(pid, n_t * (NUM_SLICES * N_K), P_S):
+            t = w // (NUM_SLICES * N_K)
+            rem = w - t * (NUM_SLICES * N_K)
+            s = rem // N_K
+            kc = rem - s * N_K
+            pos0, rows, row_mask, adapter = _tile_of(plan_ptr, meta_ptr, t, FAM, N_MAX, SORTED_OFF, BLOCK_M)
+            if MIXED:
+                use = (adapter >= 0) & (adapter != merged)
+                use_m = adapter != merged
+            else:
+                use = adapter >= 0
+            rank, off, scale = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, adapter, use, stride_rs, stride_ss)
+            k_lo = kc * KPS
+            a_s = a_ptr + s.to(tl.int64) * stride_as
+            acc = _shrink_part(x_ptr, a_s + off * stride_ar, rank, rows, row_mask, k_lo, K, stride_xm,
+                               stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, KPS, EVEN_K, UPCAST_X)
+            pos = (pos0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            if N_K == 1:
+                dst = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
+                tl.store(dst, acc.to(hbuf_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_c < rank)[None, :])
+            else:
+                dst = part_ptr + ((s * N_K + kc) * TC + pos)[:, None] * R2 + offs_c[None, :]
+                tl.store(dst, acc, mask=row_mask[:, None] & (offs_c < rank)[None, :])
+            if MIXED:
+                rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
+                                                     stride_ss)
+                acc_m = _shrink_part(x_ptr, a_s + off_m * stride_ar, rank_m, rows, row_mask, k_lo, K, stride_xm,
+                                     stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, KPS, EVEN_K,
+                                     UPCAST_X)
+                if N_K == 1:
+                    tl.store(dst + R_PAD, acc_m.to(hbuf_ptr.dtype.element_ty),
+                             mask=row_mask[:, None] & (offs_c < rank_m)[None, :])
+                else:
+                    tl.store(dst + R_PAD, acc_m, mask=row_mask[:, None] & (offs_c < rank_m)[None, :])
+            # publish: every thread's stores happen before the counter's release (bar.sync + release atomic)
+            tl.debug_barrier()
+            done_before = tl.atomic_add(plan_ptr + t, 1, sem="acq_rel")
+            if N_K > 1:
+                if done_before == NUM_SLICES * N_K - 1:
+                    # last split of this tile: h = sum of the partials in split order (deterministic)
+                    for s2 in tl.static_range(NUM_SLICES):
+                        r2, o2, c2 = _adapter_of(off_ptr, rank_ptr, scale_ptr, s2, adapter, use, stride_rs,
+                                                 stride_ss)
+                        msk = row_mask[:, None] & (offs_c < r2)[None, :]
+                        src = part_ptr + ((s2 * N_K) * TC + pos)[:, None] * R2 + offs_c[None, :]
+                        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+                        for kc2 in range(N_K):
+                            h += tl.load(src + kc2 * TC * R2, mask=msk, other=0.0, cache_modifier=".cg")
+                        hdst = hbuf_ptr + (s2 * TC + pos)[:, None] * R2 + offs_c[None, :]
+                        tl.store(hdst, h.to(hbuf_ptr.dtype.element_ty), mask=msk)
+                        if MIXED:
+                            r2m, o2m, c2m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s2, merged, use_m, stride_rs,
+                                                        stride_ss)
+                            mskm = row_mask[:, None] & (offs_c < r2m)[None, :]
+                            hm = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+                            for kc2 in range(N_K):
+                                hm += tl.load(src + R_PAD + kc2 * TC * R2, mask=mskm, other=0.0,
+                                              cache_modifier=".cg")
+                            tl.store(hdst + R_PAD, hm.to(hbuf_ptr.dtype.element_ty), mask=mskm)
+                    tl.debug_barrier()
+                    tl.atomic_add(plan_ptr + t, 1, sem="release")
+    else:
+        # ---- expand role ----
+        q = pid - P_S
+        if N_K > 1:
+            target = NUM_SLICES * N_K + 1
+        else:
+            target = NUM_SLICES * N_K
+        offs_r = tl.arange(0, R_PAD)
+        for w in range(q, n_t * N_COL, P_E):
+            t = w // N_COL
+            cb = w - t * N_COL
+            s, col0, width, blk = _slice_of_block(sinfo_ptr, stride_si, cb, NUM_SLICES, BLOCK_N)
+            if ALIGNED:  # checked on the host: slice offsets and widths are multiples of 8 elements
+                col0 = tl.multiple_of(col0, 8)
+                width = tl.multiple_of(width, 8)
+            pos0, rows, row_mask, adapter = _tile_of(plan_ptr, meta_ptr, t, FAM, N_MAX, SORTED_OFF, BLOCK_M)
+            if MIXED:
+                use = (adapter >= 0) & (adapter != merged)
+                use_m = adapter != merged
+            else:
+                use = adapter >= 0
+            rank, off, scale = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, adapter, use, stride_rs, stride_ss)
+            if MIXED:
+                rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
+                                                     stride_ss)
+                busy = (rank + rank_m) > 0
+            else:
+                busy = rank > 0
+            if busy & (s >= 0):
+                ready = tl.atomic_add(plan_ptr + t, 0, sem="acquire")
+                while ready < target:
+                    ready = tl.atomic_add(plan_ptr + t, 0, sem="acquire")
+                tl.debug_barrier()
+                offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < width
+                cols = col0 + offs_n
+                pos = (pos0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+                h_rows = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
+                ht = tl.load(h_rows, mask=row_mask[:, None] & (offs_c < rank)[None, :], other=0.0,
+                             cache_modifier=".cg")
+                bt = tl.load(b_ptr + (off + offs_r)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                             mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0).to(y_ptr.dtype.element_ty)
+                ht = ht.to(y_ptr.dtype.element_ty)
+                if UPCAST_Y:
+                    ht = ht.to(tl.float32)
+                    bt = bt.to(tl.float32)
+                upd = tl.dot(ht, bt, input_precision="ieee") * scale
+                if MIXED:
+                    hmt = tl.load(h_rows + R_PAD, mask=row_mask[:, None] & (offs_c < rank_m)[None, :], other=0.0,
+                                  cache_modifier=".cg")
+                    bmt = tl.load(b_ptr + (off_m + offs_r)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                                  mask=(offs_r < rank_m)[:, None] & n_mask[None, :],
+                                  other=0.0).to(y_ptr.dtype.element_ty)
+                    hmt = hmt.to(y_ptr.dtype.element_ty)
+                    if UPCAST_Y:
+                        hmt = hmt.to(tl.float32)
+                        bmt = bmt.to(tl.float32)
+                    upd = upd - tl.dot(hmt, bmt, input_precision="ieee") * scale_m
+                mask = row_mask[:, None] & n_mask[None, :]
+                y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+                yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(y_ptrs, (yt + upd).to(y_ptr.dtype.element_ty), mask=mask)
+    # ---- the last program out resets the counters (zero between calls) ----
+    tl.debug_barrier()
+    out_before = tl.atomic_add(plan_ptr + DONE_OFF, 1, sem="acq_rel")
+    if out_before == P_S + P_E - 1:
+        offs = tl.arange(0, 256)
+        for i in range(0, n_t, 256):
+            tl.store(plan_ptr + i + offs, tl.zeros((256,), dtype=tl.int32), mask=(i + offs) < n_t)
+        tl.atomic_xchg(plan_ptr + DONE_OFF, 0)
+
+
 # ---- launchers ---------------------------------------------------------------------------------------------
 def _p2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
@@ -463,7 +693,7 @@ def _config(op: str, config: dict[str, Any] | None, dtype, T, in_f, out_f, r_cap
         return tuning.get_config_cached(op, dtype, T, in_f, out_f, r_cap, device)
     base = tuning.default_config(op, dtype, T, in_f, out_f, r_cap)
     for k, v in config.items():
-        if k in ("shrink", "expand") and op == "add_lora":
+        if k in ("shrink", "expand", "persistent") and op == "add_lora":
             if not isinstance(v, dict):
                 raise ValueError(f"config[{k!r}]: expected a dict, got {v!r}")
             for kk, vv in v.items():
@@ -588,6 +818,133 @@ def _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_in
     )
 
 
+
+# ---- persistent launcher ---------------------------------------------------------------------------------------
+#: SM count of the GPU the launch model assumes where there is none (CPU / interpreter): an H100 SXM, so the
+#: interpreter runs the very grid an H100 would (the GPU-free proxy measures that grid).
+MODEL_SMS = 132
+
+
+@functools.lru_cache(maxsize=64)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return MODEL_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=1024)
+def persistent_plan(T: int, K: int, outs: tuple, S: int, r_cap: int, xs: int, ys: int, ws: int, max_tokens: int,
+                    max_active: int, mixed: bool, sms: int, bm: int, bn: int, bk: int, n_k: int, ctas: int):
+    """Launch parameters of the persistent kernel for one shape (host arithmetic only; cached, so a serving
+    loop resolves each (shape, batch capacity) once). ``xs``/``ys``/``ws``: element sizes of x, y, weights.
+
+    The documented model (docs/benchmarks.md):
+      * tiles: ``tl = cdiv(T, BLOCK_M)`` is the fewest tiles a batch of T served tokens can have;
+      * N_K (splits of ``in``; ``n_k = 0`` = auto): enough shrink items to give every shrink program one
+        (``P_S / (tl S)``, power of two), each split at least BLOCK_K wide, at most 32, and the partial sums it
+        writes (``N_K S T R 4`` bytes, read back once) at most 3 % of the op's bytes;
+      * programs: ``P = SMs x CTAs per SM`` (all resident: the kernel's waits need it), split between the roles
+        in proportion to the bytes each moves, each role capped at the items a tile-minimal batch has, so no
+        program is idle when every token has an adapter.
+    Returns a dict of the kernel's launch arguments that depend on the shape."""
+    r_pad = max(16, _p2(r_cap))
+    parts = 2 if mixed else 1
+    tl_lb = max(1, _cdiv(T, bm))
+    n_col = sum(_cdiv(o, bn) for o in outs)
+    P = max(2, sms * ctas)
+    bytes_e = T * sum(outs) * ys * 2 + tl_lb * parts * r_cap * sum(outs) * ws + T * r_pad * parts * ys * n_col
+    bytes_s = S * T * K * xs + tl_lb * parts * r_cap * K * S * ws
+    if n_k == 0:
+        total = bytes_s + bytes_e
+        want = _p2(max(1, _cdiv(max(1, P * bytes_s // max(1, total)), tl_lb * S)))
+        cap_bytes = max(1, int(0.03 * total) // max(1, S * T * r_pad * parts * 4))
+        n_k = max(1, min(want, 32, max(1, K // bk), 1 << (cap_bytes.bit_length() - 1)))
+    kps = _cdiv(_cdiv(K, n_k), bk) * bk
+    n_k = _cdiv(K, kps)
+    ps = min(max(1, round(P * bytes_s / (bytes_s + bytes_e))), tl_lb * S * n_k, P - 1)
+    pe = min(max(1, P - ps), tl_lb * n_col)
+    part_bytes = S * n_k * max_tokens * r_pad * parts * 4 if n_k > 1 else 0
+    part_bytes = _cdiv(part_bytes, 256) * 256
+    h_bytes = S * max_tokens * r_pad * parts * ys
+    return {"P_S": ps, "P_E": pe, "N_K": n_k, "KPS": kps, "N_COL": n_col, "R_PAD": r_pad,
+            "part_bytes": part_bytes, "h_bytes": h_bytes, "EVEN_K": K % bk == 0 and kps % bk == 0}
+
+
+def _aligned(*tensors_and_ints) -> bool:
+    """The 16-byte access contract: every pointer 16-byte aligned and every row stride / slice bound a
+    multiple of 8 elements (checked on the host before the launch picks the ALIGNED variant)."""
+    for v in tensors_and_ints:
+        if isinstance(v, torch.Tensor):
+            if v.data_ptr() % 16:
+                return False
+        elif v % 8:
+            return False
+    return True
+
+
+def workspace_bytes(y, x, a, b, r_cap: int, meta, max_tokens: int, outs, merged: int = -1, config=None) -> int:
+    """Bytes of workspace :func:`add_lora_` needs for these arguments with the config it would use (0 unless the
+    strategy is "persistent"): partial sums and h, laid out per :func:`persistent_plan`."""
+    T, K = x.shape
+    if T == 0:
+        return 0
+    cfg = _config("add_lora", config, x.dtype, T, K, b.shape[1], r_cap, x.device)
+    if cfg["strategy"] != "persistent":
+        return 0
+    c = cfg["persistent"]
+    lay = MetaLayout.from_meta(meta, max_tokens)
+    p = persistent_plan(T, K, tuple(int(o) for o in outs), a.shape[0], r_cap, x.element_size(), y.element_size(),
+                        a.element_size(), max_tokens, lay.max_active, merged >= 0, _sms(x.device), c["BLOCK_M"],
+                        c["BLOCK_N"], c["BLOCK_K"], c["N_K"], c["CTAS_PER_SM"])
+    return p["part_bytes"] + p["h_bytes"]
+
+
+def _launch_persistent(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg,
+                       merged: int = -1, plan=None, ws=None, outs=None) -> None:
+    T, K = x.shape
+    S = a.shape[0]
+    mixed = merged >= 0
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    lay = MetaLayout.from_meta(meta, max_tokens)
+    pl = PlanLayout(max_tokens, lay.max_active)
+    if plan is None:  # direct kernel callers without a LoRABatch: build the plan here (allocates)
+        plan = torch.zeros(pl.size, dtype=torch.int32, device=meta.device)
+        build_plan_(plan, meta, lay, T)
+    if outs is None:  # exact column blocks need the widths; without them, an upper bound (extra items skip)
+        outs_key = (b.shape[1] + (S - 1) * (bn - 1),)  # cdiv of this >= sum_s cdiv(out_s, bn)
+    else:
+        outs_key = tuple(int(o) for o in outs)
+    p = persistent_plan(T, K, outs_key, S, r_cap, x.element_size(), y.element_size(), a.element_size(),
+                        max_tokens, lay.max_active, mixed, _sms(x.device), bm, bn, bk, cfg["N_K"],
+                        cfg["CTAS_PER_SM"])
+    need = p["part_bytes"] + p["h_bytes"]
+    if ws is None or ws.numel() < need:
+        ws = torch.empty(need, dtype=torch.uint8, device=x.device)
+    part = ws[: max(p["part_bytes"], 4)].view(torch.float32)
+    hbuf = ws[p["part_bytes"] : p["part_bytes"] + p["h_bytes"]].view(y.dtype)
+    cols = None if outs is None else outs_key
+    aligned = (outs is not None and _aligned(y, x, a, b, y.stride(0), x.stride(0), b.stride(0), a.stride(1),
+                                             *cols) and y.stride(1) == 1 and b.stride(1) == 1)
+    _sgmv_persistent_kernel[(p["P_S"] + p["P_E"],)](
+        y, x, a, b, offsets, ranks, scales, meta, slice_info, plan, part, hbuf,
+        K, merged, p["P_S"], p["P_E"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens,
+        x.stride(0), x.stride(1),
+        y.stride(0), y.stride(1),
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1),
+        ranks.stride(0), scales.stride(0), slice_info.stride(0),
+        NUM_SLICES=S, N_COL=p["N_COL"], N_K=p["N_K"], KPS=p["KPS"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=p["R_PAD"],
+        EVEN_K=p["EVEN_K"], ALIGNED=aligned, UPCAST_X=_upcast(x.dtype), UPCAST_Y=_upcast(y.dtype),
+        MIXED=int(mixed),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
 def shrink(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -671,6 +1028,9 @@ def add_lora_(
     r_cap: int,
     config: dict[str, Any] | None = None,
     merged: int = -1,
+    plan: torch.Tensor | None = None,
+    ws: torch.Tensor | None = None,
+    outs=None,
 ) -> None:
     """Batched LoRA delta, in place: ``y[t, cols_s] += scales[s, i] * (x[t] @ A_{s,i}^T) @ B_{s,i}^T`` for
     every slice s and token t of adapter i; nothing for -1 tokens or rank-0 slots. h is accumulated in
@@ -708,6 +1068,10 @@ def add_lora_(
     cfg = _config("add_lora", config, x.dtype, T, K, b.shape[1], r_cap, x.device)
     if not isinstance(merged, int) or isinstance(merged, bool) or not -1 <= merged < offsets.shape[0]:
         raise ValueError(f"merged: expected -1 or an adapter id in [0, {offsets.shape[0]}), got {merged!r}")
+    if cfg["strategy"] == "persistent":
+        _launch_persistent(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap,
+                           cfg["persistent"], merged, plan, ws, outs)
+        return
     if cfg["strategy"] == "fused":
         _launch_fused(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg, merged)
         return

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 OPS = ("shrink", "expand", "add_lora")
-STRATEGIES = ("fused", "two_pass")
+STRATEGIES = ("persistent", "fused", "two_pass")
 _DIR = os.path.dirname(os.path.abspath(__file__))
 
 _POW2_TILE = (16, 32, 64, 128, 256)
@@ -58,10 +58,12 @@ _WARPS = (1, 2, 4, 8, 16)
 _SHRINK_KEYS = ("BLOCK_M", "BLOCK_K", "BLOCK_R", "SPLIT_K", "num_warps", "num_stages")
 _EXPAND_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "num_warps", "num_stages")
 _FUSED_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "N_SPLIT", "num_warps", "num_stages")
+_PERSISTENT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "N_K", "CTAS_PER_SM", "num_warps", "num_stages")
 _KEYS = {
     "shrink": _SHRINK_KEYS,
     "expand": _EXPAND_KEYS,
-    "add_lora": ("strategy",) + _FUSED_KEYS + ("shrink", "expand"),
+    "persistent": _PERSISTENT_KEYS,
+    "add_lora": ("strategy",) + _FUSED_KEYS + ("shrink", "expand", "persistent"),
 }
 
 
@@ -72,6 +74,10 @@ def _valid_value(key: str, v: Any) -> bool:
         return isinstance(v, int) and v in _POW2_TILE
     if key == "SPLIT_K":
         return isinstance(v, int) and 1 <= v <= 128
+    if key == "N_K":
+        return isinstance(v, int) and 0 <= v <= 64
+    if key == "CTAS_PER_SM":
+        return isinstance(v, int) and 1 <= v <= 4
     if key == "N_SPLIT":
         return isinstance(v, int) and 1 <= v <= 1024
     if key == "num_warps":
@@ -141,8 +147,35 @@ def _default_expand(T: int, out_f: int, r_cap: int) -> dict[str, Any]:
     }
 
 
+def _default_persistent(T: int, in_f: int, out_f: int, r_cap: int) -> dict[str, Any]:
+    """The persistent kernel's config by the model in docs/benchmarks.md ("How configs are chosen"):
+
+    * BLOCK_M (a plan family): 16 for decode (T <= 64: one tile per request; tl.dot's minimum), 64 up to
+      T = 512 and 128 above: every tile re-reads its adapter's A and B (L2 hits, but issued bytes), so taller
+      tiles bring issued bytes toward the perfect-cache bytes (<= 1.1x on the proxy's prefill cases);
+    * BLOCK_N: 64 for decode (many small expand items: the busiest program moves ~1/P of the bytes), 128 for
+      prefill (half the re-reads of h per column block);
+    * BLOCK_K: 64 (16-byte loads, 2 pipeline stages of x and A tiles fit easily);
+    * N_K = 0: the launcher sizes the split of ``in`` from the shape (``persistent_plan``);
+    * CTAS_PER_SM: 2 with 4 warps (<= 255 registers x 128 threads x 2 fits 64K registers: always resident),
+      1 with 8 warps. Every program of the grid must be resident: the expand role waits for the shrink role.
+    """
+    if T <= 64:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 2, "num_warps": 4,
+                "num_stages": 2}
+    if T <= 512:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 2, "num_warps": 4,
+                "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 1, "num_warps": 8,
+            "num_stages": 2}
+
+
 def default_config(op: str, dtype: Any, T: int, in_f: int, out_f: int, r_cap: int) -> dict[str, Any]:
-    """Heuristic config for a shape (what runs when the GPU's table has no entry). Returns a new dict."""
+    """Config for a shape when the GPU's table has no entry (the documented model). Returns a new dict.
+
+    ``add_lora`` defaults to the ``"persistent"`` strategy (one launch for every T, see
+    :func:`_default_persistent`); ``"fused"`` and ``"two_pass"`` remain selectable (explicit config or a tuned
+    table) and keep their own defaults."""
     if op == "shrink":
         return _default_shrink(T, in_f, r_cap)
     if op == "expand":
@@ -150,7 +183,7 @@ def default_config(op: str, dtype: Any, T: int, in_f: int, out_f: int, r_cap: in
     if op == "add_lora":
         bm = _block_m(T)
         return {
-            "strategy": "two_pass",
+            "strategy": "persistent",
             # fused: the h tile [BLOCK_M, p2(r_cap)] lives in registers, so keep BLOCK_M small.
             "BLOCK_M": 16 if T <= 16 or r_cap > 64 else min(bm, 32),
             "BLOCK_N": 64 if out_f > 32 else 32 if out_f > 16 else 16,
@@ -160,6 +193,7 @@ def default_config(op: str, dtype: Any, T: int, in_f: int, out_f: int, r_cap: in
             "num_stages": 2,
             "shrink": _default_shrink(T, in_f, r_cap),
             "expand": _default_expand(T, out_f, r_cap),
+            "persistent": _default_persistent(T, in_f, out_f, r_cap),
         }
     raise ValueError(f"op: expected one of {OPS}, got {op!r}")
 
@@ -176,7 +210,7 @@ def validate_config(op: str, entry: Any, *, where: str = "config") -> dict[str, 
         if k not in allowed:
             warnings.warn(f"{where}: unknown key {k!r} for op {op!r} (expected one of {allowed}); ignored",
                           stacklevel=3)
-        elif k in ("shrink", "expand"):
+        elif k in ("shrink", "expand", "persistent"):
             out[k] = validate_config(k, v, where=f"{where}.{k}")
         elif not _valid_value(k, v):
             warnings.warn(f"{where}: bad value {v!r} for {k!r}; ignored", stacklevel=3)
@@ -188,7 +222,7 @@ def validate_config(op: str, entry: Any, *, where: str = "config") -> dict[str, 
 def _merge(op: str, base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if k in ("shrink", "expand") and op == "add_lora":
+        if k in ("shrink", "expand", "persistent") and op == "add_lora":
             out[k] = {**out.get(k, {}), **v}
         else:
             out[k] = v

@@ -1,0 +1,110 @@
+"""The work plan of a batch: exact token-tile lists for the persistent SGMV kernels, built on the device.
+
+FlashInfer's idea: the per-step metadata already knows every segment's length, so it can also write, once per
+step and with no host sync, the exact list of token tiles the kernels will serve. The persistent kernel
+(:mod:`lora_kernels.triton.sgmv`, strategy ``"persistent"``) then runs a grid fixed by the GPU (never by the
+batch) whose programs walk that list: no program scans all segments to find its work, and no program is
+launched for a tile that does not exist.
+
+Semantics (one *family* per tile height ``BM`` in :data:`PLAN_BLOCK_M`):
+    Segment k of the batch (``seg_start[k]``, ``seg_len[k]``, adapter ``active_adapters[k]``) is cut into
+    ``cdiv(seg_len[k], BM)`` tiles; tile j of segment k covers the sorted positions
+    ``[seg_start[k] + j BM, seg_start[k] + min((j + 1) BM, seg_len[k]))``. Tiles are listed segment by segment
+    (ascending adapter id), then the tiles of the *virtual* segment of the tokens with no adapter
+    (``[num_valid, T)``, adapter -1; only mixed mode serves it). Per tile: ``pos0`` (first sorted position),
+    ``len`` (1..BM) and ``adapter``. ``n_real`` counts the tiles of real segments, ``n_all`` adds the virtual
+    ones. Entries past ``n_all`` hold ``len = 0``, ``adapter = -1``.
+
+Layout of the int32 ``plan`` buffer (:class:`PlanLayout`):
+    ``[counters (n_cnt) | done (1) | per family: n_real, n_all, pos0[n_max], len[n_max], adapter[n_max]]``
+    with ``n_max(BM) = (Tc + (Ac + 1)(BM - 1)) // BM`` (an upper bound on the tiles of any batch of capacity Tc
+    with at most Ac active adapters, virtual segment included) and ``n_cnt = n_max(min(PLAN_BLOCK_M))``.
+    The counters and ``done`` are the persistent kernel's inter-program flags: zero between calls (the kernel's
+    last program resets what it used), so one batch's ops must be ordered on one stream, as a model's layers
+    are (use one batch per concurrent stream).
+
+The builder is torch ops on the batch's device (no host sync, no allocation outside the buffer, capturable in a
+CUDA graph together with :meth:`~lora_kernels.LoRABatch.build`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PLAN_BLOCK_M", "PlanLayout", "build_plan_"]
+
+#: Tile heights a plan lists tiles for (the persistent kernel's BLOCK_M must be one of them): 16 for decode
+#: (tl.dot's minimum), 64 and 128 for prefill (taller tiles re-read the adapters' A and B less often).
+PLAN_BLOCK_M = (16, 64, 128)
+
+
+@dataclass(frozen=True)
+class PlanLayout:
+    """Offsets inside the plan buffer of a batch with capacities (Tc tokens, Ac active adapters)."""
+
+    max_tokens: int
+    max_active: int
+
+    def n_max(self, bm: int) -> int:
+        """Upper bound on the tiles of height ``bm`` (virtual segment included)."""
+        return (self.max_tokens + (self.max_active + 1) * (bm - 1)) // bm
+
+    @property
+    def n_counters(self) -> int:
+        return self.n_max(min(PLAN_BLOCK_M))
+
+    @property
+    def done(self) -> int:
+        """Offset of the 'programs finished' counter."""
+        return self.n_counters
+
+    def family(self, bm: int) -> int:
+        """Offset of family ``bm``: ``n_real, n_all`` then ``pos0``, ``len``, ``adapter`` arrays of n_max(bm)."""
+        if bm not in PLAN_BLOCK_M:
+            raise ValueError(f"BLOCK_M: expected one of {PLAN_BLOCK_M} for a planned kernel, got {bm!r}")
+        off = self.n_counters + 1
+        for b in PLAN_BLOCK_M:
+            if b == bm:
+                return off
+            off += 2 + 3 * self.n_max(b)
+        raise AssertionError  # unreachable
+
+    @property
+    def size(self) -> int:
+        return self.n_counters + 1 + sum(2 + 3 * self.n_max(b) for b in PLAN_BLOCK_M)
+
+
+def build_plan_(plan: torch.Tensor, meta: torch.Tensor, layout, T: int) -> None:
+    """Write every family's tile list of the batch whose metadata is ``meta`` (layout :class:`MetaLayout`
+    ``layout``, ``T`` tokens) into ``plan`` (:class:`PlanLayout` of the same capacities). Device ops only."""
+    pl = PlanLayout(layout.max_tokens, layout.max_active)
+    A = layout.max_active
+    dev = meta.device
+    sc = layout.scalars
+    # segments: the A real ones, then the virtual one [num_valid, T)
+    nv = meta[sc + 2 : sc + 3].to(torch.int64)
+    starts = torch.cat([meta[layout.seg_start : layout.seg_start + A].to(torch.int64), nv])
+    lens = torch.cat([meta[layout.seg_len : layout.seg_len + A].to(torch.int64), T - nv])
+    adapters = torch.cat([meta[layout.active_adapters : layout.active_adapters + A],
+                          torch.full((1,), -1, dtype=torch.int32, device=dev)])
+    for bm in PLAN_BLOCK_M:
+        n = pl.n_max(bm)
+        off = pl.family(bm)
+        tiles = (lens + (bm - 1)) // bm
+        cum = torch.cumsum(tiles, 0)
+        i = torch.arange(n, dtype=torch.int64, device=dev)
+        seg = torch.searchsorted(cum, i, right=True)  # segment of tile i (A + 1 past the end)
+        live = seg <= A
+        seg_c = seg.clamp(max=A)
+        j = i - (cum[seg_c] - tiles[seg_c])  # tile index within its segment
+        m0 = j * bm
+        pos0 = torch.where(live, starts[seg_c] + m0, torch.zeros_like(m0))
+        ln = torch.where(live, (lens[seg_c] - m0).clamp(max=bm), torch.zeros_like(m0))
+        ad = torch.where(live, adapters[seg_c], torch.full_like(adapters[seg_c], -1))
+        plan[off : off + 1].copy_(cum[A - 1 : A] if A > 0 else cum[:1] * 0)
+        plan[off + 1 : off + 2].copy_(cum[A : A + 1])
+        plan[off + 2 : off + 2 + n].copy_(pos0)
+        plan[off + 2 + n : off + 2 + 2 * n].copy_(ln)
+        plan[off + 2 + 2 * n : off + 2 + 3 * n].copy_(ad)
