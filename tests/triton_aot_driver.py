@@ -309,6 +309,33 @@ def sgmv_scenarios(dt):
                                             w.max_rank, config=cfg)
 
 
+def persistent_scenarios(dt):
+    """The persistent kernel (add_lora_'s default strategy), called as the public op calls it: the batch's plan
+    and workspace, the slice widths (``outs``, which the ALIGNED variant needs). Few shapes, each reaching
+    several of: the three config buckets of ``tuning._default_persistent`` (decode T <= 64, prefill T <= 512,
+    larger), one slice and three unequal ones, mixed mode, N_K > 1 (partial sums) and N_K == 1, EVEN_K false,
+    and both ALIGNED variants (y an odd column offset view; slice widths not multiples of 8)."""
+    shapes = {  # name: (T, in, outs, merged values, y an odd column offset view)
+        "decode_s1": (24, 256, (128,), (-1,), False),
+        "decode_s3": (40, 256, (128, 64, 32), (0,), False),
+        "prefill_s3": (200, 256, (256, 64, 64), (-1, 0), False),
+        "large_s1": (600, 256, (128,), (0,), False),
+        "unaligned_y": (100, 200, (128,), (-1,), True),
+        "unaligned_widths_s3": (24, 256, (100, 28, 60), (0,), False),
+    }
+    for name, (T, in_f, outs, merged_values, odd_y) in shapes.items():
+        w = _weights(in_f, outs, [16, 8, 32], dt)
+        batch = LoRABatch.from_ids(_ids(T, 3), w.max_adapters, ranks=w.ranks)
+        x = torch.zeros(T, in_f, dtype=dt)
+        y = torch.zeros(T, w.out_features + 1, dtype=dt)[:, 1:] if odd_y else torch.zeros(T, w.out_features, dtype=dt)
+        for merged in merged_values:
+            _scenario[0] = f"persistent:{name}:merged={merged}"
+            nbytes = sgmv.workspace_bytes(y, x, w.a, w.b, w.max_rank, batch.meta, batch.max_tokens, w.slice_outs,
+                                          merged)
+            sgmv.add_lora_(y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, batch.max_tokens, w.slice_info,
+                           w.max_rank, merged=merged, plan=batch.plan, ws=batch.workspace(nbytes), outs=w.slice_outs)
+
+
 def dual_scenarios(dt):
     from lora_kernels.dual_weights import DualLoRAWeights  # noqa: F401  (layout documented there)
 
@@ -398,8 +425,8 @@ def grids_over_limits() -> list[str]:
     return [f"{k} [{sc}] grid={g}" for sc, k, g in _grids if any(int(n) > m for n, m in zip(g, lim))]
 
 
-SCENARIOS = {"sgmv": sgmv_scenarios, "dual_lora": dual_scenarios, "merge": merge_scenarios,
-             "deform": deform_scenarios}
+SCENARIOS = {"sgmv": sgmv_scenarios, "persistent": persistent_scenarios, "dual_lora": dual_scenarios,
+             "merge": merge_scenarios, "deform": deform_scenarios}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -425,6 +452,78 @@ def collect(families=None, dtypes=("bf16", "fp16", "fp32")):
     return out
 
 
+# A global memory instruction of the PTX: ld/st.global with its dot-separated qualifiers (.nc, .cg, .gpu.acquire,
+# .L1::evict_last, .L2::cache_hint, ...), the vector width .v2/.v4/.v8 and the type (.b16, .u32, .f32, ...); or an
+# asynchronous copy global -> shared (cp.async.{ca,cg}.shared.global [dst], [src], bytes).
+_GMEM = re.compile(r"^\s*(?:@!?%p\w*\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s", re.M)
+_CP_ASYNC = re.compile(r"^\s*(?:@!?%p\w*\s+)?cp\.async\.\w+\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*"
+                       r"\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", re.M)
+_PTX_TYPE = re.compile(r"^[bsuf](8|16|32|64|128)$|^bf16$")
+
+
+def gmem_accesses(ptx: str) -> dict:
+    """What the PTX says about global memory access widths: ``{"ld": {shape: n}, "st": {shape: n}, "cp.async":
+    {bytes: n}}`` where ``shape`` is ``"v<N>.<type>"`` or ``"<type>"`` (qualifiers dropped: ``ld.global.nc.v4.b32``
+    and ``ld.global.L1::evict_last.v4.b32`` are both ``"v4.b32"``, 16 bytes; ``ld.global.cg.b16`` is ``"b16"``, a
+    scalar 2-byte load) and ``n`` the number of such instructions (static count, not executions). :func:`access_bytes`
+    turns a shape into its bytes."""
+    out = {"ld": {}, "st": {}, "cp.async": {}}
+    for op, quals in _GMEM.findall(ptx):
+        parts = quals.strip(".").split(".")
+        vec = next((q for q in parts if q in ("v2", "v4", "v8")), None)
+        typ = next((q for q in parts if _PTX_TYPE.match(q)), "?")
+        shape = f"{vec}.{typ}" if vec else typ
+        out[op][shape] = out[op].get(shape, 0) + 1
+    for size in _CP_ASYNC.findall(ptx):
+        n = str(int(size, 0))
+        out["cp.async"][n] = out["cp.async"].get(n, 0) + 1
+    return out
+
+
+def access_bytes(shape: str) -> int:
+    """Bytes one thread moves with one instruction of :func:`gmem_accesses`'s ``shape`` (``"v4.b32"`` -> 16)."""
+    vec, _, typ = shape.rpartition(".")
+    bits = int(re.sub(r"\D", "", typ) or 0)
+    return (int(vec[1:]) if vec else 1) * bits // 8
+
+
+def _by_bytes(shapes: dict, op: str) -> dict:
+    """{bytes per instruction (str): count} of one op's :func:`gmem_accesses` entry."""
+    out: dict = {}
+    for shape, n in shapes.items():
+        b = shape if op == "cp.async" else str(access_bytes(shape))
+        out[b] = out.get(b, 0) + n
+    return out
+
+
+_PTXAS_USAGE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_usage(ptx: str, arch: int, options: dict) -> dict:
+    """Registers, stack frame and spill bytes of the kernel, from ``ptxas -v`` run on its PTX with the flags
+    Triton's own make_cubin uses (Triton runs ptxas -v too but keeps the log only with TRITON_DUMP_PTXAS_LOG,
+    and not at all for a cached kernel, so it is run again here: about 0.3 s)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    fmad = [] if options.get("enable_fp_fusion", True) else ["--fmad=false"]
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(d, "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    m, r = _PTXAS_USAGE.search(log), _PTXAS_REGS.search(log)
+    if not m or not r:
+        raise RuntimeError(f"unexpected ptxas -v output: {log[-1000:]}")
+    return {"registers": int(r.group(1)), "stack": int(m.group(1)), "spill_stores": int(m.group(2)),
+            "spill_loads": int(m.group(3))}
+
+
 def compile_case(fn, sig, consts, attrs, options, opts, arch):
     """Compile one launch's variant (signature, constexprs, specialisation attrs, full options) for sm_<arch>."""
     t0 = time.time()
@@ -436,6 +535,9 @@ def compile_case(fn, sig, consts, attrs, options, opts, arch):
         res["shared"] = int(k.metadata.shared)
         res["narrow"] = narrow_offsets(k.asm["ttir"], sig)
         res["ttir_divisible"] = ttir_divisible_args(k.asm["ttir"])
+        res["gmem"] = gmem_accesses(k.asm["ptx"])
+        res["gmem_bytes"] = {op: _by_bytes(shapes, op) for op, shapes in res["gmem"].items()}
+        res.update(ptxas_usage(k.asm["ptx"], arch, options))
         res["error"] = "" if res["ok"] else "no cubin"
     except Exception as e:  # noqa: BLE001 - reported per case, the test fails on it
         res["ok"], res["shared"], res["narrow"] = False, -1, []
@@ -458,16 +560,27 @@ def _structure(key):
     return (name, c.get("SEG_P2", 1) == 0) + f + tuple(sorted(v for v in sg.values() if v.startswith("*")))
 
 
+# Kernels whose every unique launch is compiled on every arch, in every dtype (the report's access widths and
+# spills are checked per variant: tests/test_triton_compile.py).
+_EVERY_VARIANT = {"_sgmv_persistent_kernel"}
+
+
 def plan(cases, archs, full=False):
-    """(case index, arch, wide) jobs. Default (CI, about a minute on 2 cores): on archs[0], one bf16 launch per
-    code path (:func:`_structure`) plus the tuning sweep's largest tiles; one fp32 launch per kernel and one
-    fp16 launch per tl.dot kernel; on every other arch, one bf16 launch per tl.dot kernel (mma v2 instead of
-    Hopper's wgmma); one "wide" (all-i64 integers) bf16 launch per kernel. ``full``: every unique launch on
-    every arch, plus the wide ones."""
+    """(case index, arch, wide) jobs. Default (CI, about a minute and a half on 2 cores): on archs[0], one bf16
+    launch per code path (:func:`_structure`) plus the tuning sweep's largest tiles; one fp32 launch per kernel
+    and one fp16 launch per tl.dot kernel; on every other arch, one bf16 launch per tl.dot kernel (mma v2 instead
+    of Hopper's wgmma); one "wide" (all-i64 integers) bf16 launch per kernel; every unique launch of the
+    ``_EVERY_VARIANT`` kernels on every arch. ``full``: every unique launch on every arch, plus the wide ones."""
     jobs, seen = [], set()
     for i, (key, sc, fn, _args, _kwargs) in enumerate(cases):
         dn = sc.split(":", 1)[0]
         name = fn.__name__
+        if name in _EVERY_VARIANT and not full:
+            jobs += [(i, arch, False) for arch in archs]
+            if dn == "bf16" and (dn, name) not in seen:
+                jobs.append((i, archs[0], True))
+            seen.add((dn, name))
+            continue
         if full:
             jobs += [(i, arch, False) for arch in archs]
         elif dn == "bf16":
@@ -555,6 +668,129 @@ def spec_effect(cases, arch: int) -> dict:
             "wide_loads_without": len(_WIDE_LOAD.findall(ptx["without"]))}
 
 
+# ---- run-time recompiles over a serving sweep (tests/test_recompiles.py) -----------------------------------------
+#: Token counts of the sweep: every T up to 80 (the decode bucket and past its edge), every odd T above (primes
+#: among them), and the powers of two and bucket edges.
+SWEEP_TS = tuple(range(1, 81)) + tuple(range(81, 512, 2)) + (128, 256, 384, 512)
+#: The sweep's weights: (in, slice widths), each with max_adapters = 64 adapters of rank 16.
+SWEEP_WEIGHTS = {"s1": (256, (128,)), "s3": (256, (128, 64, 64))}
+SWEEP_ADAPTERS, SWEEP_RANK, SWEEP_CAPACITY = 64, 16, 512
+
+
+def _sweep_points():
+    """(T, active adapters, fixed capacity?, merged id) per point: two adapter counts per T, together every count
+    1..64 many times over (tokens round-robin over them, every 4th token of every third point with no adapter);
+    even points rebuild one batch of capacity 512 in place (a server's preallocated batch), odd points use a batch
+    sized to T (``LoRABatch.from_ids`` with no capacity), so the capacity-derived arguments vary too; mixed mode
+    merges adapter ``i % 64``."""
+    pts = []
+    for j, T in enumerate(SWEEP_TS):
+        for n in sorted({1 + (5 * j) % SWEEP_ADAPTERS, 1 + (5 * j + 32) % SWEEP_ADAPTERS}):
+            i = len(pts)
+            pts.append((T, n, i % 2 == 0, i % SWEEP_ADAPTERS))
+    return pts
+
+
+class _JitKeys:
+    """Triton's own JIT cache key of a launch (what ``JITFunction.run`` looks up before it compiles: the binder's
+    specialisation + options through ``compute_cache_key``), for ``sm_<arch>`` via a stand-in driver. ``specialize``:
+    parameter names taken off the kernel's ``do_not_specialize`` list (a mutant, to show the count would catch it)."""
+
+    def __init__(self, fn, arch: int = 90, specialize=()):
+        from triton.runtime.jit import KernelParam
+
+        self.fn = fn
+        self.backend = make_backend(GPUTarget("cuda", arch, 32))
+        params = [KernelParam(p.num, p._param, p.do_not_specialize and p.name not in specialize,
+                              p.do_not_specialize_on_alignment) for p in fn.params]
+        self.binder = create_function_from_signature(fn.signature, params, self.backend)
+        self.key_cache: dict = {}
+
+    def key(self, args, kwargs):
+        from triton.runtime.jit import compute_cache_key
+
+        kw = _launch_kwargs(self.fn, kwargs)
+        _bound, spec, opts = self.binder(*args, **kw)
+        return compute_cache_key(self.key_cache, spec, opts)
+
+
+def serving_sweep(dtypes=("fp16", "bf16", "fp32"), mutants=True) -> dict:
+    """Record the persistent kernel's launches (add_lora_ with the default config, the public op's plan, workspace
+    and slice widths) over :func:`_sweep_points`, per (weights, dtype, mixed) group, and count what a serving
+    process would compile: the distinct Triton JIT cache keys (:class:`_JitKeys`) against the distinct persistent
+    configs the sweep crosses (``tuning``'s buckets). Per group: ``buckets`` [{config, T range}], ``n_keys``,
+    ``variants`` (per key: the T values, and the constexprs and specialisation attributes that differ between the
+    group's keys), ``n_keys_without`` (keys with the named constexprs ignored: ``N_K``/``KPS``/``EVEN_K``, what
+    ``persistent_plan`` derives from T) and ``mutants`` {name: n_keys with that name specialised}."""
+    fn = sgmv._sgmv_persistent_kernel
+    keys = _JitKeys(fn)
+    dns = [p.name for p in fn.params if p.do_not_specialize]
+    mut = {n: _JitKeys(fn, specialize=(n,)) for n in dns} if mutants else {}
+    pts = _sweep_points()
+    weights = {(wn, dn): _weights(K, outs, [SWEEP_RANK] * SWEEP_ADAPTERS, DTYPES[dn])
+               for wn, (K, outs) in SWEEP_WEIGHTS.items() for dn in dtypes}
+    fixed = LoRABatch(SWEEP_CAPACITY, SWEEP_ADAPTERS)
+    groups: dict = {}
+    t0 = time.time()
+    for i, (T, n, use_fixed, m) in enumerate(pts):
+        ids = torch.arange(T, dtype=torch.int32) % n
+        if i % 3 == 2:
+            ids[::4] = -1
+        ranks = weights[("s1", dtypes[0])].ranks
+        batch = fixed.build(ids, ranks) if use_fixed else LoRABatch.from_ids(ids, SWEEP_ADAPTERS, ranks=ranks)
+        for (wn, dn), w in weights.items():
+            x = torch.zeros(T, w.in_features, dtype=DTYPES[dn])
+            y = torch.zeros(T, w.out_features, dtype=DTYPES[dn])
+            for merged in (-1, m):
+                start = len(_captured)
+                nbytes = sgmv.workspace_bytes(y, x, w.a, w.b, w.max_rank, batch.meta, batch.max_tokens, w.slice_outs,
+                                              merged)
+                sgmv.add_lora_(y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, batch.max_tokens,
+                               w.slice_info, w.max_rank, merged=merged, plan=batch.plan, ws=batch.workspace(nbytes),
+                               outs=w.slice_outs)
+                launched = [c for c in _captured[start:] if c[1] is fn]
+                assert len(launched) == 1, f"T={T}: expected one persistent launch, got {len(launched)}"
+                _sc, _fn, a, k = launched[0]
+                del _captured[start:]
+                cfg = tuning.get_config_cached("add_lora", DTYPES[dn], T, w.in_features, w.out_features, w.max_rank)
+                g = groups.setdefault((wn, dn, merged >= 0), {"launches": 0, "Ts": set(), "adapters": set(),
+                                                              "buckets": {}, "keys": {}, "mut": {}})
+                g["launches"] += 1
+                g["Ts"].add(T)
+                g["adapters"].add(n)
+                g["buckets"].setdefault(json.dumps(cfg["persistent"], sort_keys=True), []).append(T)
+                kk = keys.key(a, k)
+                if kk not in g["keys"]:
+                    _, sig, consts, attrs = fn._pack_args(keys.backend, _launch_kwargs(fn, k),
+                                                          *keys.binder(*a, **_launch_kwargs(fn, k)))
+                    g["keys"][kk] = {"Ts": [], "consts": {fn.arg_names[p[0]]: v for p, v in consts.items()},
+                                     "attrs": named_attrs(fn, attrs)}
+                g["keys"][kk]["Ts"].append(T)
+                for name, mk in mut.items():
+                    g["mut"].setdefault(name, set()).add(mk.key(a, k))
+    out = {"seconds": round(time.time() - t0, 1), "points": len(pts), "do_not_specialize": dns, "groups": []}
+    for (wn, dn, mixed), g in groups.items():
+        variants = list(g["keys"].values())
+        differ = sorted({c for v in variants for c in v["consts"]
+                         if len({json.dumps(str(u["consts"].get(c))) for u in variants}) > 1})
+        adiff = sorted({c for v in variants for c in v["attrs"]
+                        if len({json.dumps(u["attrs"].get(c)) for u in variants}) > 1})
+        plan_consts = ("N_K", "KPS", "EVEN_K")
+        without = {json.dumps([{c: str(v) for c, v in sorted(u["consts"].items()) if c not in plan_consts},
+                               u["attrs"]], sort_keys=True) for u in variants}
+        out["groups"].append({
+            "weights": wn, "dtype": dn, "mixed": mixed, "launches": g["launches"], "Ts": sorted(g["Ts"]),
+            "adapters": sorted(g["adapters"]),
+            "buckets": [{"config": json.loads(c), "T_min": min(ts), "T_max": max(ts)}
+                        for c, ts in g["buckets"].items()],
+            "n_keys": len(variants), "n_keys_without": {"+".join(plan_consts): len(without)},
+            "variants": [{"T_min": min(v["Ts"]), "T_max": max(v["Ts"]), "n_T": len(set(v["Ts"])),
+                          "consts": {c: str(v["consts"].get(c)) for c in differ},
+                          "attrs": {c: v["attrs"].get(c) for c in adiff}} for v in variants],
+            "mutants": {name: len(ks) for name, ks in g["mut"].items()}})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="90,80")
@@ -562,7 +798,16 @@ def main(argv=None):
     ap.add_argument("--families", default=None)
     ap.add_argument("--full", action="store_true", help="every unique launch on every arch (slow)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--recompiles", action="store_true",
+                    help="only the serving sweep of the persistent kernel's JIT cache keys (:func:`serving_sweep`)")
     ns = ap.parse_args(argv)
+    if ns.recompiles:
+        report = serving_sweep()
+        print(json.dumps({k: v for k, v in report.items() if k != "groups"}))
+        if ns.out:
+            with open(ns.out, "w") as f:
+                json.dump(report, f)
+        return
     archs = [int(a) for a in ns.archs.split(",")]
     _CASES[:] = collect(ns.families.split(",") if ns.families else None)
     jobs = plan(_CASES, archs, ns.full)
@@ -586,7 +831,8 @@ def main(argv=None):
               "n_grids": len(_grids), "grids_over": grids_over_limits(),
               "probe_narrow": narrow_offsets(probe.asm["ttir"], sig), "probe_spec": probe_spec()}
     report["spec_checked"], report["spec_mismatch"] = check_against_jit_run(_CASES, archs[0])
-    report["spec_effect"] = spec_effect(_CASES, archs[0])
+    if any(c[2].__name__ == "_sgmv_shrink_kernel" for c in _CASES):  # not with --families lacking sgmv
+        report["spec_effect"] = spec_effect(_CASES, archs[0])
     if ns.out:
         with open(ns.out, "w") as f:
             json.dump(report, f)

@@ -52,6 +52,7 @@ be captured in CUDA graphs. Configs come from :mod:`lora_kernels.tuning`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -498,10 +499,10 @@ def _adapter_of(off_ptr, rank_ptr, scale_ptr, s, who, use, stride_rs, stride_ss)
     return rank, off, scale
 
 
-@triton.jit(do_not_specialize=["merged", "P_S", "P_E", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC"])
+@triton.jit(do_not_specialize=["merged", "P_S", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC"])
 def _sgmv_persistent_kernel(
     y_ptr, x_ptr, a_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr, plan_ptr, part_ptr, hbuf_ptr,
-    K, merged, P_S, P_E, FAM, N_MAX, DONE_OFF, SORTED_OFF, TC,
+    K, merged, P_S, FAM, N_MAX, DONE_OFF, SORTED_OFF, TC,
     stride_xm, stride_xk,
     stride_ym, stride_yn,
     stride_as, stride_ar, stride_ak,
@@ -512,7 +513,8 @@ def _sgmv_persistent_kernel(
     EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST_X: tl.constexpr, UPCAST_Y: tl.constexpr,
     MIXED: tl.constexpr,
 ):
-    """One launch for the whole delta: ``P_S`` shrink programs, then ``P_E`` expand programs, all resident.
+    """One launch for the whole delta: ``ps = min(P_S, shrink items)`` shrink programs, then the rest of the grid
+    as expand programs, all resident.
 
     Work items (from the batch's plan, family ``FAM`` = tile height BLOCK_M; ``n_t`` tiles, read on the device):
         shrink item ``w < n_t * S * N_K``: tile ``w // (S N_K)``, slice, split ``kc`` of ``in`` (KPS columns):
@@ -522,9 +524,10 @@ def _sgmv_persistent_kernel(
         expand item ``w < n_t * N_COL``: tile ``w // N_COL``, column block ``w % N_COL`` over all slices:
             waits until the tile's h is complete (its counter reached S N_K, + 1 when N_K > 1), then
             ``y[rows, cols] += scale * h @ B`` (fp32 accumulate, one rounding into y).
-    Program p < P_S takes shrink items p, p + P_S, ...; program P_S + q takes expand items q, q + P_E, ... .
-    Programs only ever wait for shrink items, and a shrink program never waits, so with every program
-    resident (P_S + P_E <= SMs x CTAs per SM, the launcher's grid) the kernel always finishes; the CPU
+    Program p < ps takes shrink items p, p + ps, ...; program ps + q takes expand items q, q + (grid - ps), ... .
+    Programs only ever wait for shrink items (held by programs of lower index), and a shrink program never
+    waits, so with every program resident (grid <= SMs x CTAs per SM, the launcher's grid) the kernel always
+    finishes; the CPU
     interpreter runs programs in order, so the waits there are already satisfied. No atomics touch y or h.
     The last program to finish resets the counters it used to 0 (the plan's invariant between calls).
 
@@ -538,9 +541,15 @@ def _sgmv_persistent_kernel(
     else:
         n_t = tl.load(plan_ptr + FAM)
     offs_c = tl.arange(0, R_PAD)
-    if pid < P_S:
+    n_prog = tl.num_programs(0)
+    # the shrink role gets min(P_S, shrink items) programs, the expand role all the others: a batch with fewer
+    # tiles than the grid was sized for leaves no shrink program without work, and the expand programs (the
+    # only ones that wait) still only wait for programs of lower index
+    n_s = n_t * (NUM_SLICES * N_K)
+    ps = tl.minimum(n_s, P_S)
+    if pid < ps:
         # ---- shrink role ----
-        for w in range(pid, n_t * (NUM_SLICES * N_K), P_S):
+        for w in range(pid, n_s, ps):
             t = w // (NUM_SLICES * N_K)
             rem = w - t * (NUM_SLICES * N_K)
             s = rem // N_K
@@ -603,13 +612,13 @@ def _sgmv_persistent_kernel(
                     tl.atomic_add(plan_ptr + t, 1, sem="release")
     else:
         # ---- expand role ----
-        q = pid - P_S
+        q = pid - ps
         if N_K > 1:
             target = NUM_SLICES * N_K + 1
         else:
             target = NUM_SLICES * N_K
         offs_r = tl.arange(0, R_PAD)
-        for w in range(q, n_t * N_COL, P_E):
+        for w in range(q, n_t * N_COL, n_prog - ps):
             t = w // N_COL
             cb = w - t * N_COL
             s, col0, width, blk = _slice_of_block(sinfo_ptr, stride_si, cb, NUM_SLICES, BLOCK_N)
@@ -666,7 +675,7 @@ def _sgmv_persistent_kernel(
     # ---- the last program out resets the counters (zero between calls) ----
     tl.debug_barrier()
     out_before = tl.atomic_add(plan_ptr + DONE_OFF, 1, sem="acq_rel")
-    if out_before == P_S + P_E - 1:
+    if out_before == n_prog - 1:
         offs = tl.arange(0, 256)
         for i in range(0, n_t, 256):
             tl.store(plan_ptr + i + offs, tl.zeros((256,), dtype=tl.int32), mask=(i + offs) < n_t)
@@ -836,41 +845,60 @@ def _sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+#: Most of an op's bytes the split-K partial sums may add (persistent_plan): more splits make shrink items
+#: smaller (the busiest program moves less) but add partial-sum traffic.
+PARTIAL_SHARE = 0.08
+
+
 @functools.lru_cache(maxsize=1024)
 def persistent_plan(T: int, K: int, outs: tuple, S: int, r_cap: int, xs: int, ys: int, ws: int, max_tokens: int,
                     max_active: int, mixed: bool, sms: int, bm: int, bn: int, bk: int, n_k: int, ctas: int):
     """Launch parameters of the persistent kernel for one shape (host arithmetic only; cached, so a serving
     loop resolves each (shape, batch capacity) once). ``xs``/``ys``/``ws``: element sizes of x, y, weights.
 
-    The documented model (docs/benchmarks.md):
+    The documented model (docs/benchmarks.md, "How the persistent kernel is sized"):
       * tiles: ``tl = cdiv(T, BLOCK_M)`` is the fewest tiles a batch of T served tokens can have;
-      * N_K (splits of ``in``; ``n_k = 0`` = auto): enough shrink items to give every shrink program one
-        (``P_S / (tl S)``, power of two), each split at least BLOCK_K wide, at most 32, and the partial sums it
-        writes (``N_K S T R 4`` bytes, read back once) at most 3 % of the op's bytes;
-      * programs: ``P = SMs x CTAs per SM`` (all resident: the kernel's waits need it), split between the roles
-        in proportion to the bytes each moves, each role capped at the items a tile-minimal batch has, so no
-        program is idle when every token has an adapter.
+      * programs: ``P = min(SMs x CTAs per SM, tl (S N_K + N_COL))``: all resident (the expand role waits for
+        the shrink role), and no more than a tile-minimal batch has items, so no program is idle when every
+        token has an adapter; the shrink role gets a share of P proportional to the bytes it moves;
+      * N_K (splits of ``in``; ``n_k = 0`` = auto): the power of two nearest below the balance point of a
+        shrink item's bytes ``(bm x + r A) K / N_K`` and the tile's final sum ``N_K bm r 4 S`` (the busiest
+        shrink program's least bytes), each split >= BLOCK_K wide, at most 64, and the partial sums
+        (``N_K S T r 4`` bytes) at most PARTIAL_SHARE of the op's bytes (estimated for a batch with as many
+        segments as it can have).
     Returns a dict of the kernel's launch arguments that depend on the shape."""
     r_pad = max(16, _p2(r_cap))
     parts = 2 if mixed else 1
     tl_lb = max(1, _cdiv(T, bm))
     n_col = sum(_cdiv(o, bn) for o in outs)
-    P = max(2, sms * ctas)
-    bytes_e = T * sum(outs) * ys * 2 + tl_lb * parts * r_cap * sum(outs) * ws + T * r_pad * parts * ys * n_col
-    bytes_s = S * T * K * xs + tl_lb * parts * r_cap * K * S * ws
+    # the bytes of a batch with as many segments as it can have (min(T, active slots)): each tile reads its
+    # adapter's A and B once, h once per column block (the grid is sized for the fewest tiles, the split of
+    # `in` for the most)
+    tl_ub = max(tl_lb, min(T, (T + min(T, max_active) * (bm - 1)) // bm))
+    bytes_e = T * sum(outs) * ys * 2 + tl_ub * parts * r_cap * sum(outs) * ws + T * r_pad * parts * ys * n_col
+    bytes_s = S * T * K * xs + tl_ub * parts * r_cap * K * S * ws
+    total = bytes_s + bytes_e
     if n_k == 0:
-        total = bytes_s + bytes_e
-        want = _p2(max(1, _cdiv(max(1, P * bytes_s // max(1, total)), tl_lb * S)))
-        cap_bytes = max(1, int(0.03 * total) // max(1, S * T * r_pad * parts * 4))
-        n_k = max(1, min(want, 32, max(1, K // bk), 1 << (cap_bytes.bit_length() - 1)))
+        # a split's item moves (bm x + r A) K / N_K bytes; the tile's last split then sums N_K partials of
+        # bm x r fp32 per slice: equal at the balance point, where the busiest shrink program moves least
+        bm_eff = min(bm, T)
+        item = (bm_eff * xs + r_cap * parts * ws) * K
+        red = bm_eff * r_cap * parts * 4 * S
+        bal = max(1, math.isqrt(max(1, item // red)))
+        # partial sums: N_K S T r 4 bytes written and read once (r: the pool's cap; true ranks are smaller)
+        cap = max(1, int(PARTIAL_SHARE * total) // max(1, S * T * r_cap * parts * 4))
+        n_k = max(1, min(_p2(bal), 64, max(1, K // bk), 1 << (cap.bit_length() - 1)))
     kps = _cdiv(_cdiv(K, n_k), bk) * bk
     n_k = _cdiv(K, kps)
-    ps = min(max(1, round(P * bytes_s / (bytes_s + bytes_e))), tl_lb * S * n_k, P - 1)
-    pe = min(max(1, P - ps), tl_lb * n_col)
+    # all resident (the expand role waits for the shrink role) and no more programs than a tile-minimal batch
+    # has items; the shrink role's share of P follows its bytes, at most its items in such a batch (the kernel
+    # hands any surplus to the expand role on the device)
+    P = max(2, min(sms * ctas, tl_lb * (S * n_k + n_col)))
+    ps = min(max(1, round(P * bytes_s / total)), P - 1, tl_lb * S * n_k)
     part_bytes = S * n_k * max_tokens * r_pad * parts * 4 if n_k > 1 else 0
     part_bytes = _cdiv(part_bytes, 256) * 256
     h_bytes = S * max_tokens * r_pad * parts * ys
-    return {"P_S": ps, "P_E": pe, "N_K": n_k, "KPS": kps, "N_COL": n_col, "R_PAD": r_pad,
+    return {"P": P, "P_S": ps, "N_K": n_k, "KPS": kps, "N_COL": n_col, "R_PAD": r_pad,
             "part_bytes": part_bytes, "h_bytes": h_bytes, "EVEN_K": K % bk == 0 and kps % bk == 0}
 
 
@@ -929,9 +957,9 @@ def _launch_persistent(y, x, a, b, offsets, ranks, scales, meta, max_tokens, sli
     cols = None if outs is None else outs_key
     aligned = (outs is not None and _aligned(y, x, a, b, y.stride(0), x.stride(0), b.stride(0), a.stride(1),
                                              *cols) and y.stride(1) == 1 and b.stride(1) == 1)
-    _sgmv_persistent_kernel[(p["P_S"] + p["P_E"],)](
+    _sgmv_persistent_kernel[(p["P"],)](
         y, x, a, b, offsets, ranks, scales, meta, slice_info, plan, part, hbuf,
-        K, merged, p["P_S"], p["P_E"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens,
+        K, merged, p["P_S"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens,
         x.stride(0), x.stride(1),
         y.stride(0), y.stride(1),
         a.stride(0), a.stride(1), a.stride(2),

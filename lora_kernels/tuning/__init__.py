@@ -153,7 +153,7 @@ def _default_persistent(T: int, in_f: int, out_f: int, r_cap: int) -> dict[str, 
     * BLOCK_M (a plan family): 16 for decode (T <= 64: one tile per request; tl.dot's minimum), 64 up to
       T = 512 and 128 above: every tile re-reads its adapter's A and B (L2 hits, but issued bytes), so taller
       tiles bring issued bytes toward the perfect-cache bytes (<= 1.1x on the proxy's prefill cases);
-    * BLOCK_N: 64 for decode (many small expand items: the busiest program moves ~1/P of the bytes), 128 for
+    * BLOCK_N: 32 for decode (many small expand items, so even a one-tile batch fills the expand role: the busiest program moves ~1/P of the bytes), 128 for
       prefill (half the re-reads of h per column block);
     * BLOCK_K: 64 (16-byte loads, 2 pipeline stages of x and A tiles fit easily);
     * N_K = 0: the launcher sizes the split of ``in`` from the shape (``persistent_plan``);
@@ -161,7 +161,7 @@ def _default_persistent(T: int, in_f: int, out_f: int, r_cap: int) -> dict[str, 
       1 with 8 warps. Every program of the grid must be resident: the expand role waits for the shrink role.
     """
     if T <= 64:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 2, "num_warps": 4,
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 2, "num_warps": 4,
                 "num_stages": 2}
     if T <= 512:
         return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 2, "num_warps": 4,
