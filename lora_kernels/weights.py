@@ -105,6 +105,12 @@ class LoRAWeights:
         # needs no per-call host->device copy.
         self.slice_info = torch.tensor([[c, o] for c, o in zip(self.slice_cols, self.slice_outs)],
                                        dtype=torch.int64).to(dev)
+        # The 16-byte access contract (docs/benchmarks.md): in_features, every slice's first column and width
+        # (so B's and y's rows) in multiples of 8 elements and the storage 16-byte aligned. The SGMV launchers
+        # pick their vectorised (ALIGNED) variant only when this holds and the call's x / y pointers and row
+        # strides do too; otherwise the compiled fallback variant runs (same results, narrower accesses).
+        self.vector_aligned: bool = (in_features % 8 == 0 and all(v % 8 == 0 for v in cols + list(outs))
+                                     and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
         self._alloc: Dict[int, Tuple[int, int]] = {}
         self._host_ranks: Dict[int, Tuple[int, ...]] = {}
         # Bumped by every add/remove: lets host-side caches (ops.merge_plan) detect a changed allocation.

@@ -8,6 +8,16 @@ Two measurements, per op (``add_lora_``, ``add_lora_(merged=m)``, ``shrink``, ``
   validation, dispatch (backend selection, the custom op or the direct call) and the Python around them.
   ``LoRALinear.forward`` and ``lora_linear`` still run their base ``F.linear`` on a tiny shape; the row
   ``base F.linear`` times that alone so it can be subtracted.
+* ``launcher`` (every machine with Triton): ``add_lora_`` / ``add_lora_(merged=0)`` decode-shaped (T = 1 and 16,
+  4096 -> 4096, rank 16, bf16) with the whole host path down to the driver call real: the Triton backend is
+  forced, the persistent kernel is compiled once for a stand-in sm_90 target (Triton's own ptxas, no GPU), and
+  every timed call runs the launcher's Python (config lookup, ``persistent_plan``, workspace views), Triton's
+  ``JITFunction.run`` (binding, specialisation, cache key and hit, ``CompiledKernel.launch_metadata``) and the
+  CUDA launcher object's ``__call__`` (scratch allocation); only its final call, ``cuda_utils.launch`` (the C
+  function that extracts the pointers and calls ``cuLaunchKernelEx``), is a counting no-op
+  (:func:`launcher_driver`). CPU tensors (the binder reads ``data_ptr`` for the alignment only). Run in a child
+  process with ``TRITON_INTERPRET`` unset: the interpreter replaces ``@triton.jit`` at import time, and the
+  stand-in driver must never reach a process that may use a real GPU.
 * ``cuda-eager`` (with a GPU): real per-call wall time of eager launches (no CUDA graph), decode-shaped
   (T = 1, 4096 -> 4096, rank 16, bf16), ``n`` calls back to back then one synchronize: the host cost of a call
   when it exceeds the kernel's, else the kernel time.
@@ -25,7 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -44,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=4, help="T of the stubbed CPU case (default 4)")
     p.add_argument("--hidden", type=int, default=64, help="in = out of the stubbed CPU case (default 64)")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA eager measurement even with a GPU")
+    p.add_argument("--no-launcher", action="store_true", help="skip the launcher measurement (stand-in sm_90 "
+                                                              "driver, child process)")
+    p.add_argument("--launcher-tokens", default="1,16", help="T values of the launcher measurement (default 1,16)")
     p.add_argument("--out", help="JSON path (default: none on the CPU; bench/results/<gpu>/overhead-<time>.json "
                                  "on a GPU)")
 

@@ -891,10 +891,10 @@ def persistent_plan(T: int, K: int, outs: tuple, S: int, r_cap: int, xs: int, ys
     kps = _cdiv(_cdiv(K, n_k), bk) * bk
     n_k = _cdiv(K, kps)
     # all resident (the expand role waits for the shrink role) and no more programs than a tile-minimal batch
-    # has items; the shrink role's share of P follows its bytes, at most its items in such a batch (the kernel
-    # hands any surplus to the expand role on the device)
+    # has items; the shrink role's share of P follows its bytes (the kernel hands the expand role whatever a
+    # batch with fewer shrink items than that leaves)
     P = max(2, min(sms * ctas, tl_lb * (S * n_k + n_col)))
-    ps = min(max(1, round(P * bytes_s / total)), P - 1, tl_lb * S * n_k)
+    ps = min(max(1, round(P * bytes_s / total)), P - 1)
     part_bytes = S * n_k * max_tokens * r_pad * parts * 4 if n_k > 1 else 0
     part_bytes = _cdiv(part_bytes, 256) * 256
     h_bytes = S * max_tokens * r_pad * parts * ys
