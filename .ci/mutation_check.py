@@ -82,6 +82,9 @@ class Module:
 MATRIX = [
     Module("tests/test_triton_sgmv.py", SGMV, {"triton": "test_matrix"},
            "the pairwise matrix: every strategy, -1 fractions, mixed ranks, slices, layouts, tile configs"),
+    Module("tests/test_plan.py", ["sgmv.split_dropped", "sgmv.counters_kept"],
+           {"triton": "public_op_on_the_plan"},
+           "the persistent kernel through the public op: counters reset, split-K sums, values vs the spec"),
     Module("tests/test_mixed.py", SGMV + ["sgmv.ignore_merged"],
            {"triton": "mixed_equals_unmerged_triton and distinct",
             "cpu": "mixed_equals_unmerged_reference"},

@@ -542,6 +542,10 @@ def _wrapper(entries, perturb, roles=("fwd", "bwd")) -> Callable[[Patcher, str],
     return lambda p, scope: _apply(p, scope, entries, perturb, roles)
 
 
+_SGMV_SPLIT_DROPPED = [("for kc2 in range(N_K):", "for kc2 in range(1, N_K):", 2)]
+_SGMV_COUNTERS_KEPT = [("tl.store(plan_ptr + i + offs, tl.zeros((256,), dtype=tl.int32), mask=(i + offs) < n_t)",
+                        "tl.store(plan_ptr + i + offs, tl.full((256,), 1, dtype=tl.int32), mask=(i + offs) < n_t)",
+                        1)]
 _DEFORM_NO_MASK = (
     [("inb = ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl) & (vrow >= 0) & (vrow < S)",
       "inb = ok & (vrow >= 0) & (vrow < S)", 1)],
@@ -587,6 +591,11 @@ def _catalogue() -> Dict[str, Mutant]:
         W(SGMV_ENTRIES, _with_args(_serve_unassigned)))
     add("sgmv.ignore_merged", "mixed mode ignores the merged adapter (merged -> -1)",
         W(MIXED_ENTRIES, _with_args(_ignore_merged)))
+    # the persistent kernel's own machinery (Triton only: the CPU reference has no split-K or counters)
+    add("sgmv.split_dropped", "persistent kernel: the last split's sum skips split 0 of `in`",
+        _source("lora_kernels.triton.sgmv", _SGMV_SPLIT_DROPPED, "lora_kernels.ops.sgmv", []))
+    add("sgmv.counters_kept", "persistent kernel: the last program does not reset the plan's counters",
+        _source("lora_kernels.triton.sgmv", _SGMV_COUNTERS_KEPT, "lora_kernels.ops.sgmv", []))
     # merge / unmerge (both backends behind _merge_impl / _unmerge_impl; scope by the backend argument)
     add("merge.noop", "merge writes nothing (coefficients 0)", W(MERGE_ENTRIES,
                                                                   _merge_terms(lambda t, c: (t, torch.zeros_like(c)))))

@@ -89,7 +89,10 @@ SMALL_TILES = {
     "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_R": 16},
     "expand": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 16},
     "fused": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "N_SPLIT": 3},
+    "persistent": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "N_K": 3},
 }
+# add_lora_'s strategies: "persistent" (the default: one launch over the batch's plan), "fused", "two_pass"
+STRATEGIES = ("persistent", "fused", "two_pass")
 CASES = pairwise(FACTORS)
 # Busy cases at the largest sizes, on top of the pairwise sample.
 _K = ("dist", "T", "frac_none", "in_f", "slices", "dtype", "layout", "storage", "tiles")
@@ -228,10 +231,15 @@ def test_matrix(case):
     assert_close_rule(y, ref, lowp_expand_(y0.clone(), h_ref, w, ids, dt), name="expand_ y", base=y0)
     assert _same_bits(y[ids < 0], y0[ids < 0]), "expand_: rows of tokens with no adapter changed"
 
-    configs = {"fused": {"strategy": "fused"}, "two_pass": {"strategy": "two_pass"}}
+    configs = {"persistent": {"strategy": "persistent"}, "fused": {"strategy": "fused"},
+               "two_pass": {"strategy": "two_pass"},
+               # the persistent kernel with `in` split in two (partial sums, the last split's reduction) and
+               # narrow column blocks (many expand items per tile)
+               "persistent_split": {"strategy": "persistent", "persistent": {"N_K": 2, "BLOCK_N": 16}}}
     if small:
         configs["fused"].update(SMALL_TILES["fused"])
         configs["two_pass"].update(shrink=SMALL_TILES["shrink"], expand=SMALL_TILES["expand"])
+        configs["persistent"]["persistent"] = SMALL_TILES["persistent"]
     for strategy, cfg in configs.items():
         y = _run_add_lora(w, ids, x, y0, cfg, strided)
         _check_add_lora(y, w, ids, x, y0, f"add_lora_ {strategy}")
@@ -247,7 +255,7 @@ def test_pairwise_covers_every_pair():
         _setup(c, seed)  # asserts some token has an adapter
 
 
-@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_all_tokens_without_adapter(strategy):
     """The one explicit all -1 batch: shrink writes exact zeros, expand_ and add_lora_ leave y bit-identical
     (NaN in h where nothing may be read)."""
@@ -284,7 +292,7 @@ def test_split_k(split_k, block_k):
     _check_add_lora(y, w, ids, x, y0, "two_pass split-K")
 
 
-@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_padded_layout_rank0_and_poisoned_padding(strategy):
     """Padded stacks via LoRAWeights.from_padded: rows past each rank hold NaN (any read of them would show),
     one slice of one adapter has rank 0 (its columns must stay bit-identical) and one slot is empty (rank 0
@@ -320,12 +328,12 @@ def test_many_adapters():
         ids = make_ids(dist, T, n, 0.1, g)
         x = torch.randn(T, 16, generator=g).half()
         y0 = torch.randn(T, 24, generator=g).half()
-        for strategy in ("fused", "two_pass"):
+        for strategy in STRATEGIES:
             y = _run_add_lora(w, ids, x, y0, {"strategy": strategy})
             _check_add_lora(y, w, ids, x, y0, f"{dist} {strategy}")
 
 
-@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_2d_grid_fallback(monkeypatch, strategy):
     """Above _FLAT_SEGMENT_LIMIT segments the kernels use the (tile, segment) 2-D grid instead of the
     per-program prefix sum; force it."""
@@ -340,7 +348,7 @@ def test_2d_grid_fallback(monkeypatch, strategy):
     _check_add_lora(y, w, ids, x, y0, f"2-D grid {strategy}")
 
 
-@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_bf16(strategy):
     """bf16 activations and weights (in the interpreter: the UPCAST path, see the sgmv module docstring)."""
     g = torch.Generator().manual_seed(6)
@@ -355,7 +363,7 @@ def test_bf16(strategy):
 @pytest.mark.parametrize("x_dt,w_dt,y_dt", [(torch.float32, torch.float16, torch.float32),
                                             (torch.float16, torch.float32, torch.float16),
                                             (torch.float16, torch.float16, torch.float32)])
-@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_mixed_dtypes(x_dt, w_dt, y_dt, strategy):
     """Weights in another dtype than x (cast per tile to x's dtype), y in another dtype than x."""
     g = torch.Generator().manual_seed(7)
@@ -412,7 +420,7 @@ def test_explicit_bad_config_raises():
 
 # ---- GPU only ----------------------------------------------------------------------------------------------
 @pytest.mark.cuda
-@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cuda_graph_capture(strategy):
     """Capture add_lora_ in a CUDA graph, rebuild the batch in place with other ids, replay: the replay must
     serve the new batch (no host-side state baked in), in bf16 with real tensor-core dots."""
