@@ -16,7 +16,9 @@
 #     nvidia-smi  the GPU, driver, clocks (read only: never changes the card's settings)
 #     build       pip install --no-build-isolation --no-deps -e .  (the CUDA extension; timed)
 #     env         lora-bench env (versions, backends and why not)
-#     pytest      pytest -m cuda, test files sharded over PYTEST_JOBS=6 processes (junit XML: junit.xml)
+#     pytest      pytest -m cuda, test files sharded over PYTEST_JOBS=6 processes (junit XML: junit.xml); includes
+#                 the persistent add_lora_ kernel on the GPU (tests/test_plan.py: values, bitwise-repeatable
+#                 split-K sums, pre-bound launch == plain launch, counters reset, CUDA graph replay == eager)
 #     sanitize    bench/sanitize_ops.py without the sanitizer: correctness, and it fills Triton's cache
 #     memcheck    compute-sanitizer --tool memcheck  on bench/sanitize_ops.py
 #     racecheck   compute-sanitizer --tool racecheck on bench/sanitize_ops.py

@@ -456,6 +456,7 @@ class Mutant:
     family: str
     doc: str
     installer: Callable[[Patcher, str], None]  # (patcher, scope)
+    scopes: Tuple[str, ...] = ("triton", "cpu")  # the paths it can perturb (Triton-only machinery: ("triton",))
 
 
 def _starts_plus_one(ba: inspect.BoundArguments) -> None:
@@ -577,8 +578,9 @@ _DUAL_NO_RELU = (
 def _catalogue() -> Dict[str, Mutant]:
     M: List[Mutant] = []
 
-    def add(name, doc, installer):
-        M.append(Mutant(name, "merge" if name.startswith("unmerge") else name.split(".")[0], doc, installer))
+    def add(name, doc, installer, scopes=("triton", "cpu")):
+        M.append(Mutant(name, "merge" if name.startswith("unmerge") else name.split(".")[0], doc, installer,
+                        tuple(scopes)))
 
     W = _wrapper
     # SGMV: shrink / expand_ / add_lora_ (normal and mixed mode)
@@ -593,9 +595,9 @@ def _catalogue() -> Dict[str, Mutant]:
         W(MIXED_ENTRIES, _with_args(_ignore_merged)))
     # the persistent kernel's own machinery (Triton only: the CPU reference has no split-K or counters)
     add("sgmv.split_dropped", "persistent kernel: the last split's sum skips split 0 of `in`",
-        _source("lora_kernels.triton.sgmv", _SGMV_SPLIT_DROPPED, "lora_kernels.ops.sgmv", []))
+        _source("lora_kernels.triton.sgmv", _SGMV_SPLIT_DROPPED, "lora_kernels.ops.sgmv", []), scopes=("triton",))
     add("sgmv.counters_kept", "persistent kernel: the last program does not reset the plan's counters",
-        _source("lora_kernels.triton.sgmv", _SGMV_COUNTERS_KEPT, "lora_kernels.ops.sgmv", []))
+        _source("lora_kernels.triton.sgmv", _SGMV_COUNTERS_KEPT, "lora_kernels.ops.sgmv", []), scopes=("triton",))
     # merge / unmerge (both backends behind _merge_impl / _unmerge_impl; scope by the backend argument)
     add("merge.noop", "merge writes nothing (coefficients 0)", W(MERGE_ENTRIES,
                                                                   _merge_terms(lambda t, c: (t, torch.zeros_like(c)))))
@@ -660,7 +662,7 @@ def parse(name: str) -> Tuple[Mutant, str]:
     known mutants otherwise."""
     base, _, scope = name.partition("@")
     m = MUTANTS.get(base)
-    if m is None or (scope and scope not in SCOPES):
+    if m is None or (scope and scope not in SCOPES) or (scope in ("triton", "cpu") and scope not in m.scopes):
         raise ValueError(f"{ENV_NAME}: unknown mutant {name!r}; known: {', '.join(sorted(MUTANTS))}, each optionally "
                          f"suffixed with @triton or @cpu")
     return m, scope or "all"

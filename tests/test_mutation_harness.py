@@ -75,6 +75,20 @@ def _probe_sgmv(backend):
             sgmv.add_lora_(y, x, w.a, w.b, w.offsets, w.ranks, w.scales, b.meta, b.max_tokens, w.slice_info,
                            w.max_rank, {"strategy": strategy}, merged=1 if strategy == "fused" else -1)
             out[f"launcher {strategy}"] = y
+        # the persistent kernel with `in` (48 wide) split in three (its in-kernel sum of partials), on the
+        # batch's plan
+        g = torch.Generator().manual_seed(3)
+        w3 = lk.LoRAWeights(48, 8, max_adapters=4, max_rank=4, dtype=torch.float32, device=x.device)
+        for i in range(3):
+            w3.add(torch.randn(4, 48, generator=g).to(x.device), torch.randn(8, 4, generator=g).to(x.device),
+                   adapter_id=i)
+        x3 = torch.randn(x.shape[0], 48, generator=g).to(x.device)
+        y = y0[:, :8].clone()
+        sgmv.add_lora_(y, x3, w3.a, w3.b, w3.offsets, w3.ranks, w3.scales, b.meta, b.max_tokens, w3.slice_info,
+                       w3.max_rank, {"strategy": "persistent", "persistent": {"N_K": 3, "BLOCK_K": 16}},
+                       plan=b.plan)
+        out["launcher persistent split"] = y
+    out["plan"] = b.plan.clone()  # the counters must be back at 0 after every call
     return out
 
 
@@ -215,7 +229,7 @@ def _bindings() -> dict:
     return out
 
 
-CASES = [f"{name}@{scope}" for name in mutants.MUTANTS for scope in ("triton", "cpu")]
+CASES = [f"{name}@{scope}" for name, m in mutants.MUTANTS.items() for scope in m.scopes]
 
 
 @needs_triton

@@ -240,7 +240,8 @@ class _Sub(torch.Tensor):
 
 def test_lora_bench_overhead_cli(tmp_path):
     out = tmp_path / "o.json"
-    assert lk.cli.main(["overhead", "--iters", "20", "--repeats", "2", "--no-cuda", "--out", str(out)]) == 0
+    assert lk.cli.main(["overhead", "--iters", "20", "--repeats", "2", "--no-cuda", "--no-launcher", "--out",
+                        str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["schema"] == overhead.SCHEMA
     ops = {(r["op"], r["path"]) for r in rec["rows"]}
@@ -248,6 +249,27 @@ def test_lora_bench_overhead_cli(tmp_path):
         assert (op, "fast") in ops and (op, "dispatcher") in ops
     assert all(r["us_median"] > 0 and r["mode"] == "stubbed" for r in rec["rows"])
     assert ops_sgmv.fast_path  # restored
+
+
+def test_lora_bench_overhead_launcher_mode(tmp_path):
+    """The ``launcher`` rows (child process, stand-in sm_90 driver): every (op, path, T) is there, the
+    persistent kernel was really compiled (an sm_90 cubin in Triton's JIT cache) and every op call ended in
+    exactly one call of the stubbed driver launch (launches == calls), with the persistent grid. CPU CI: a few
+    seconds (child start, one compile per variant, cached by Triton afterwards)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "o.json"
+    assert lk.cli.main(["overhead", "--iters", "8", "--repeats", "2", "--no-cuda", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["mode"] == "launcher"]
+    keys = {(r["op"], r["path"], r["T"]) for r in rows}
+    assert keys == {(op, p, T) for op in ("add_lora_", "add_lora_(merged=0)")
+                    for p in ("fast", "fast-plain", "dispatcher") for T in (1, 16)}, keys
+    for r in rows:
+        assert r["calls"] == 1 + 10 + 8 * 2  # first call, warm-up, timed
+        assert r["launches"] == r["calls"], r  # the stub was hit once per call, never skipped or doubled
+        assert r["grid"][0] >= 1 and r["grid"][1:] == [1, 1], r
+        assert r["jit_cache"] >= 1 and r["cubin_bytes"] > 1000, r
+        assert r["us_median"] > 0 and r["hidden"] == 4096 and r["dtype"] == "bf16"
+    assert max(r["jit_cache"] for r in rows) <= 4  # one variant per (T bucket, mixed) at most: no recompiles
 
 
 @pytest.mark.cuda

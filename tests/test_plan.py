@@ -70,16 +70,17 @@ def test_plan_family_names_the_block():
         PlanLayout(16, 4).family(32)
 
 
-def _setup(T=37, K=72, outs=(40, 24), N=5, ranks=(8, 0, 16, 4, 12), dtype=torch.float16, seed=0):
+def _setup(T=37, K=72, outs=(40, 24), N=5, ranks=(8, 0, 16, 4, 12), dtype=torch.float16, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    w = lk.LoRAWeights(K, list(outs), max_adapters=N, max_rank=max(ranks), dtype=dtype)
+    w = lk.LoRAWeights(K, list(outs), max_adapters=N, max_rank=max(ranks), dtype=dtype, device=device)
     for i, r in enumerate(ranks):
         if r:
-            w.add([torch.randn(r, K, generator=g).to(dtype) * 0.2 for _ in outs],
-                  [torch.randn(o, r, generator=g).to(dtype) * 0.2 for o in outs], scale=0.5 + 0.25 * i, adapter_id=i)
-    ids = torch.randint(-1, N, (T,), generator=g, dtype=torch.int32)
-    x = torch.randn(T, K, generator=g).to(dtype)
-    y0 = torch.randn(T, sum(outs), generator=g).to(dtype)
+            w.add([(torch.randn(r, K, generator=g) * 0.2).to(device, dtype) for _ in outs],
+                  [(torch.randn(o, r, generator=g) * 0.2).to(device, dtype) for o in outs], scale=0.5 + 0.25 * i,
+                  adapter_id=i)
+    ids = torch.randint(-1, N, (T,), generator=g, dtype=torch.int32).to(device)
+    x = torch.randn(T, K, generator=g).to(device, dtype)
+    y0 = torch.randn(T, sum(outs), generator=g).to(device, dtype)
     return w, ids, x, y0
 
 
@@ -117,3 +118,44 @@ def test_public_op_on_the_plan(merged, n_k, monkeypatch):
         with backends.use_backend("reference"):
             want = lk.add_lora_(y0.clone(), x, w, batch, merged=merged)
         assert (y1.float() - want.float()).abs().max() <= 2e-2 * (want.float() - y0.float()).abs().max()
+
+
+# ---- on a GPU (bench/gpu_check.sh runs `pytest -m cuda`) -------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 16, 64, 300, 1000])
+@pytest.mark.parametrize("merged", [None, 1])
+def test_cuda_persistent_prebound_graph_and_determinism(T, merged):
+    """The persistent kernel on the GPU: values of the spec, bitwise equal over repeated calls (deterministic
+    split-K sum), the pre-bound launch equal to the plain launch, counters back to 0, and a CUDA graph replay with
+    new x equal to an eager call (grid fixed by the GPU, no allocation, no host sync)."""
+    from lora_kernels.triton import sgmv
+
+    w, ids, x, y0 = _setup(T=T, K=4096, outs=(4096, 1024), N=5, ranks=(16, 0, 64, 8, 32), dtype=torch.bfloat16,
+                           seed=T, device="cuda")
+    batch = lk.LoRABatch(1024, w.max_adapters, device="cuda").build(ids, ranks=w.ranks)
+    ys = [lk.add_lora_(y0.clone(), x, w, batch, merged=merged) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(ys[0], y) for y in ys[1:]), "repeated calls differ"
+    assert not batch.plan[: batch.plan_layout.done + 1].any(), "counters not reset"
+    sgmv.PREBOUND = False
+    try:
+        plain = lk.add_lora_(y0.clone(), x, w, batch, merged=merged)
+    finally:
+        sgmv.PREBOUND = True
+    assert torch.equal(plain, ys[0]), "the pre-bound launch differs from the plain launch"
+    with backends.use_backend("reference"):
+        want = lk.add_lora_(y0.float(), x.float(), w, batch, merged=merged)
+    d = (want - y0.float()).abs().max()
+    assert (ys[0].float() - want).abs().max() <= 2e-2 * d + 1e-2, "values differ from the spec"
+    # CUDA graph: capture once, replay with new x
+    y_g = y0.clone()
+    lk.add_lora_(y_g.clone(), x, w, batch, merged=merged)  # warm-up (compile, workspace) outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        lk.add_lora_(y_g, x, w, batch, merged=merged)
+    x.copy_(torch.randn_like(x))
+    y_g.copy_(y0)
+    g.replay()
+    eager = lk.add_lora_(y0.clone(), x, w, batch, merged=merged)
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, eager), "graph replay differs from the eager call"

@@ -23,9 +23,12 @@ Two measurements, per op (``add_lora_``, ``add_lora_(merged=m)``, ``shrink``, ``
   when it exceeds the kernel's, else the kernel time.
 
 Both are taken twice: ``fast`` (the default eager path: one combined argument predicate, then the op's
-implementation called directly) and ``dispatcher`` (``lora_kernels.ops.sgmv.fast_path = False``: the detailed
+implementation called directly; on the Triton backend the launcher's prepared record and pre-bound launch,
+``triton.sgmv.add_lora_prepared_``) and ``dispatcher`` (``lora_kernels.ops.sgmv.fast_path = False``: the detailed
 per-argument checks and the ``torch.ops.lora_kernels.*`` custom op, which is also what torch.compile, tracing
-and profiling use), so the saving is measured in one run on one machine.
+and profiling use), so the saving is measured in one run on one machine. The launcher mode adds
+``fast-plain``: the fast path with ``triton.sgmv.PREBOUND = False`` (no prepared record; every launch through
+Triton's ``kernel[grid](...)``), the cost the prepared launch saves.
 
 Each figure is the median over ``--repeats`` runs of ``--iters`` calls (us per call), with the min and max.
 JSON schema ``lora_kernels.bench.overhead/1``.
@@ -160,14 +163,24 @@ def _cases(T: int, hidden: int, rank: int, dtype: torch.dtype, device: str) -> D
 
 @contextlib.contextmanager
 def _path(name: str) -> Iterator[None]:
+    """``fast`` (the default), ``fast-plain`` (the fast path with the Triton launcher's prepared / pre-bound
+    launch off: ``triton.sgmv.PREBOUND = False``, every launch through ``kernel[grid](...)``; launcher mode only)
+    or ``dispatcher``."""
     from ..ops import sgmv as ops_sgmv
 
     prev = ops_sgmv.fast_path
-    ops_sgmv.fast_path = name == "fast"
+    ops_sgmv.fast_path = name in ("fast", "fast-plain")
+    tri = prev_pre = None
+    if name == "fast-plain":
+        from ..triton import sgmv as tri
+
+        prev_pre, tri.PREBOUND = tri.PREBOUND, False
     try:
         yield
     finally:
         ops_sgmv.fast_path = prev
+        if tri is not None:
+            tri.PREBOUND = prev_pre
 
 
 def _measure(cases: Dict[str, Callable[[], object]], mode: str, device: str, T: int, hidden: int, iters: int,
@@ -203,16 +216,186 @@ def measure_cuda(iters: int, repeats: int) -> List[dict]:
                         repeats, sync=torch.cuda.synchronize)
 
 
+# ---- the launcher mode: the real host path down to the driver's launch call ---------------------------------
+LAUNCHER_ARCH = 90
+LAUNCHER_HIDDEN, LAUNCHER_RANK = 4096, 16
+
+
+class _LaunchStub:
+    """Stand-in for ``cuda_utils.launch`` (the C launch function the CUDA launcher object calls last): counts
+    calls and keeps the last grid. Nothing else is skipped."""
+
+    def __init__(self):
+        self.calls = 0
+        self.grid = None
+        self.log = None  # a list: every call's full argument tuple is appended (tests/test_prebound_launch.py)
+
+    def __call__(self, grid_x, grid_y, grid_z, *rest):
+        self.calls += 1
+        self.grid = (grid_x, grid_y, grid_z)
+        if self.log is not None:
+            self.log.append((grid_x, grid_y, grid_z) + rest)
+
+
+class _StandInUtils:
+    """The parts of Triton's ``CudaUtils`` (the compiled ``cuda_utils`` module, which needs libcuda and a GPU)
+    that loading and launching a compiled kernel touch: device properties of an H100/H200-class sm_90 part, a
+    dummy module/function handle, and the launch stub."""
+
+    def __init__(self, launch: _LaunchStub):
+        self.launch = launch
+
+    def build_signature_metadata(self, signature):
+        return bytes(len(signature))  # read only by the (stubbed) C launch function
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 0, 0, 1024  # module, function, n_regs, n_spills, max threads per block
+
+    def unload_module(self, module):
+        pass
+
+
+class _StandInDriver:
+    """A Triton driver for ``sm_<arch>`` with no GPU: device 0, stream 0, the real ``CudaLauncher`` class (so
+    its Python runs) over :class:`_StandInUtils`."""
+
+    def __init__(self, arch: int, launch: _LaunchStub):
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.utils = _StandInUtils(launch)
+        self.launcher_cls = CudaLauncher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def launcher_driver(arch: int = LAUNCHER_ARCH) -> Iterator[_LaunchStub]:
+    """Inside the block Triton targets a stand-in ``sm_<arch>`` GPU (compiles with its own ptxas) and the
+    ``sgmv`` ops take the Triton backend on CPU tensors; the yielded stub counts the launches.
+
+    Patched for the duration: ``triton.runtime.driver.active``; the nvidia driver module's ``PyKernelArg`` /
+    ``ARG_*`` (set from the compiled ``cuda_utils`` module when a real driver loads; ``CudaLauncher.__init__``
+    only builds argument annotations with them, read by the stubbed C call alone); ``backends.triton_can_run``
+    (CPU tensors are refused without the interpreter, which would replace the compiled kernels). Use it in a
+    process that never touches a real GPU: compiled kernels stay in the JIT caches after the block."""
+    from triton.backends.nvidia import driver as nvd
+    from triton.runtime import driver as rt_driver
+
+    from .. import backends
+
+    stub = _LaunchStub()
+    prev_active = rt_driver._active
+    saved = [(nvd, n, getattr(nvd, n)) for n in ("PyKernelArg", "ARG_CONSTEXPR", "ARG_KERNEL", "ARG_TUPLE")]
+    saved.append((backends, "triton_can_run", backends.triton_can_run))
+    try:
+        if nvd.PyKernelArg is None:
+            nvd.PyKernelArg = lambda nested_tuple, type: (type, nested_tuple)
+            nvd.ARG_CONSTEXPR, nvd.ARG_KERNEL, nvd.ARG_TUPLE = 0, 1, 2
+        backends.triton_can_run = lambda device_type: None
+        rt_driver.set_active(_StandInDriver(arch, stub))
+        with backends.use_backend("triton"):
+            yield stub
+    finally:
+        rt_driver._active = prev_active  # None stays None: the default driver is made lazily, as before
+        for mod, name, v in saved:
+            setattr(mod, name, v)
+
+
+def _launcher_cases(T: int) -> Dict[str, Callable[[], object]]:
+    lk, w, batch, x, y, *_ = _setup(T, LAUNCHER_HIDDEN, LAUNCHER_RANK, torch.bfloat16, "cpu")
+    return {"add_lora_": lambda: lk.add_lora_(y, x, w, batch),
+            "add_lora_(merged=0)": lambda: lk.add_lora_(y, x, w, batch, merged=0)}
+
+
+def launcher_rows(iters: int, repeats: int, tokens=(1, 16)) -> List[dict]:
+    """The ``launcher`` rows, in this process (which must have ``TRITON_INTERPRET`` unset before Triton was
+    imported and must not use a real GPU afterwards: :func:`measure_launcher` runs it in a child). Per row,
+    besides the timing: ``calls`` (op calls made, warm-up included), ``launches`` (stubbed launch calls: equal
+    to ``calls``, one persistent launch per op call), ``grid`` (the last launch's), ``compile_s`` (the row's first
+    call, which compiled the kernel or loaded it from Triton's cache), ``jit_cache`` (compiled variants held
+    afterwards) and ``cubin_bytes`` (the newest variant's sm_90 binary)."""
+    from ..triton import sgmv as tri
+
+    kern = tri._sgmv_persistent_kernel
+    if not hasattr(kern, "device_caches"):
+        raise RuntimeError(f"launcher mode: {type(kern).__name__} is not a JITFunction (TRITON_INTERPRET set "
+                           f"before Triton was imported?)")
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), launcher_driver() as stub:
+            for T in tokens:
+                for name, fn in _launcher_cases(T).items():
+                    for path in ("fast", "fast-plain", "dispatcher"):
+                        n0 = stub.calls
+                        with _path(path):
+                            t0 = time.perf_counter()
+                            fn()
+                            compile_s = time.perf_counter() - t0
+                            times = time_calls(fn, iters, repeats)
+                        calls = 1 + max(10, iters // 10) + iters * repeats  # first call, warm-up, timed
+                        cache = kern.device_caches[0][0]  # the kernels JITFunction.run compiled for sm_90
+                        rows.append({"op": name, "mode": "launcher", "path": path,
+                                     "device": f"cpu (stand-in sm_{LAUNCHER_ARCH})", "T": T,
+                                     "hidden": LAUNCHER_HIDDEN, "rank": LAUNCHER_RANK, "dtype": "bf16", **times,
+                                     "calls": calls, "launches": stub.calls - n0, "grid": list(stub.grid or ()),
+                                     "compile_s": round(compile_s, 3), "jit_cache": len(cache),
+                                     "cubin_bytes": len(list(cache.values())[-1].asm["cubin"])})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def measure_launcher(iters: int, repeats: int, tokens=(1, 16), timeout: float = 600.0) -> List[dict]:
+    """:func:`launcher_rows` in a child process (``TRITON_INTERPRET`` removed from its environment); raises
+    RuntimeError with the child's stderr when it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "lora_kernels.bench.overhead", "--launcher-worker", "--iters", str(iters),
+           "--repeats", str(repeats), "--launcher-tokens", ",".join(str(t) for t in tokens)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"launcher mode: child exited with {p.returncode}:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def format_table(rows: List[dict]) -> str:
-    lines = [f"{'op':22s} {'mode':11s} {'path':10s} {'us/call':>9s} {'min':>8s} {'max':>8s}  (target {TARGET_US:g} us)"]
+    lines = [f"{'op':22s} {'mode':11s} {'path':10s} {'T':>3s} {'us/call':>9s} {'min':>8s} {'max':>8s}  "
+             f"(target {TARGET_US:g} us)"]
     for r in rows:
-        lines.append(f"{r['op']:22s} {r['mode']:11s} {r['path']:10s} {r['us_median']:9.2f} {r['us_min']:8.2f} "
-                     f"{r['us_max']:8.2f}")
+        lines.append(f"{r['op']:22s} {r['mode']:11s} {r['path']:10s} {r['T']:3d} {r['us_median']:9.2f} "
+                     f"{r['us_min']:8.2f} {r['us_max']:8.2f}")
     return "\n".join(lines)
 
 
+def _tokens(spec: str) -> tuple:
+    return tuple(int(t) for t in spec.split(",") if t.strip())
+
+
 def run(args) -> int:
+    if getattr(args, "launcher_worker", False):  # the child of measure_launcher: rows as one JSON line
+        print(json.dumps(launcher_rows(args.iters, args.repeats, _tokens(args.launcher_tokens))))
+        return 0
     rows = measure_stubbed(args.iters, args.repeats, args.tokens, args.hidden)
+    if not args.no_launcher:
+        from .. import backends
+
+        if backends.triton_status() is None:
+            rows += measure_launcher(args.iters, args.repeats, _tokens(args.launcher_tokens))
+        else:
+            print(f"launcher mode skipped: {backends.triton_status()}", file=sys.stderr)
     gpu = torch.cuda.is_available() and not args.no_cuda
     if gpu:
         rows += measure_cuda(max(1, args.iters // 4), args.repeats)
@@ -226,3 +409,10 @@ def run(args) -> int:
         write_json(path, rec)
         print(f"wrote {path}")
     return 0
+
+
+if __name__ == "__main__":  # measure_launcher's child (python -m lora_kernels.bench.overhead --launcher-worker ...)
+    _ap = argparse.ArgumentParser()
+    add_arguments(_ap)
+    _ap.add_argument("--launcher-worker", action="store_true", help=argparse.SUPPRESS)
+    sys.exit(run(_ap.parse_args()))

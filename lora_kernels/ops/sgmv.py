@@ -295,9 +295,12 @@ def _span(t: torch.Tensor) -> int:
 # the per-argument checks ~14 us, against a 10 us budget for the whole call. In plain eager mode the dispatcher
 # only forwards to the implementation (no autograd formula: grad is refused; no autocast/functionalization
 # registrations), so the wrappers call the implementation directly there, after one combined predicate over the
-# same facts the detailed checks test. Nothing about a LoRAWeights/LoRABatch is cached between calls: every fact
-# (sizes, devices, capacities, loaded adapters) is re-read on each call, which costs less than validating a
+# same facts the detailed checks test. The checks cache nothing about a LoRAWeights/LoRABatch between calls: every
+# fact (sizes, devices, capacities, loaded adapters) is re-read on each call, which costs less than validating a
 # cache key would, and cannot go stale after add/remove, a storage swap or a batch rebuilt with other capacities.
+# The Triton launcher below them does keep a launch record per (weights, batch, x/y layout) (its key holds the
+# tensors' identities and version counters, the batch's T and workspace: triton.sgmv._prepared_key), since
+# re-deriving the launch (~40 us of config / plan / workspace Python plus ~25 us of Triton binding) is what costs.
 
 _TENSOR = torch.Tensor
 _PARAMETER = torch.nn.Parameter
@@ -415,6 +418,18 @@ def _add_lora_args_ok(y, x, weights, batch) -> bool:
         return _clear_of(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales,
                          weights.slice_info, batch.meta, batch.plan)
     return True
+
+
+def _add_lora_eager(y, x, weights, batch, m: int) -> None:
+    """The eager fast path's call of :func:`_add_lora_impl` (checked arguments, T > 0). With the Triton backend,
+    first the launcher's prepared launch (``triton.sgmv.add_lora_prepared_``: the config, plan, workspace views
+    and argument list resolved once per (weights, batch, x/y layout), the compiled kernel launched pre-bound);
+    it declines (False) for strategies other than "persistent", and those take the general path."""
+    if backends.select("sgmv", x.device.type) == "triton" and _triton().add_lora_prepared_(y, x, weights, batch, m):
+        return
+    _add_lora_impl(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
+                   weights.slice_info, batch.max_tokens, weights.max_rank, m, weights.slice_cols, weights.slice_outs,
+                   batch.plan, _workspace(y, x, weights, batch, m))
 
 
 def _shrink_args_ok(x, weights, batch) -> bool:
@@ -543,14 +558,11 @@ def add_lora_(
     if _eager(y, x) and _add_lora_args_ok(y, x, weights, batch) and _below_autograd(weights.a, weights.b):
         _check_no_grad(x, y)
         if x.shape[0]:
-            args = (y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
-                    weights.slice_info, batch.max_tokens, weights.max_rank, m, weights.slice_cols, weights.slice_outs,
-                    batch.plan, _workspace(y, x, weights, batch, m))
             if _nvtx_on():
                 with nvtx_range("lora_kernels.add_lora_"):
-                    _add_lora_impl(*args)
+                    _add_lora_eager(y, x, weights, batch, m)
             else:
-                _add_lora_impl(*args)
+                _add_lora_eager(y, x, weights, batch, m)
             _bump_version(y)  # as the mutating custom op's ADInplaceOrView kernel does
         return y
     _check_x(x, weights)

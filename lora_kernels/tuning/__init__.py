@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..plan import PLAN_BLOCK_M
+
 __all__ = [
     "OPS",
     "STRATEGIES",
@@ -215,7 +217,7 @@ def validate_config(op: str, entry: Any, *, where: str = "config") -> dict[str, 
                           stacklevel=3)
         elif k in ("shrink", "expand", "persistent"):
             out[k] = validate_config(k, v, where=f"{where}.{k}")
-        elif not _valid_value(k, v):
+        elif not _valid_value(k, v) or (op == "persistent" and k == "BLOCK_M" and v not in PLAN_BLOCK_M):
             warnings.warn(f"{where}: bad value {v!r} for {k!r}; ignored", stacklevel=3)
         else:
             out[k] = v
@@ -434,6 +436,14 @@ def candidate_configs(op: str, dtype: Any, T: int, in_f: int, out_f: int, r_cap:
             add({**base, "strategy": "two_pass", "shrink": c})
         for c in candidate_configs("expand", dtype, T, in_f, out_f, r_cap)[:12]:
             add({**base, "strategy": "two_pass", "expand": c})
+        # the persistent kernel: tile height (a plan family), column block, split of `in` (0: the model's)
+        for bm in [m for m in PLAN_BLOCK_M if m <= max(16, _p2(T))]:
+            for bn in (32, 64, 128):
+                for nk in (0, 1, 4, 16):
+                    for nw in (4, 8):
+                        add({**base, "strategy": "persistent",
+                             "persistent": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "N_K": nk,
+                                            "CTAS_PER_SM": 2 if nw == 4 else 1, "num_warps": nw, "num_stages": 2}})
         if T <= 256:
             for bm in [m for m in bms if m <= (32 if rp2 <= 64 else 16)]:
                 for bn in (32, 64, 128):
