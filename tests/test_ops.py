@@ -125,7 +125,9 @@ def test_mutating_ops_declare_it():
     for name in ("expand_", "add_lora_", "build_batch_"):
         schema = getattr(torch.ops.lora_kernels, name).default._schema
         writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        assert writes == [schema.arguments[0].name], str(schema)
+        # add_lora_ also writes the batch's plan (the persistent kernel's counters) and workspace
+        extra = ["plan", "ws"] if name == "add_lora_" else []
+        assert writes == [schema.arguments[0].name] + extra, str(schema)
     assert "!" not in str(torch.ops.lora_kernels.shrink.default._schema)
 
 

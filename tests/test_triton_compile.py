@@ -9,6 +9,10 @@ each with the specialisation a real launch applies (alignment / divisibility by 
 Triton's own launch-time code on the recorded arguments and cross-checked against ``JITFunction.run``).
 Compiled artifacts land in Triton's cache, so reruns are fast. On a GPU machine the kernels run for real in the
 other tests; this still runs there (it needs no device).
+
+The persistent kernel (add_lora_'s default strategy) is compiled in every recorded variant, and its report
+entries are read for what a GPU would feel first: global access widths from the PTX (the ALIGNED variant must
+move its 16-bit tensors in wide accesses) and register spills from ptxas.
 """
 
 from __future__ import annotations
@@ -128,3 +132,114 @@ def test_outer_config_rejects_tiles_a_gpu_cannot_dot():
             SB.outer_(g, h, x, torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int32),
                       torch.zeros(1, 1), meta, 3, None, bad)
     assert not g.any()
+
+
+# ---- the persistent kernel (add_lora_'s default strategy): every launch variant, access widths, spills ----------
+_PERSISTENT = "_sgmv_persistent_kernel"
+
+
+def _persistent(report, arch=None):
+    """The persistent kernel's compiled launch variants (the "wide" all-i64 ones excepted: their unit column
+    strides become ``1 + 2**32`` by construction, so nothing about them is contiguous), optionally on one arch."""
+    return [r for r in report["results"] if r["kernel"] == _PERSISTENT and not r["scenario"].endswith(":wide_i64")
+            and (arch is None or r["arch"] == arch)]
+
+
+def _dtype(r):
+    return r["scenario"].split(":", 1)[0]
+
+
+def _narrow_accesses(r) -> dict:
+    """The global loads/stores of a compiled variant that move at most 2 bytes per thread: {"ld b16": n, ...}
+    (``r["gmem"]`` is ``{op: {"<vN>.<type>": count}}`` from the PTX; 2-byte means a scalar 16-bit access, the
+    only width of x, A, B, y and h in fp16/bf16; the kernel's int32/int64 metadata, fp32 scales and partial
+    sums are 4 bytes and more)."""
+    out = {}
+    for op in ("ld", "st"):
+        for shape, n in r["gmem"][op].items():
+            vec, _, typ = shape.rpartition(".")
+            if (int(vec[1:]) if vec else 1) * int("".join(c for c in typ if c.isdigit()) or 0) // 8 <= 2:
+                out[f"{op} {shape}"] = n
+    return out
+
+
+def _spills(r) -> int:
+    return r["spill_stores"] + r["spill_loads"]
+
+
+def _fmt_p(r):
+    c = r["consts"]
+    return (f"{_dtype(r)} sm_{r['arch']} [{r['scenario'].split(':', 1)[1]}] ALIGNED={c['ALIGNED']} "
+            f"BLOCK_M={c['BLOCK_M']} BLOCK_N={c['BLOCK_N']} S={c['NUM_SLICES']} MIXED={c['MIXED']} SPLIT={c['SPLIT']} "
+            f"warps={r['opts'].get('num_warps')} regs={r['registers']}")
+
+
+def test_report_has_access_widths_and_spills(report):
+    """Every compiled launch carries the PTX's global access widths and ptxas's registers and spill bytes; the
+    width parser itself on known instructions (qualifiers between ``.global`` and the vector width / type)."""
+    ok = [r for r in report["results"] if r["ok"]]
+    assert ok and all({"gmem", "gmem_bytes", "registers", "spill_stores", "spill_loads"} <= set(r) for r in ok)
+    assert all(0 < r["registers"] <= 255 for r in ok)
+    probe = {"gmem": {"ld": {"v4.b32": 1, "b16": 2, "b32": 1}, "st": {"v2.b16": 1, "b8": 1, "v8.b16": 1}}}
+    assert _narrow_accesses(probe) == {"ld b16": 2, "st b8": 1}
+    assert report["gmem_probe"] == {
+        "ld": {"v4.b32": 2, "b16": 1, "v2.b32": 1, "b32": 1}, "st": {"b16": 1, "v4.b32": 1},
+        "cp.async": {"16": 1, "4": 1}}, report["gmem_probe"]
+
+
+def test_persistent_variants_cover_buckets_slices_modes_and_both_alignments(report):
+    """The default config takes the persistent path: its variants are compiled, on sm_90 and sm_80 in fp16, bf16
+    and fp32, for each config bucket of ``tuning._default_persistent`` (decode T <= 64, prefill T <= 512, larger:
+    told apart by BLOCK_M), one slice and three, mixed mode and not, SPLIT (N_K > 1: the partial sums) and not, and
+    both ALIGNED variants (16-byte contract checked on the host, and the fallback)."""
+    from lora_kernels import tuning
+
+    for dt in ("fp16", "bf16", "fp32"):
+        bms = {str(tuning._default_persistent(dt, T, 4096, 4096, 16)["BLOCK_M"]) for T in (1, 64, 65, 512, 513, 4096)}
+        assert len(bms) == (2 if dt == "fp32" else 3), bms  # fp32: BLOCK_M <= 64 (registers)
+        for arch in (90, 80):
+            rs = [r for r in _persistent(report, arch) if _dtype(r) == dt]
+            assert rs and all(r["ok"] for r in rs), f"{dt} sm_{arch}: {[r['error'] for r in rs]}"
+            seen = {k: {r["consts"][k] for r in rs} for k in ("BLOCK_M", "NUM_SLICES", "MIXED", "ALIGNED")}
+            assert seen == {"BLOCK_M": bms, "NUM_SLICES": {"1", "3"}, "MIXED": {"0", "1"},
+                            "ALIGNED": {"True", "False"}}, f"{dt} sm_{arch}: {seen}"
+            assert {r["consts"]["SPLIT"] for r in rs} == {"True", "False"}, f"{dt} sm_{arch}"
+
+
+def test_persistent_aligned_variant_moves_16_bit_tensors_in_wide_accesses(report):
+    """ALIGNED=True promises 16-byte aligned pointers and multiples of 8 elements for every row stride, slice
+    offset and width, so no fp16/bf16 variant may keep a scalar 2-byte global load or store: x, A, B, y and h are
+    the kernel's only 16-bit tensors (its metadata, scales and partial sums are 4 bytes and wider), so "hot" is
+    exactly "2 bytes or less per instruction". Nor may it spill on sm_90."""
+    rs = [r for r in _persistent(report) if r["ok"] and r["consts"]["ALIGNED"] == "True"
+          and _dtype(r) in ("fp16", "bf16")]
+    assert {(_dtype(r), r["arch"]) for r in rs} == {(d, a) for d in ("fp16", "bf16") for a in (90, 80)}
+    bad = [f"{_fmt_p(r)}: {_narrow_accesses(r)}" for r in rs if _narrow_accesses(r)]
+    bad += [f"{_fmt_p(r)}: spills {r['spill_stores']} B stored, {r['spill_loads']} B loaded" for r in rs
+            if r["arch"] == 90 and _spills(r)]
+    assert not bad, "\n".join(bad)
+
+
+def test_persistent_unaligned_fallback_compiles(report):
+    """ALIGNED=False (the host found an unaligned pointer, stride, slice offset or width) compiles in every dtype
+    on both archs; no requirement on access widths. Both ways in are compiled: y an odd column offset view
+    (y's pointer not 16-byte aligned, so the launch also drops its divisibility), and aligned pointers with
+    slice widths that are not multiples of 8."""
+    rs = [r for r in _persistent(report) if r["consts"]["ALIGNED"] == "False"]
+    assert {(_dtype(r), r["arch"]) for r in rs} == {(d, a) for d in ("fp16", "bf16", "fp32") for a in (90, 80)}
+    bad = [f"{_fmt_p(r) if r['ok'] else r['scenario']}: {r['error']}" for r in rs if not r["ok"]]
+    assert not bad, "\n".join(bad)
+    assert {"y_ptr" in r["attrs"] for r in rs} == {True, False}, "want y unaligned in one launch, aligned in one"
+
+
+def test_persistent_variants_do_not_spill_on_sm90(report):
+    """No fp16 / bf16 persistent-kernel variant (the serving dtypes) spills registers to local memory on sm_90
+    (stores + loads spill bytes == 0, from ptxas -v on the very PTX that was compiled). fp32 (FMA dots, every
+    operand in registers; its configs use 32-wide column blocks and 8 warps for this): at most one 4-byte
+    register's worth each way, which ptxas leaves in the 3-slice mixed split-K variant at 64-80 registers
+    (not register pressure: no config tried removed it; measured and stated in docs/benchmarks.md)."""
+    rs = [r for r in _persistent(report, 90) if r["ok"]]
+    assert len(rs) >= 12
+    bad = [f"{_fmt_p(r)}: {r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads" for r in rs
+           if (_spills(r) if _dtype(r) != "fp32" else r["spill_stores"] > 4 or r["spill_loads"] > 8)]
+    assert not bad, "\n".join(bad)

@@ -4,14 +4,16 @@ Run by tests/test_triton_compile.py in a subprocess with ``TRITON_INTERPRET`` un
 ``@triton.jit`` at import time, so it cannot be in the test process). Usage::
 
     python tests/triton_aot_driver.py [--archs 90,80] [--out results.json]
+    python tests/triton_aot_driver.py --recompiles --out sweep.json   # serving sweep only (serving_sweep)
 
 How the cases are enumerated: the launchers themselves run, on small CPU tensors, with
 ``JITFunction.run`` patched to *record* each launch (kernel, arguments, constexprs, num_warps/num_stages)
 instead of launching. So the signatures (pointer dtypes, i32/i64 scalars) and constexpr configurations are
 the ones the launchers really produce for the tuning defaults (``lora_kernels.tuning.default_config``) over a
 set of shapes chosen to reach every branch (decode with split-K, odd ``in`` (EVEN_K false), multi-slice,
-rank > 64, more than ``_FLAT_SEGMENT_LIMIT`` segments, mixed mode, fused and two-pass), plus the largest tile
-of each op's tuning sweep (``candidate_configs``), in bf16, fp16 and fp32. Identical launches compile once.
+rank > 64, more than ``_FLAT_SEGMENT_LIMIT`` segments, mixed mode, fused and two-pass; the persistent kernel of
+the default strategy in each config bucket, both ALIGNED variants: :func:`persistent_scenarios`), plus the largest
+tile of each op's tuning sweep (``candidate_configs``), in bf16, fp16 and fp32. Identical launches compile once.
 
 Each case is compiled as the launch would compile it: the signature, constexprs, specialisation attributes
 (``tt.divisibility`` 16 for pointers aligned to 16 bytes and integers divisible by 16; integers equal to 1 as
@@ -32,6 +34,13 @@ options=...)`` builds a cubin (Triton's own ptxas), checked for:
 * "wide" variant (bf16, sm_90, one per kernel): every integer argument typed i64, which is what Triton passes
   when a stride or size is >= 2^31: the kernel must still compile (specialised as a launch with each integer
   ``v + 2**32`` would be: i64, divisibility by 16 kept, no constant 1).
+
+Each result also carries what the PTX says about global memory access widths (:func:`gmem_accesses`: ld/st.global
+per vector width and element type, cp.async per size) and ptxas's registers, stack frame and spill bytes
+(:func:`ptxas_usage`).
+
+``--recompiles``: only :func:`serving_sweep`, the persistent kernel's Triton JIT cache keys over a serving sweep of
+token counts and adapter mixes (tests/test_recompiles.py).
 
 The report also shows the specialisation matters (``spec_effect``: one launch compiled with and without its
 attributes gives different PTX) and checks the mechanism on a probe kernel (``probe_spec``).
@@ -75,10 +84,10 @@ from lora_kernels.triton import deform, dual_lora, merge, sgmv, sgmv_backward  #
 # Per-block shared memory opt-in limits (bytes): sm_90 227 KB, sm_80 163 KB.
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
-# Pointer arguments that index small metadata (a few entries per adapter, slice, level or job): exempt from
-# the 64-bit offset check.
+# Pointer arguments that index small metadata (a few entries per adapter, slice, level or job; the persistent
+# kernel's plan: a few int32 per token tile, smaller than the batch's meta): exempt from the 64-bit offset check.
 _SMALL = {"meta_ptr", "off_ptr", "rank_ptr", "scale_ptr", "sinfo_ptr", "shapes", "starts", "jobs_ptr",
-          "tile_start_ptr", "terms_ptr", "coefs_ptr", "counter_ptr", "lnw_ptr", "lnb_ptr", "ref"}
+          "tile_start_ptr", "terms_ptr", "coefs_ptr", "counter_ptr", "lnw_ptr", "lnb_ptr", "ref", "plan_ptr"}
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
         torch.int64: "*i64", torch.uint8: "*u8", torch.int8: "*i8", torch.int16: "*i16"}
@@ -311,29 +320,28 @@ def sgmv_scenarios(dt):
 
 def persistent_scenarios(dt):
     """The persistent kernel (add_lora_'s default strategy), called as the public op calls it: the batch's plan
-    and workspace, the slice widths (``outs``, which the ALIGNED variant needs). Few shapes, each reaching
-    several of: the three config buckets of ``tuning._default_persistent`` (decode T <= 64, prefill T <= 512,
-    larger), one slice and three unequal ones, mixed mode, N_K > 1 (partial sums) and N_K == 1, EVEN_K false,
-    and both ALIGNED variants (y an odd column offset view; slice widths not multiples of 8)."""
-    shapes = {  # name: (T, in, outs, merged values, y an odd column offset view)
-        "decode_s1": (24, 256, (128,), (-1,), False),
-        "decode_s3": (40, 256, (128, 64, 32), (0,), False),
-        "prefill_s3": (200, 256, (256, 64, 64), (-1, 0), False),
-        "large_s1": (600, 256, (128,), (0,), False),
-        "unaligned_y": (100, 200, (128,), (-1,), True),
-        "unaligned_widths_s3": (24, 256, (100, 28, 60), (0,), False),
+    and workspace, the slice widths (``outs``, which the ALIGNED variant needs). Few shapes (CI compiles each in
+    three dtypes on two archs), together reaching: the three config buckets of ``tuning._default_persistent``
+    (decode T <= 64, prefill T <= 512, larger), one slice and three unequal ones, mixed mode, N_K > 1 (partial
+    sums; decode with a wide ``in``) and N_K == 1, EVEN_K false, and both ALIGNED variants (the fallback reached
+    by y an odd column offset view, and by slice widths not multiples of 8)."""
+    shapes = {  # name: (T, in, outs, merged, y an odd column offset view)
+        "decode_s1": (24, 4096, (128,), -1, False),
+        "decode_s3": (40, 256, (128, 64, 32), 0, False),
+        "prefill_s3": (200, 256, (256, 64, 64), -1, False),
+        "large_s1": (600, 256, (128,), 0, False),
+        "unaligned_y": (100, 200, (128,), -1, True),
+        "unaligned_widths_s3": (24, 256, (100, 28, 60), 0, False),
     }
-    for name, (T, in_f, outs, merged_values, odd_y) in shapes.items():
+    for name, (T, in_f, outs, merged, odd_y) in shapes.items():
         w = _weights(in_f, outs, [16, 8, 32], dt)
         batch = LoRABatch.from_ids(_ids(T, 3), w.max_adapters, ranks=w.ranks)
         x = torch.zeros(T, in_f, dtype=dt)
         y = torch.zeros(T, w.out_features + 1, dtype=dt)[:, 1:] if odd_y else torch.zeros(T, w.out_features, dtype=dt)
-        for merged in merged_values:
-            _scenario[0] = f"persistent:{name}:merged={merged}"
-            nbytes = sgmv.workspace_bytes(y, x, w.a, w.b, w.max_rank, batch.meta, batch.max_tokens, w.slice_outs,
-                                          merged)
-            sgmv.add_lora_(y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, batch.max_tokens, w.slice_info,
-                           w.max_rank, merged=merged, plan=batch.plan, ws=batch.workspace(nbytes), outs=w.slice_outs)
+        _scenario[0] = f"persistent:{name}:merged={merged}"
+        nbytes = sgmv.workspace_bytes(y, x, w.a, w.b, w.max_rank, batch.meta, batch.max_tokens, w.slice_outs, merged)
+        sgmv.add_lora_(y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, batch.max_tokens, w.slice_info,
+                       w.max_rank, merged=merged, plan=batch.plan, ws=batch.workspace(nbytes), outs=w.slice_outs)
 
 
 def dual_scenarios(dt):
@@ -478,6 +486,24 @@ def gmem_accesses(ptx: str) -> dict:
         n = str(int(size, 0))
         out["cp.async"][n] = out["cp.async"].get(n, 0) + 1
     return out
+
+
+# Self-test of gmem_accesses (the report's "gmem_probe"; tests/test_triton_compile.py knows the answer).
+_GMEM_PROBE_PTX = """
+	@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+	ld.global.nc.L1::evict_last.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+	@!%p12 ld.global.cg.b16 { %rs1 }, [ %rd2 + 0 ];
+	ld.global.L1::evict_last.L2::cache_hint.v2.b32 { %r5, %r6 }, [ %rd3 + 0 ], %rd9;
+	ld.global.gpu.acquire.b32 %r7, [%rd4];
+	st.global.b16 [ %rd5 + 0 ], { %rs2 };
+	@%p3 st.global.v4.b32 [ %rd6 + 0 ], { %r1, %r2, %r3, %r4 };
+	cp.async.cg.shared.global [ %r8 + 0 ], [ %rd7 + 0 ], 0x10, %r9;
+	cp.async.ca.shared.global [ %r10 + 0 ], [ %rd8 + 0 ], 4;
+	cp.async.commit_group;
+	atom.global.gpu.acq_rel.add.u32 %r11, [%rd4], 1;
+	ld.shared.v4.b32 { %r1, %r2, %r3, %r4 }, [ %r12 + 0 ];
+	st.shared.b16 [ %r13 + 0 ], %rs3;
+"""
 
 
 def access_bytes(shape: str) -> int:
@@ -692,9 +718,10 @@ def _sweep_points():
 
 
 class _JitKeys:
-    """Triton's own JIT cache key of a launch (what ``JITFunction.run`` looks up before it compiles: the binder's
-    specialisation + options through ``compute_cache_key``), for ``sm_<arch>`` via a stand-in driver. ``specialize``:
-    parameter names taken off the kernel's ``do_not_specialize`` list (a mutant, to show the count would catch it)."""
+    """Triton's own JIT cache key of a launch on ``sm_<arch>``: what ``JITFunction.run`` looks up before it
+    compiles (the kernel's binder from ``create_function_from_signature``, then ``compute_cache_key`` over its
+    specialisation and options). ``specialize``: parameter names taken off the kernel's ``do_not_specialize``
+    list (a mutant binder, to show the count would catch such a kernel)."""
 
     def __init__(self, fn, arch: int = 90, specialize=()):
         from triton.runtime.jit import KernelParam
@@ -709,19 +736,64 @@ class _JitKeys:
     def key(self, args, kwargs):
         from triton.runtime.jit import compute_cache_key
 
-        kw = _launch_kwargs(self.fn, kwargs)
-        _bound, spec, opts = self.binder(*args, **kw)
+        _bound, spec, opts = self.binder(*args, **_launch_kwargs(self.fn, kwargs))
         return compute_cache_key(self.key_cache, spec, opts)
+
+    def variant(self, args, kwargs) -> dict:
+        """The launch's constexprs and specialisation attributes, by name (what a key stands for)."""
+        kw = _launch_kwargs(self.fn, kwargs)
+        _, _sig, consts, attrs = self.fn._pack_args(self.backend, kw, *self.binder(*args, **kw))
+        return {"consts": {self.fn.arg_names[p[0]]: v for p, v in consts.items()},
+                "attrs": named_attrs(self.fn, attrs)}
+
+
+def _record_add_lora(fn, w, batch, dt, merged):
+    """(args, kwargs) of the one ``fn`` launch that add_lora_ makes with the default config, called as the public
+    op calls it (the batch's plan and workspace, the slice widths); recorded, not run."""
+    T = batch.num_tokens
+    x = torch.zeros(T, w.in_features, dtype=dt)
+    y = torch.zeros(T, w.out_features, dtype=dt)
+    start = len(_captured)
+    nbytes = sgmv.workspace_bytes(y, x, w.a, w.b, w.max_rank, batch.meta, batch.max_tokens, w.slice_outs, merged)
+    sgmv.add_lora_(y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, batch.max_tokens, w.slice_info,
+                   w.max_rank, merged=merged, plan=batch.plan, ws=batch.workspace(nbytes), outs=w.slice_outs)
+    launched = [c for c in _captured[start:] if c[1] is fn]
+    del _captured[start:]
+    assert len(launched) == 1, f"T={T}: expected one {fn.__name__} launch, got {len(launched)}"
+    return launched[0][2], launched[0][3]
+
+
+_PLAN_CONSTS = ("SPLIT", "EVEN_K")  # the constexprs persistent_plan derives from the shape
+
+
+def _summary(g) -> dict:
+    """One group's report entry (see :func:`serving_sweep`)."""
+    variants = list(g["keys"].values())
+
+    def differing(field):
+        return sorted({c for v in variants for c in v[field]
+                       if len({json.dumps(str(u[field].get(c))) for u in variants}) > 1})
+
+    consts, attrs = differing("consts"), differing("attrs")
+    without = {json.dumps([{c: str(v) for c, v in sorted(u["consts"].items()) if c not in _PLAN_CONSTS},
+                           u["attrs"]], sort_keys=True) for u in variants}
+    return {"launches": g["launches"], "Ts": sorted(g["Ts"]), "adapters": sorted(g["adapters"]),
+            "buckets": [{"config": json.loads(c), "T_min": min(ts), "T_max": max(ts)}
+                        for c, ts in g["buckets"].items()],
+            "n_keys": len(variants), "n_keys_without": {"+".join(_PLAN_CONSTS): len(without)},
+            "variants": [{"T_min": min(v["Ts"]), "T_max": max(v["Ts"]), "n_T": len(set(v["Ts"])),
+                          "consts": {c: str(v["consts"].get(c)) for c in consts},
+                          "attrs": {c: v["attrs"].get(c) for c in attrs}} for v in variants],
+            "mutants": {name: len(ks) for name, ks in g["mut"].items()}}
 
 
 def serving_sweep(dtypes=("fp16", "bf16", "fp32"), mutants=True) -> dict:
-    """Record the persistent kernel's launches (add_lora_ with the default config, the public op's plan, workspace
-    and slice widths) over :func:`_sweep_points`, per (weights, dtype, mixed) group, and count what a serving
-    process would compile: the distinct Triton JIT cache keys (:class:`_JitKeys`) against the distinct persistent
-    configs the sweep crosses (``tuning``'s buckets). Per group: ``buckets`` [{config, T range}], ``n_keys``,
-    ``variants`` (per key: the T values, and the constexprs and specialisation attributes that differ between the
-    group's keys), ``n_keys_without`` (keys with the named constexprs ignored: ``N_K``/``KPS``/``EVEN_K``, what
-    ``persistent_plan`` derives from T) and ``mutants`` {name: n_keys with that name specialised}."""
+    """Record the persistent kernel's launches over :func:`_sweep_points` (:func:`_record_add_lora`), per
+    (weights, dtype, mixed) group, and count what a serving process would compile: the distinct Triton JIT cache
+    keys (:class:`_JitKeys`), against the distinct persistent configs the sweep crosses (``tuning``'s buckets).
+    Per group: ``buckets`` [{config, T range}], ``n_keys``, ``variants`` (per key: its T values, and the
+    constexprs and specialisation attributes that differ between the group's keys), ``n_keys_without`` (keys
+    with ``_PLAN_CONSTS`` ignored) and ``mutants`` {name: n_keys with that name specialised}."""
     fn = sgmv._sgmv_persistent_kernel
     keys = _JitKeys(fn)
     dns = [p.name for p in fn.params if p.do_not_specialize]
@@ -729,6 +801,7 @@ def serving_sweep(dtypes=("fp16", "bf16", "fp32"), mutants=True) -> dict:
     pts = _sweep_points()
     weights = {(wn, dn): _weights(K, outs, [SWEEP_RANK] * SWEEP_ADAPTERS, DTYPES[dn])
                for wn, (K, outs) in SWEEP_WEIGHTS.items() for dn in dtypes}
+    ranks = next(iter(weights.values())).ranks
     fixed = LoRABatch(SWEEP_CAPACITY, SWEEP_ADAPTERS)
     groups: dict = {}
     t0 = time.time()
@@ -736,22 +809,10 @@ def serving_sweep(dtypes=("fp16", "bf16", "fp32"), mutants=True) -> dict:
         ids = torch.arange(T, dtype=torch.int32) % n
         if i % 3 == 2:
             ids[::4] = -1
-        ranks = weights[("s1", dtypes[0])].ranks
         batch = fixed.build(ids, ranks) if use_fixed else LoRABatch.from_ids(ids, SWEEP_ADAPTERS, ranks=ranks)
         for (wn, dn), w in weights.items():
-            x = torch.zeros(T, w.in_features, dtype=DTYPES[dn])
-            y = torch.zeros(T, w.out_features, dtype=DTYPES[dn])
             for merged in (-1, m):
-                start = len(_captured)
-                nbytes = sgmv.workspace_bytes(y, x, w.a, w.b, w.max_rank, batch.meta, batch.max_tokens, w.slice_outs,
-                                              merged)
-                sgmv.add_lora_(y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, batch.max_tokens,
-                               w.slice_info, w.max_rank, merged=merged, plan=batch.plan, ws=batch.workspace(nbytes),
-                               outs=w.slice_outs)
-                launched = [c for c in _captured[start:] if c[1] is fn]
-                assert len(launched) == 1, f"T={T}: expected one persistent launch, got {len(launched)}"
-                _sc, _fn, a, k = launched[0]
-                del _captured[start:]
+                a, k = _record_add_lora(fn, w, batch, DTYPES[dn], merged)
                 cfg = tuning.get_config_cached("add_lora", DTYPES[dn], T, w.in_features, w.out_features, w.max_rank)
                 g = groups.setdefault((wn, dn, merged >= 0), {"launches": 0, "Ts": set(), "adapters": set(),
                                                               "buckets": {}, "keys": {}, "mut": {}})
@@ -761,34 +822,13 @@ def serving_sweep(dtypes=("fp16", "bf16", "fp32"), mutants=True) -> dict:
                 g["buckets"].setdefault(json.dumps(cfg["persistent"], sort_keys=True), []).append(T)
                 kk = keys.key(a, k)
                 if kk not in g["keys"]:
-                    _, sig, consts, attrs = fn._pack_args(keys.backend, _launch_kwargs(fn, k),
-                                                          *keys.binder(*a, **_launch_kwargs(fn, k)))
-                    g["keys"][kk] = {"Ts": [], "consts": {fn.arg_names[p[0]]: v for p, v in consts.items()},
-                                     "attrs": named_attrs(fn, attrs)}
+                    g["keys"][kk] = {"Ts": [], **keys.variant(a, k)}
                 g["keys"][kk]["Ts"].append(T)
                 for name, mk in mut.items():
                     g["mut"].setdefault(name, set()).add(mk.key(a, k))
-    out = {"seconds": round(time.time() - t0, 1), "points": len(pts), "do_not_specialize": dns, "groups": []}
-    for (wn, dn, mixed), g in groups.items():
-        variants = list(g["keys"].values())
-        differ = sorted({c for v in variants for c in v["consts"]
-                         if len({json.dumps(str(u["consts"].get(c))) for u in variants}) > 1})
-        adiff = sorted({c for v in variants for c in v["attrs"]
-                        if len({json.dumps(u["attrs"].get(c)) for u in variants}) > 1})
-        plan_consts = ("N_K", "KPS", "EVEN_K")
-        without = {json.dumps([{c: str(v) for c, v in sorted(u["consts"].items()) if c not in plan_consts},
-                               u["attrs"]], sort_keys=True) for u in variants}
-        out["groups"].append({
-            "weights": wn, "dtype": dn, "mixed": mixed, "launches": g["launches"], "Ts": sorted(g["Ts"]),
-            "adapters": sorted(g["adapters"]),
-            "buckets": [{"config": json.loads(c), "T_min": min(ts), "T_max": max(ts)}
-                        for c, ts in g["buckets"].items()],
-            "n_keys": len(variants), "n_keys_without": {"+".join(plan_consts): len(without)},
-            "variants": [{"T_min": min(v["Ts"]), "T_max": max(v["Ts"]), "n_T": len(set(v["Ts"])),
-                          "consts": {c: str(v["consts"].get(c)) for c in differ},
-                          "attrs": {c: v["attrs"].get(c) for c in adiff}} for v in variants],
-            "mutants": {name: len(ks) for name, ks in g["mut"].items()}})
-    return out
+    return {"seconds": round(time.time() - t0, 1), "points": len(pts), "do_not_specialize": dns,
+            "groups": [{"weights": wn, "dtype": dn, "mixed": mixed, **_summary(g)}
+                       for (wn, dn, mixed), g in groups.items()]}
 
 
 def main(argv=None):
@@ -829,7 +869,8 @@ def main(argv=None):
     sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "stride": "i32", "BLOCK": "constexpr"}
     report = {"triton": triton.__version__, "results": results, "kernels": kernels_in_package(),
               "n_grids": len(_grids), "grids_over": grids_over_limits(),
-              "probe_narrow": narrow_offsets(probe.asm["ttir"], sig), "probe_spec": probe_spec()}
+              "probe_narrow": narrow_offsets(probe.asm["ttir"], sig), "probe_spec": probe_spec(),
+              "gmem_probe": gmem_accesses(_GMEM_PROBE_PTX)}
     report["spec_checked"], report["spec_mismatch"] = check_against_jit_run(_CASES, archs[0])
     if any(c[2].__name__ == "_sgmv_shrink_kernel" for c in _CASES):  # not with --families lacking sgmv
         report["spec_effect"] = spec_effect(_CASES, archs[0])

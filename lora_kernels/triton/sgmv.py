@@ -448,11 +448,11 @@ def _sgmv_fused_kernel(
 
 # ---- the persistent kernel (strategy "persistent") ------------------------------------------------------------
 @triton.jit
-def _shrink_part(x_ptr, a_rows, rank, rows, row_mask, k_lo, K, stride_xm, stride_xk, stride_ar, stride_ak,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, KPS: tl.constexpr,
+def _shrink_part(x_ptr, a_rows, rank, rows, row_mask, k_lo, K, KPS, stride_xm, stride_xk, stride_ar, stride_ak,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
                  EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
     """``x[rows, k_lo : k_lo + KPS] @ A[:rank, same]^T`` as an fp32 [BLOCK_M, R_PAD] tile (A rows from ``a_rows``;
-    columns past ``rank`` are 0 and their A rows are never loaded). rank == 0: zeros, nothing loaded."""
+    columns past ``rank`` are exactly 0 and their A rows are never loaded). rank == 0: zeros, nothing loaded."""
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     if rank > 0:
         offs_r = tl.arange(0, R_PAD)
@@ -475,7 +475,28 @@ def _shrink_part(x_ptr, a_rows, rank, rows, row_mask, k_lo, K, stride_xm, stride
             acc = tl.dot(xt, at, acc, input_precision="ieee")
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
+        # the masked A rows are 0, but inf * 0 is nan: h's pad columns [rank, _r8(rank)) are stored, keep them 0
+        acc = tl.where(r_mask[None, :], acc, 0.0)
     return acc
+
+
+@triton.jit
+def _mult8(v):
+    """``v`` rounded down to a multiple of 8, written so that Triton's alignment analysis sees it (a shift pair:
+    divisibility 8 by construction). Where ``tl.multiple_of`` would be lost: that hint is an attribute on the op
+    defining the value, and for a value returned by a ``@triton.jit`` helper that op is the ``tt.call``, which
+    the inliner removes (the hint never reaches the analysis)."""
+    return (v >> 3) << 3
+
+
+@triton.jit
+def _r8(rank):
+    """The column bound of h's masks: ``rank`` rounded up to a multiple of 8 (<= R_PAD, a power of two >= 16).
+    A mask ``offs_c < rank`` can change within any 8 contiguous columns, so Triton must access h element by
+    element; ``offs_c < _r8(rank)`` is constant over aligned groups of 8, so h moves in 16-byte accesses.
+    Columns ``[rank, _r8(rank))`` of an h tile are exact zeros (``_shrink_part``): storing and reading them
+    changes no result."""
+    return _mult8(rank + 7)
 
 
 @triton.jit
@@ -499,16 +520,16 @@ def _adapter_of(off_ptr, rank_ptr, scale_ptr, s, who, use, stride_rs, stride_ss)
     return rank, off, scale
 
 
-@triton.jit(do_not_specialize=["merged", "P_S", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC"])
+@triton.jit(do_not_specialize=["merged", "P_S", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC", "N_K", "KPS"])
 def _sgmv_persistent_kernel(
     y_ptr, x_ptr, a_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr, plan_ptr, part_ptr, hbuf_ptr,
-    K, merged, P_S, FAM, N_MAX, DONE_OFF, SORTED_OFF, TC,
+    K, merged, P_S, FAM, N_MAX, DONE_OFF, SORTED_OFF, TC, N_K, KPS,
     stride_xm, stride_xk,
     stride_ym, stride_yn,
     stride_as, stride_ar, stride_ak,
     stride_bk, stride_bn,
     stride_rs, stride_ss, stride_si,
-    NUM_SLICES: tl.constexpr, N_COL: tl.constexpr, N_K: tl.constexpr, KPS: tl.constexpr,
+    NUM_SLICES: tl.constexpr, N_COL: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST_X: tl.constexpr, UPCAST_Y: tl.constexpr,
     MIXED: tl.constexpr,
@@ -561,38 +582,39 @@ def _sgmv_persistent_kernel(
             else:
                 use = adapter >= 0
             rank, off, scale = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, adapter, use, stride_rs, stride_ss)
-            k_lo = kc * KPS
+            k_lo = tl.multiple_of(kc * KPS, 16)  # KPS is a multiple of BLOCK_K (>= 16): x / A loads stay 16 B
             a_s = a_ptr + s.to(tl.int64) * stride_as
-            acc = _shrink_part(x_ptr, a_s + off * stride_ar, rank, rows, row_mask, k_lo, K, stride_xm,
-                               stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, KPS, EVEN_K, UPCAST_X)
+            acc = _shrink_part(x_ptr, a_s + off * stride_ar, rank, rows, row_mask, k_lo, K, KPS, stride_xm,
+                               stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, EVEN_K, UPCAST_X)
             pos = (pos0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            if N_K == 1:
-                dst = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
-                tl.store(dst, acc.to(hbuf_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_c < rank)[None, :])
-            else:
+            cmask = row_mask[:, None] & (offs_c < _r8(rank))[None, :]
+            if SPLIT:
                 dst = part_ptr + ((s * N_K + kc) * TC + pos)[:, None] * R2 + offs_c[None, :]
-                tl.store(dst, acc, mask=row_mask[:, None] & (offs_c < rank)[None, :])
+                tl.store(dst, acc, mask=cmask)
+            else:
+                dst = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
+                tl.store(dst, acc.to(hbuf_ptr.dtype.element_ty), mask=cmask)
             if MIXED:
                 rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
                                                      stride_ss)
-                acc_m = _shrink_part(x_ptr, a_s + off_m * stride_ar, rank_m, rows, row_mask, k_lo, K, stride_xm,
-                                     stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, KPS, EVEN_K,
+                acc_m = _shrink_part(x_ptr, a_s + off_m * stride_ar, rank_m, rows, row_mask, k_lo, K, KPS,
+                                     stride_xm, stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, EVEN_K,
                                      UPCAST_X)
-                if N_K == 1:
-                    tl.store(dst + R_PAD, acc_m.to(hbuf_ptr.dtype.element_ty),
-                             mask=row_mask[:, None] & (offs_c < rank_m)[None, :])
+                cmask_m = row_mask[:, None] & (offs_c < _r8(rank_m))[None, :]
+                if SPLIT:
+                    tl.store(dst + R_PAD, acc_m, mask=cmask_m)
                 else:
-                    tl.store(dst + R_PAD, acc_m, mask=row_mask[:, None] & (offs_c < rank_m)[None, :])
+                    tl.store(dst + R_PAD, acc_m.to(hbuf_ptr.dtype.element_ty), mask=cmask_m)
             # publish: every thread's stores happen before the counter's release (bar.sync + release atomic)
             tl.debug_barrier()
             done_before = tl.atomic_add(plan_ptr + t, 1, sem="acq_rel")
-            if N_K > 1:
+            if SPLIT:
                 if done_before == NUM_SLICES * N_K - 1:
                     # last split of this tile: h = sum of the partials in split order (deterministic)
                     for s2 in tl.static_range(NUM_SLICES):
                         r2, o2, c2 = _adapter_of(off_ptr, rank_ptr, scale_ptr, s2, adapter, use, stride_rs,
                                                  stride_ss)
-                        msk = row_mask[:, None] & (offs_c < r2)[None, :]
+                        msk = row_mask[:, None] & (offs_c < _r8(r2))[None, :]
                         src = part_ptr + ((s2 * N_K) * TC + pos)[:, None] * R2 + offs_c[None, :]
                         h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
                         for kc2 in range(N_K):
@@ -602,7 +624,7 @@ def _sgmv_persistent_kernel(
                         if MIXED:
                             r2m, o2m, c2m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s2, merged, use_m, stride_rs,
                                                         stride_ss)
-                            mskm = row_mask[:, None] & (offs_c < r2m)[None, :]
+                            mskm = row_mask[:, None] & (offs_c < _r8(r2m))[None, :]
                             hm = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
                             for kc2 in range(N_K):
                                 hm += tl.load(src + R_PAD + kc2 * TC * R2, mask=mskm, other=0.0,
@@ -613,7 +635,7 @@ def _sgmv_persistent_kernel(
     else:
         # ---- expand role ----
         q = pid - ps
-        if N_K > 1:
+        if SPLIT:
             target = NUM_SLICES * N_K + 1
         else:
             target = NUM_SLICES * N_K
@@ -622,9 +644,10 @@ def _sgmv_persistent_kernel(
             t = w // N_COL
             cb = w - t * N_COL
             s, col0, width, blk = _slice_of_block(sinfo_ptr, stride_si, cb, NUM_SLICES, BLOCK_N)
-            if ALIGNED:  # checked on the host: slice offsets and widths are multiples of 8 elements
-                col0 = tl.multiple_of(col0, 8)
-                width = tl.multiple_of(width, 8)
+            if ALIGNED:  # checked on the host: slice offsets and widths are multiples of 8 elements, so these
+                # are no-ops that tell the alignment analysis so (tl.multiple_of on _slice_of_block's results is lost)
+                col0 = _mult8(col0)
+                width = _mult8(width)
             pos0, rows, row_mask, adapter = _tile_of(plan_ptr, meta_ptr, t, FAM, N_MAX, SORTED_OFF, BLOCK_M)
             if MIXED:
                 use = (adapter >= 0) & (adapter != merged)
@@ -648,7 +671,7 @@ def _sgmv_persistent_kernel(
                 cols = col0 + offs_n
                 pos = (pos0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 h_rows = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
-                ht = tl.load(h_rows, mask=row_mask[:, None] & (offs_c < rank)[None, :], other=0.0,
+                ht = tl.load(h_rows, mask=row_mask[:, None] & (offs_c < _r8(rank))[None, :], other=0.0,
                              cache_modifier=".cg")
                 bt = tl.load(b_ptr + (off + offs_r)[:, None] * stride_bk + cols[None, :] * stride_bn,
                              mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0).to(y_ptr.dtype.element_ty)
@@ -658,8 +681,8 @@ def _sgmv_persistent_kernel(
                     bt = bt.to(tl.float32)
                 upd = tl.dot(ht, bt, input_precision="ieee") * scale
                 if MIXED:
-                    hmt = tl.load(h_rows + R_PAD, mask=row_mask[:, None] & (offs_c < rank_m)[None, :], other=0.0,
-                                  cache_modifier=".cg")
+                    hmt = tl.load(h_rows + R_PAD, mask=row_mask[:, None] & (offs_c < _r8(rank_m))[None, :],
+                                  other=0.0, cache_modifier=".cg")
                     bmt = tl.load(b_ptr + (off_m + offs_r)[:, None] * stride_bk + cols[None, :] * stride_bn,
                                   mask=(offs_r < rank_m)[:, None] & n_mask[None, :],
                                   other=0.0).to(y_ptr.dtype.element_ty)
@@ -963,15 +986,16 @@ def _persistent_args(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice
                                              *cols) and y.stride(1) == 1 and b.stride(1) == 1)
     args = (
         y, x, a, b, offsets, ranks, scales, meta, slice_info, plan, part, hbuf,
-        K, merged, p["P_S"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens,
+        K, merged, p["P_S"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens, p["N_K"],
+        p["KPS"],
         x.stride(0), x.stride(1),
         y.stride(0), y.stride(1),
         a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1),
         ranks.stride(0), scales.stride(0), slice_info.stride(0),
-        # constexprs: NUM_SLICES, N_COL, N_K, KPS, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, EVEN_K, ALIGNED, UPCAST_X,
+        # constexprs: NUM_SLICES, N_COL, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, EVEN_K, ALIGNED, UPCAST_X,
         # UPCAST_Y, MIXED
-        S, p["N_COL"], p["N_K"], p["KPS"], bm, bn, bk, p["R_PAD"],
+        S, p["N_COL"], p["N_K"] > 1, bm, bn, bk, p["R_PAD"],
         p["EVEN_K"], aligned, _upcast(x.dtype), _upcast(y.dtype), int(mixed),
     )
     return (p["P"],), args, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}

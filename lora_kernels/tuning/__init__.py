@@ -149,7 +149,7 @@ def _default_expand(T: int, out_f: int, r_cap: int) -> dict[str, Any]:
     }
 
 
-def _default_persistent(T: int, in_f: int, out_f: int, r_cap: int) -> dict[str, Any]:
+def _default_persistent(dtype: Any, T: int, in_f: int, out_f: int, r_cap: int) -> dict[str, Any]:
     """The persistent kernel's config by the model in docs/benchmarks.md ("How configs are chosen"):
 
     * BLOCK_M (a plan family): 16 for decode (T <= 64: one tile per request; tl.dot's minimum), 64 up to
@@ -160,9 +160,14 @@ def _default_persistent(T: int, in_f: int, out_f: int, r_cap: int) -> dict[str, 
     * BLOCK_K: 64 (16-byte loads, 2 pipeline stages of x and A tiles fit easily);
     * N_K = 0: the launcher sizes the split of ``in`` from the shape (``persistent_plan``);
     * num_warps 4 for decode, 8 for prefill (no spills on sm_90 for ranks up to 64: checked by the AOT test);
+    * fp32: BLOCK_N 32, BLOCK_M at most 64, 8 warps in every bucket (fp32 ``tl.dot`` in IEEE precision runs on
+      FMAs with its operands, the accumulator and the y tile in registers: wider tiles spill on sm_90);
     * CTAS_PER_SM: 2 with 4 warps (<= 255 registers x 128 threads x 2 fits 64K registers: always resident),
       1 with 8 warps. Every program of the grid must be resident: the expand role waits for the shrink role.
     """
+    if _dtype_name(dtype) == "fp32":  # see above: narrow column blocks and 8 warps, or sm_90 spills
+        return {"BLOCK_M": 16 if T <= 64 else 64, "BLOCK_N": 32, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 1,
+                "num_warps": 8, "num_stages": 2}
     if T <= 64:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "N_K": 0, "CTAS_PER_SM": 2, "num_warps": 4,
                 "num_stages": 2}
@@ -198,7 +203,7 @@ def default_config(op: str, dtype: Any, T: int, in_f: int, out_f: int, r_cap: in
             "num_stages": 2,
             "shrink": _default_shrink(T, in_f, r_cap),
             "expand": _default_expand(T, out_f, r_cap),
-            "persistent": _default_persistent(T, in_f, out_f, r_cap),
+            "persistent": _default_persistent(dtype, T, in_f, out_f, r_cap),
         }
     raise ValueError(f"op: expected one of {OPS}, got {op!r}")
 
