@@ -24,7 +24,7 @@ from helpers import run_without_interpreter
 
 pytest.importorskip("triton.compiler")
 
-_PLAN_CONSTS = "SPLIT+EVEN_K"
+_PLAN_CONSTS = "EVEN_K"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_no_recompiles_beyond_the_config_buckets(sweep):
 
 
 def test_recompiles_come_only_from_the_plan_constexprs(sweep):
-    """With the constexprs persistent_plan derives from the shape (SPLIT = N_K > 1, EVEN_K) set aside, the
+    """With the constexprs persistent_plan derives from the shape (EVEN_K: whether `in` is a multiple of BLOCK_K) set aside, the
     variants are at most the config buckets, and no two variants differ in a specialisation attribute (alignment /
     divisibility of an argument): no recompile comes from a run-time argument such as P_S, N_K, KPS, TC, the
     plan's offsets, merged or a pointer."""
@@ -96,7 +96,7 @@ def test_the_count_sees_a_specialised_argument(sweep):
     dns = sweep["do_not_specialize"]
     assert {"merged", "P_S", "TC"} <= set(dns), dns
     # N_K and KPS are exempt: with in = 256 they stay in one specialisation class over the sweep (N_K in {2, 4}:
-    # not 1, not a multiple of 16; KPS a multiple of 64); SPLIT (N_K > 1) is a constexpr of its own
+    # not 1, not a multiple of 16; KPS a multiple of 64); N_K > 1 is a run-time branch in the kernel
     blind = [n for n in dns if n not in ("N_K", "KPS")
              and not any(g["mutants"][n] > g["n_keys"] for g in sweep["groups"])]
     assert not blind, f"the sweep never moves {blind}: " + json.dumps([g["mutants"] for g in sweep["groups"]])

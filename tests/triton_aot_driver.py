@@ -763,7 +763,7 @@ def _record_add_lora(fn, w, batch, dt, merged):
     return launched[0][2], launched[0][3]
 
 
-_PLAN_CONSTS = ("SPLIT", "EVEN_K")  # the constexprs persistent_plan derives from the shape
+_PLAN_CONSTS = ("EVEN_K",)  # the constexprs persistent_plan derives from the shape
 
 
 def _summary(g) -> dict:

@@ -520,37 +520,40 @@ def _adapter_of(off_ptr, rank_ptr, scale_ptr, s, who, use, stride_rs, stride_ss)
     return rank, off, scale
 
 
-@triton.jit(do_not_specialize=["merged", "P_S", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC", "N_K", "KPS"])
+@triton.jit(do_not_specialize=["merged", "P_S", "P_R", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC", "N_K", "KPS"])
 def _sgmv_persistent_kernel(
     y_ptr, x_ptr, a_ptr, b_ptr, off_ptr, rank_ptr, scale_ptr, meta_ptr, sinfo_ptr, plan_ptr, part_ptr, hbuf_ptr,
-    K, merged, P_S, FAM, N_MAX, DONE_OFF, SORTED_OFF, TC, N_K, KPS,
+    K, merged, P_S, P_R, FAM, N_MAX, DONE_OFF, SORTED_OFF, TC, N_K, KPS,
     stride_xm, stride_xk,
     stride_ym, stride_yn,
     stride_as, stride_ar, stride_ak,
     stride_bk, stride_bn,
     stride_rs, stride_ss, stride_si,
-    NUM_SLICES: tl.constexpr, N_COL: tl.constexpr, SPLIT: tl.constexpr,
+    NUM_SLICES: tl.constexpr, N_COL: tl.constexpr, RG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST_X: tl.constexpr, UPCAST_Y: tl.constexpr,
     MIXED: tl.constexpr,
 ):
-    """One launch for the whole delta: ``ps = min(P_S, shrink items)`` shrink programs, then the rest of the grid
-    as expand programs, all resident.
+    """One launch for the whole delta, in three roles of programs, all resident: ``ps = min(P_S, shrink items)``
+    shrink programs, then (N_K > 1) ``pr = min(P_R, reduce items)`` reduce programs, then the rest of the grid as
+    expand programs.
 
     Work items (from the batch's plan, family ``FAM`` = tile height BLOCK_M; ``n_t`` tiles, read on the device):
-        shrink item ``w < n_t * S * N_K``: tile ``w // (S N_K)``, slice, split ``kc`` of ``in`` (KPS columns):
-            the fp32 partial ``x_tile @ A^T`` over that split. N_K == 1: rounded to y's dtype straight into h;
-            else into the partial buffer, and the *last* split of the tile to finish (counter) sums all of the
-            tile's partials in split order (deterministic whoever finishes last) into h, rounded to y's dtype.
-        expand item ``w < n_t * N_COL``: tile ``w // N_COL``, column block ``w % N_COL`` over all slices:
-            waits until the tile's h is complete (its counter reached S N_K, + 1 when N_K > 1), then
-            ``y[rows, cols] += scale * h @ B`` (fp32 accumulate, one rounding into y).
-    Program p < ps takes shrink items p, p + ps, ...; program ps + q takes expand items q, q + (grid - ps), ... .
-    Programs only ever wait for shrink items (held by programs of lower index), and a shrink program never
-    waits, so with every program resident (grid <= SMs x CTAs per SM, the launcher's grid) the kernel always
-    finishes; the CPU
-    interpreter runs programs in order, so the waits there are already satisfied. No atomics touch y or h.
-    The last program to finish resets the counters it used to 0 (the plan's invariant between calls).
+        shrink item ``w < n_t S N_K``: tile ``w // (S N_K)``, slice, split ``kc`` of ``in`` (KPS columns): the
+            fp32 partial ``x_tile @ A^T`` over that split, into the partial buffer (N_K > 1), or, with N_K == 1,
+            rounded to y's dtype straight into h; then the tile's counter += 1 (release).
+        reduce item (N_K > 1) ``w < n_t S RG``: row group ``w // (n_t S)`` (BLOCK_M / RG rows; group-major, so the
+            first items are every tile's first group, which always holds a token), tile, slice: waits for the
+            tile's S N_K shrink items, sums the group's partials in split order (deterministic whoever finished
+            first) into h, rounded to y's dtype; counter += 1. Empty groups only count.
+        expand item ``w < n_t N_COL``: tile ``w // N_COL``, column block ``w % N_COL`` over all slices: waits
+            until the tile's counter reaches S N_K (+ S RG when N_K > 1), then ``y[rows, cols] += scale * h @ B``
+            (fp32 accumulate, one rounding into y).
+    Each role takes its items round-robin (program q of a role: items q, q + role size, ...). Programs only wait
+    for programs of a lower role (lower index), and shrink programs never wait, so with every program resident
+    (the launcher's grid <= SMs x CTAs per SM) the kernel always finishes; the CPU interpreter runs programs in
+    index order, so its waits are already satisfied. No atomics touch y or h. The last program to finish
+    resets the counters it used to 0 (the plan's invariant between calls).
 
     h layout: ``hbuf[s, pos, part * R_PAD + r]`` (pos = sorted position, part 1 = the merged adapter in MIXED
     mode) in y's dtype; partials ``part[(s N_K + kc), pos, ...]`` fp32; both with TC positions per plane.
@@ -568,6 +571,12 @@ def _sgmv_persistent_kernel(
     # only ones that wait) still only wait for programs of lower index
     n_s = n_t * (NUM_SLICES * N_K)
     ps = tl.minimum(n_s, P_S)
+    RROWS: tl.constexpr = BLOCK_M // RG
+    # N_K > 1 (partial sums, reduce role) is a run-time branch, not a constexpr: it flips with T inside a config
+    # bucket (tests/test_recompiles.py), and a serving loop must not compile on a new batch size
+    split = N_K > 1
+    n_r = tl.where(split, n_t * (NUM_SLICES * RG), 0)
+    pr = tl.minimum(n_r, P_R)
     if pid < ps:
         # ---- shrink role ----
         for w in range(pid, n_s, ps):
@@ -588,12 +597,12 @@ def _sgmv_persistent_kernel(
                                stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, EVEN_K, UPCAST_X)
             pos = (pos0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             cmask = row_mask[:, None] & (offs_c < _r8(rank))[None, :]
-            if SPLIT:
-                dst = part_ptr + ((s * N_K + kc) * TC + pos)[:, None] * R2 + offs_c[None, :]
-                tl.store(dst, acc, mask=cmask)
+            offs_h = (s * TC + pos)[:, None] * R2 + offs_c[None, :]  # h[s, pos, :] (y's dtype)
+            offs_p = ((s * N_K + kc) * TC + pos)[:, None] * R2 + offs_c[None, :]  # partial[s, kc, pos, :] (fp32)
+            if split:
+                tl.store(part_ptr + offs_p, acc, mask=cmask)
             else:
-                dst = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
-                tl.store(dst, acc.to(hbuf_ptr.dtype.element_ty), mask=cmask)
+                tl.store(hbuf_ptr + offs_h, acc.to(hbuf_ptr.dtype.element_ty), mask=cmask)
             if MIXED:
                 rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
                                                      stride_ss)
@@ -601,46 +610,62 @@ def _sgmv_persistent_kernel(
                                      stride_xm, stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, EVEN_K,
                                      UPCAST_X)
                 cmask_m = row_mask[:, None] & (offs_c < _r8(rank_m))[None, :]
-                if SPLIT:
-                    tl.store(dst + R_PAD, acc_m, mask=cmask_m)
+                if split:
+                    tl.store(part_ptr + offs_p + R_PAD, acc_m, mask=cmask_m)
                 else:
-                    tl.store(dst + R_PAD, acc_m.to(hbuf_ptr.dtype.element_ty), mask=cmask_m)
+                    tl.store(hbuf_ptr + offs_h + R_PAD, acc_m.to(hbuf_ptr.dtype.element_ty), mask=cmask_m)
             # publish: every thread's stores happen before the counter's release (bar.sync + release atomic)
             tl.debug_barrier()
-            done_before = tl.atomic_add(plan_ptr + t, 1, sem="acq_rel")
-            if SPLIT:
-                if done_before == NUM_SLICES * N_K - 1:
-                    # last split of this tile: h = sum of the partials in split order (deterministic)
-                    for s2 in tl.static_range(NUM_SLICES):
-                        r2, o2, c2 = _adapter_of(off_ptr, rank_ptr, scale_ptr, s2, adapter, use, stride_rs,
-                                                 stride_ss)
-                        msk = row_mask[:, None] & (offs_c < _r8(r2))[None, :]
-                        src = part_ptr + ((s2 * N_K) * TC + pos)[:, None] * R2 + offs_c[None, :]
-                        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-                        for kc2 in range(N_K):
-                            h += tl.load(src + kc2 * TC * R2, mask=msk, other=0.0, cache_modifier=".cg")
-                        hdst = hbuf_ptr + (s2 * TC + pos)[:, None] * R2 + offs_c[None, :]
-                        tl.store(hdst, h.to(hbuf_ptr.dtype.element_ty), mask=msk)
-                        if MIXED:
-                            r2m, o2m, c2m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s2, merged, use_m, stride_rs,
-                                                        stride_ss)
-                            mskm = row_mask[:, None] & (offs_c < _r8(r2m))[None, :]
-                            hm = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-                            for kc2 in range(N_K):
-                                hm += tl.load(src + R_PAD + kc2 * TC * R2, mask=mskm, other=0.0,
-                                              cache_modifier=".cg")
-                            tl.store(hdst + R_PAD, hm.to(hbuf_ptr.dtype.element_ty), mask=mskm)
-                    tl.debug_barrier()
-                    tl.atomic_add(plan_ptr + t, 1, sem="release")
+            tl.atomic_add(plan_ptr + t, 1, sem="release")
+    elif pid < ps + pr:
+        # ---- reduce role (N_K > 1 only): h rows = the sum of a tile's partials, in split order ----
+        q = pid - ps
+        for w in range(q, n_r, pr):
+            # row group major: the first n_t S items are every tile's first group, which always holds a token
+            g = w // (n_t * NUM_SLICES)
+            rem = w - g * (n_t * NUM_SLICES)
+            t = rem // NUM_SLICES
+            s = rem - t * NUM_SLICES
+            pos0 = tl.load(plan_ptr + FAM + 2 + t)
+            tlen = tl.load(plan_ptr + FAM + 2 + N_MAX + t)
+            adapter = tl.load(plan_ptr + FAM + 2 + 2 * N_MAX + t)
+            if g * RROWS < tlen:
+                offs_g = g * RROWS + tl.arange(0, RROWS)
+                gmask = offs_g < tlen
+                pos = (pos0 + offs_g).to(tl.int64)
+                if MIXED:
+                    use = (adapter >= 0) & (adapter != merged)
+                    use_m = adapter != merged
+                else:
+                    use = adapter >= 0
+                rank, off, scale = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, adapter, use, stride_rs, stride_ss)
+                ready = tl.atomic_add(plan_ptr + t, 0, sem="acquire")
+                while ready < NUM_SLICES * N_K:
+                    ready = tl.atomic_add(plan_ptr + t, 0, sem="acquire")
+                tl.debug_barrier()
+                msk = gmask[:, None] & (offs_c < _r8(rank))[None, :]
+                src = part_ptr + ((s * N_K) * TC + pos)[:, None] * R2 + offs_c[None, :]
+                h = tl.zeros((RROWS, R_PAD), dtype=tl.float32)
+                for kc2 in range(N_K):
+                    h += tl.load(src + kc2 * TC * R2, mask=msk, other=0.0, cache_modifier=".cg")
+                hdst = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
+                tl.store(hdst, h.to(hbuf_ptr.dtype.element_ty), mask=msk)
+                if MIXED:
+                    rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
+                                                         stride_ss)
+                    mskm = gmask[:, None] & (offs_c < _r8(rank_m))[None, :]
+                    hm = tl.zeros((RROWS, R_PAD), dtype=tl.float32)
+                    for kc2 in range(N_K):
+                        hm += tl.load(src + R_PAD + kc2 * TC * R2, mask=mskm, other=0.0, cache_modifier=".cg")
+                    tl.store(hdst + R_PAD, hm.to(hbuf_ptr.dtype.element_ty), mask=mskm)
+                tl.debug_barrier()
+            tl.atomic_add(plan_ptr + t, 1, sem="release")
     else:
         # ---- expand role ----
-        q = pid - ps
-        if SPLIT:
-            target = NUM_SLICES * N_K + 1
-        else:
-            target = NUM_SLICES * N_K
+        q = pid - ps - pr
+        target = tl.where(split, NUM_SLICES * N_K + NUM_SLICES * RG, NUM_SLICES * N_K)
         offs_r = tl.arange(0, R_PAD)
-        for w in range(q, n_t * N_COL, n_prog - ps):
+        for w in range(q, n_t * N_COL, n_prog - ps - pr):
             t = w // N_COL
             cb = w - t * N_COL
             s, col0, width, blk = _slice_of_block(sinfo_ptr, stride_si, cb, NUM_SLICES, BLOCK_N)
@@ -871,6 +896,11 @@ def _sms(device: torch.device) -> int:
 #: Most of an op's bytes the split-K partial sums may add (persistent_plan): more splits make shrink items
 #: smaller (the busiest program moves less) but add partial-sum traffic.
 PARTIAL_SHARE = 0.08
+#: Row groups per tile of the reduce role (a reduce item sums the partials of BLOCK_M / REDUCE_GROUPS rows).
+REDUCE_GROUPS = 8
+#: HBM bandwidth over one SM's streaming bandwidth in the proxy's H100 model (3.35 TB/s vs ~100 GB/s): a program
+#: moving more than 1/HBM_PER_SM of an op's bytes takes longer than the whole op's DRAM traffic.
+HBM_PER_SM = 33
 
 
 @functools.lru_cache(maxsize=1024)
@@ -879,49 +909,55 @@ def persistent_plan(T: int, K: int, outs: tuple, S: int, r_cap: int, xs: int, ys
     """Launch parameters of the persistent kernel for one shape (host arithmetic only; cached, so a serving
     loop resolves each (shape, batch capacity) once). ``xs``/``ys``/``ws``: element sizes of x, y, weights.
 
-    The documented model (docs/benchmarks.md, "How the persistent kernel is sized"):
-      * tiles: ``tl = cdiv(T, BLOCK_M)`` is the fewest tiles a batch of T served tokens can have;
-      * programs: ``P = min(SMs x CTAs per SM, tl (S N_K + N_COL))``: all resident (the expand role waits for
-        the shrink role), and no more than a tile-minimal batch has items, so no program is idle when every
-        token has an adapter; the shrink role gets a share of P proportional to the bytes it moves;
-      * N_K (splits of ``in``; ``n_k = 0`` = auto): the power of two nearest below the balance point of a
-        shrink item's bytes ``(bm x + r A) K / N_K`` and the tile's final sum ``N_K bm r 4 S`` (the busiest
-        shrink program's least bytes), each split >= BLOCK_K wide, at most 64, and the partial sums
-        (``N_K S T r 4`` bytes) at most PARTIAL_SHARE of the op's bytes (estimated for a batch with as many
-        segments as it can have).
+    The documented model (docs/benchmarks.md, "Fast by design"), on the bytes of a batch with the fewest tiles
+    (``tl = cdiv(T, BLOCK_M)``; A and B counted at the pool's largest rank):
+      * N_K (splits of ``in``; ``n_k = 0`` = auto): the fewest splits (a power of two) whose shrink item,
+        ``(bm x + r A) K / N_K`` bytes, one SM streams in at most half the time the op's bytes take from HBM
+        (``HBM_PER_SM``), at most the balance point with a reduce item (``N_K (bm / REDUCE_GROUPS) r 4`` bytes),
+        at most 64, each split >= BLOCK_K wide, and the partial sums (``N_K S T r 4`` bytes) at most
+        PARTIAL_SHARE of the op's bytes;
+      * programs: ``P = min(SMs x CTAs per SM, tl (S N_K + S REDUCE_GROUPS + N_COL))``: all resident (reduce
+        waits for shrink, expand for both), and no more than a tile-minimal batch has items; the shrink and
+        reduce roles get shares of P proportional to their bytes (the kernel hands the expand role what a batch
+        with fewer items leaves), the reduce role at most a tile-minimal batch's row groups.
     Returns a dict of the kernel's launch arguments that depend on the shape."""
     r_pad = max(16, _p2(r_cap))
     parts = 2 if mixed else 1
     tl_lb = max(1, _cdiv(T, bm))
     n_col = sum(_cdiv(o, bn) for o in outs)
-    # the bytes of a batch with as many segments as it can have (min(T, active slots)): each tile reads its
-    # adapter's A and B once, h once per column block (the grid is sized for the fewest tiles, the split of
-    # `in` for the most)
-    tl_ub = max(tl_lb, min(T, (T + min(T, max_active) * (bm - 1)) // bm))
-    bytes_e = T * sum(outs) * ys * 2 + tl_ub * parts * r_cap * sum(outs) * ws + T * r_pad * parts * ys * n_col
-    bytes_s = S * T * K * xs + tl_ub * parts * r_cap * K * S * ws
+    # the bytes of a batch with the fewest tiles: each tile reads its adapter's A and B once (at the pool's
+    # largest rank: the true ranks are device data), h once per column block
+    bytes_e = T * sum(outs) * ys * 2 + tl_lb * parts * r_cap * sum(outs) * ws + T * r_pad * parts * ys * n_col
+    bytes_s = S * T * K * xs + tl_lb * parts * r_cap * K * S * ws
     total = bytes_s + bytes_e
+    rrows = bm // REDUCE_GROUPS
     if n_k == 0:
-        # a split's item moves (bm x + r A) K / N_K bytes; the tile's last split then sums N_K partials of
-        # bm x r fp32 per slice: equal at the balance point, where the busiest shrink program moves least
+        # the fewest splits whose shrink item, (bm x + r A) K / N_K bytes, one SM streams in no more time than
+        # the whole op's bytes take from HBM (HBM_PER_SM SMs' worth of bandwidth): more splits only add partials
         bm_eff = min(bm, T)
         item = (bm_eff * xs + r_cap * parts * ws) * K
-        red = bm_eff * r_cap * parts * 4 * S
-        bal = max(1, math.isqrt(max(1, item // red)))
+        need = _p2(max(1, _cdiv(2 * HBM_PER_SM * item, max(1, total))))  # 2x: programs take several items
+        # ... and no more than the balance point with a reduce item, N_K (bm / REDUCE_GROUPS) r 4 bytes
+        red = min(rrows, T) * r_cap * parts * 4
+        bal = _p2(max(1, math.isqrt(max(1, item // red))))
         # partial sums: N_K S T r 4 bytes written and read once (r: the pool's cap; true ranks are smaller)
         cap = max(1, int(PARTIAL_SHARE * total) // max(1, S * T * r_cap * parts * 4))
-        n_k = max(1, min(_p2(bal), 64, max(1, K // bk), 1 << (cap.bit_length() - 1)))
+        n_k = max(1, min(need, bal, 64, max(1, K // bk), 1 << (cap.bit_length() - 1)))
     kps = _cdiv(_cdiv(K, n_k), bk) * bk
     n_k = _cdiv(K, kps)
-    # all resident (the expand role waits for the shrink role) and no more programs than a tile-minimal batch
-    # has items; the shrink role's share of P follows its bytes (the kernel hands the expand role whatever a
-    # batch with fewer shrink items than that leaves)
-    P = max(2, min(sms * ctas, tl_lb * (S * n_k + n_col)))
-    ps = min(max(1, round(P * bytes_s / total)), P - 1)
+    split = n_k > 1
+    bytes_r = 2 * S * T * r_cap * parts * 4 * n_k if split else 0
+    # all resident (reduce waits for shrink, expand for both) and no more programs than a tile-minimal batch has
+    # items; each role's share of P follows its bytes (the kernel hands the expand role whatever a batch with
+    # fewer shrink or reduce items than that leaves), the reduce role at most a tile-minimal batch's row groups
+    P = max(3, min(sms * ctas, tl_lb * (S * n_k + (S * REDUCE_GROUPS if split else 0) + n_col)))
+    total3 = bytes_s + bytes_r + bytes_e
+    ps = min(max(1, round(P * bytes_s / total3)), P - 2)
+    pr = min(max(1, round(P * bytes_r / total3)), P - 1 - ps, tl_lb * S * REDUCE_GROUPS) if split else 0
     part_bytes = S * n_k * max_tokens * r_pad * parts * 4 if n_k > 1 else 0
     part_bytes = _cdiv(part_bytes, 256) * 256
     h_bytes = S * max_tokens * r_pad * parts * ys
-    return {"P": P, "P_S": ps, "N_K": n_k, "KPS": kps, "N_COL": n_col, "R_PAD": r_pad,
+    return {"P": P, "P_S": ps, "P_R": pr, "N_K": n_k, "KPS": kps, "N_COL": n_col, "R_PAD": r_pad,
             "part_bytes": part_bytes, "h_bytes": h_bytes, "EVEN_K": K % bk == 0 and kps % bk == 0}
 
 
@@ -986,16 +1022,16 @@ def _persistent_args(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice
                                              *cols) and y.stride(1) == 1 and b.stride(1) == 1)
     args = (
         y, x, a, b, offsets, ranks, scales, meta, slice_info, plan, part, hbuf,
-        K, merged, p["P_S"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens, p["N_K"],
+        K, merged, p["P_S"], p["P_R"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens, p["N_K"],
         p["KPS"],
         x.stride(0), x.stride(1),
         y.stride(0), y.stride(1),
         a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1),
         ranks.stride(0), scales.stride(0), slice_info.stride(0),
-        # constexprs: NUM_SLICES, N_COL, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, EVEN_K, ALIGNED, UPCAST_X,
+        # constexprs: NUM_SLICES, N_COL, RG, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, EVEN_K, ALIGNED, UPCAST_X,
         # UPCAST_Y, MIXED
-        S, p["N_COL"], p["N_K"] > 1, bm, bn, bk, p["R_PAD"],
+        S, p["N_COL"], REDUCE_GROUPS, bm, bn, bk, p["R_PAD"],
         p["EVEN_K"], aligned, _upcast(x.dtype), _upcast(y.dtype), int(mixed),
     )
     return (p["P"],), args, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
