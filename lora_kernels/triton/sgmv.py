@@ -947,13 +947,17 @@ def persistent_plan(T: int, K: int, outs: tuple, S: int, r_cap: int, xs: int, ys
     n_k = _cdiv(K, kps)
     split = n_k > 1
     bytes_r = 2 * S * T * r_cap * parts * 4 * n_k if split else 0
-    # all resident (reduce waits for shrink, expand for both) and no more programs than a tile-minimal batch has
-    # items; each role's share of P follows its bytes (the kernel hands the expand role whatever a batch with
-    # fewer shrink or reduce items than that leaves), the reduce role at most a tile-minimal batch's row groups
-    P = max(3, min(sms * ctas, tl_lb * (S * n_k + (S * REDUCE_GROUPS if split else 0) + n_col)))
+    # row groups a tile-minimal batch fills: its tiles hold min(T, bm) tokens each
+    rg_full = min(REDUCE_GROUPS, _cdiv(min(T, bm), rrows)) if split else 0
+    # all resident (reduce waits for shrink, expand for both) and no more programs than the items of a
+    # tile-minimal batch with every token served. Each role's share follows its bytes; the kernel gives the
+    # shrink role min(P_S, its items) on the device and the rest of the grid to expand, so a batch with fewer
+    # shrink items than P_S hands the surplus to expand, whose items grow with the tiles.
+    cap_r = tl_lb * S * rg_full
+    P = max(2 + int(split), min(sms * ctas, tl_lb * (S * n_k + n_col) + cap_r))
     total3 = bytes_s + bytes_r + bytes_e
-    ps = min(max(1, round(P * bytes_s / total3)), P - 2)
-    pr = min(max(1, round(P * bytes_r / total3)), P - 1 - ps, tl_lb * S * REDUCE_GROUPS) if split else 0
+    ps = min(max(1, round(P * bytes_s / total3)), P - 1 - int(split))
+    pr = min(max(1, round(P * bytes_r / total3)), cap_r, P - 1 - ps) if split else 0
     part_bytes = S * n_k * max_tokens * r_pad * parts * 4 if n_k > 1 else 0
     part_bytes = _cdiv(part_bytes, 256) * 256
     h_bytes = S * max_tokens * r_pad * parts * ys
