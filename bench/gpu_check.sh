@@ -5,7 +5,7 @@
 # at most 10 minutes per command, so the checks go in two calls, the second at once after the first (a warm
 # machine keeps the build and Triton's cache; within its idle window), each under GPU_CHECK_BUDGET:
 #   1. correctness and verification first (what makes compiled kernels eligible for dispatch):
-#        run(command="LORA_KERNELS_COMMIT=<sha> GPU_CHECK_STEPS='nvidia-smi build env pytest sanitize memcheck tune' bash bench/gpu_check.sh", timeout_s=590)
+#        run(command="LORA_KERNELS_COMMIT=<sha> GPU_CHECK_STEPS='nvidia-smi build env pytest sanitize memcheck synccheck tune' bash bench/gpu_check.sh", timeout_s=590)
 #   2. the benchmarks the issues quote:
 #        run(command="LORA_KERNELS_COMMIT=<sha> GPU_CHECK_BUDGET=300 GPU_CHECK_STEPS='build sgmv merge vce dual backward serve overhead racecheck pool' bash bench/gpu_check.sh", timeout_s=320)
 # with <sha> the output of `git rev-parse HEAD` pasted in on this side (the copy the GPU machine receives may
@@ -20,8 +20,12 @@
 #                 the persistent add_lora_ kernel on the GPU (tests/test_plan.py: values, bitwise-repeatable
 #                 split-K sums, pre-bound launch == plain launch, counters reset, CUDA graph replay == eager)
 #     sanitize    bench/sanitize_ops.py without the sanitizer: correctness, and it fills Triton's cache
-#     memcheck    compute-sanitizer --tool memcheck  on bench/sanitize_ops.py
-#     racecheck   compute-sanitizer --tool racecheck on bench/sanitize_ops.py
+#     memcheck    compute-sanitizer --tool memcheck  on bench/sanitize_ops.py, then on the decode kernel's cuda tests
+#                 (tests/test_cuda.py -k decode_kernel: lora_kernels_C::sgmv_decode_, csrc/sgmv_decode.cu, every
+#                 dtype, mixed mode, fused slices, -1 tokens, vector and scalar variants, rank 256, T 1..64)
+#     racecheck   compute-sanitizer --tool racecheck on bench/sanitize_ops.py, then on the decode kernel's bf16 tests
+#     synccheck   compute-sanitizer --tool synccheck on the decode kernel's bf16 tests (its last-block-finishes
+#                 protocol: block barriers after an early exit, warp shuffles)
 #     sgmv        lora-bench sgmv over every case (sgmv.json; also copied to bench/results/<gpu>/)
 #     merge       lora-bench merge: merge/unmerge per 7B shape and the 32-layer model switch (merge.json; also
 #                 copied to bench/results/<gpu>/)
@@ -68,15 +72,15 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-560}
 RESERVE=15 # seconds kept for packing the results
 START=$(date +%s)
-STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck sgmv merge backward tune dual serve pool vce overhead"}
+STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck synccheck sgmv merge backward tune dual serve pool vce overhead"}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
 export OUT REPO PY LOGS
 
 # Default caps (seconds): maxima; a step that ends early leaves its time to the later ones.
-declare -A CAP=([nvidia-smi]=15 [build]=180 [env]=40 [pytest]=150 [sanitize]=60 [memcheck]=60 [racecheck]=60
-                [sgmv]=130 [merge]=90 [backward]=60 [tune]=150 [dual]=60 [serve]=90 [pool]=60 [vce]=100 [overhead]=45)
+declare -A CAP=([nvidia-smi]=15 [build]=180 [env]=40 [pytest]=150 [sanitize]=60 [memcheck]=90 [racecheck]=75
+                [synccheck]=30 [sgmv]=130 [merge]=90 [backward]=60 [tune]=150 [dual]=60 [serve]=90 [pool]=60 [vce]=100 [overhead]=45)
 SUMMARY=()
 FAILED=()
 
@@ -156,14 +160,28 @@ PYEOF
   return $rc
 }
 do_sanitize() { "$PY" bench/sanitize_ops.py; }
+# The decode kernel (lora_kernels_C::sgmv_decode_) under a sanitizer tool: its cuda tests open add_lora_'s
+# dispatch gate themselves, so they run the compiled kernel whether or not this GPU's table verified it yet.
+# $1: the tool, $2: the pytest -k filter.
+sanitize_decode() {
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool "$1" --error-exitcode 1 --print-limit 50 \
+    "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py -k "$2"
+}
 do_memcheck() {
+  local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool memcheck --error-exitcode 1 --print-limit 50 \
-    "$PY" bench/sanitize_ops.py
+    "$PY" bench/sanitize_ops.py || rc=1
+  sanitize_decode memcheck "decode_kernel" || rc=1
+  return $rc
 }
 do_racecheck() {
+  local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool racecheck --error-exitcode 1 --print-limit 50 \
-    "$PY" bench/sanitize_ops.py
+    "$PY" bench/sanitize_ops.py || rc=1
+  sanitize_decode racecheck "decode_kernel_matches and bfloat16" || rc=1
+  return $rc
 }
+do_synccheck() { sanitize_decode synccheck "decode_kernel_matches and bfloat16"; }
 do_sgmv() { bench_kept sgmv "$OUT/sgmv.json" --no-progress --time-budget "$(time_budget 40)"; }
 do_merge() { bench_kept merge "$OUT/merge.json" --no-progress --time-budget "$(time_budget 30)"; }
 do_backward() {
@@ -201,7 +219,7 @@ do_overhead() {  # host overhead per op call (BENCHMARKS.md: <= 10 us); returned
   "$PY" -m lora_kernels overhead --iters 1000 --repeats 5 --out "$LOGS/overhead.json"
 }
 export -f do_overhead
-export -f sanitizer time_budget keep_result bench_kept do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_sgmv do_merge do_backward do_tune
+export -f sanitizer sanitize_decode time_budget keep_result bench_kept do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_synccheck do_sgmv do_merge do_backward do_tune
 
 run_step() {
   local name=$1 fn=$2
@@ -239,6 +257,7 @@ run_step pytest do_pytest
 run_step sanitize do_sanitize
 run_step memcheck do_memcheck
 run_step racecheck do_racecheck
+run_step synccheck do_synccheck
 run_step sgmv do_sgmv
 run_step overhead do_overhead  # short; early so a spent budget never skips it
 run_step merge do_merge

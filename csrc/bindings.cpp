@@ -200,3 +200,47 @@ TORCH_LIBRARY_IMPL(lora_kernels_C, Meta, m) {
   m.impl("deform_sample_fwd_", &lora_kernels::deform_sample_fwd_meta_);
   m.impl("deform_sample_bwd_", &lora_kernels::deform_sample_bwd_meta_);
 }
+
+// ---- decode LoRA delta (lora_kernels.ops.sgmv, T <= 64) -----------------------------------------------------------
+// sgmv_decode_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor offsets, Tensor ranks, Tensor scales,
+//              Tensor token_adapter, int[] outs, int max_rank, int merged, Tensor(b!) partial,
+//              Tensor(c!) counters) -> ()
+//
+// Semantics: lora_kernels.reference.add_lora_ (merged = -1) or mixed mode (merged = m >= 0,
+// lora_kernels.ops.sgmv._reference_mixed_) on y in place; kernel in csrc/kernels/sgmv_decode.cuh.
+// y [T, sum(outs)] and x [T, in] of one float dtype, T <= 64; a [S, R, in] and b [R, sum(outs)] of one float dtype
+// (LoRAWeights.a / .b), S <= 8, slice s = columns [sum(outs[:s]), + outs[s]); offsets int64 [N], ranks int32 [S, N],
+// scales fp32 [S, N], token_adapter int32 [T] (LoRABatch.token_adapter; ids outside [0, N) leave the row
+// untouched); max_rank <= 256 bounds every rank. partial: fp32 workspace of >= T * S * ceil(in / 256) * max_rank
+// elements (doubled in mixed mode), contents irrelevant; counters: int32 >= T * S elements, ZERO before the call and
+// zero again after it (the kernel resets them: allocate them zeroed once). One launch on the current stream, no
+// allocation, no host sync (CUDA-graph capturable); deterministic (fixed summation order).
+namespace lora_kernels {
+namespace {
+
+void sgmv_decode_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& offsets, const at::Tensor& ranks, const at::Tensor& scales,
+                  const at::Tensor& token_adapter, at::IntArrayRef outs, int64_t max_rank, int64_t merged,
+                  const at::Tensor& partial, const at::Tensor& counters) {
+  sgmv_decode_cuda(y, x, a, b, offsets, ranks, scales, token_adapter, outs, max_rank, merged, partial, counters);
+}
+
+void sgmv_decode_meta_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, int64_t,
+                       const at::Tensor&, const at::Tensor&) {}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels_C, m) {
+  m.def("sgmv_decode_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor offsets, Tensor ranks, Tensor scales, "
+        "Tensor token_adapter, int[] outs, int max_rank, int merged, Tensor(b!) partial, Tensor(c!) counters) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, CUDA, m) {
+  m.impl("sgmv_decode_", &lora_kernels::sgmv_decode_);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, Meta, m) {
+  m.impl("sgmv_decode_", &lora_kernels::sgmv_decode_meta_);
+}

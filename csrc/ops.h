@@ -46,3 +46,13 @@ void deform_sample_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBa
                             const at::TensorBase& ref, const at::TensorBase& offsets, const at::TensorBase& logits);
 
 }  // namespace lora_kernels
+
+namespace lora_kernels {
+
+// See sgmv_decode_ in bindings.cpp (csrc/sgmv_decode.cu, kernel in kernels/sgmv_decode.cuh).
+void sgmv_decode_cuda(const at::TensorBase& y, const at::TensorBase& x, const at::TensorBase& a,
+                      const at::TensorBase& b, const at::TensorBase& offsets, const at::TensorBase& ranks,
+                      const at::TensorBase& scales, const at::TensorBase& token_adapter, at::IntArrayRef outs,
+                      int64_t max_rank, int64_t merged, const at::TensorBase& partial, const at::TensorBase& counters);
+
+}  // namespace lora_kernels

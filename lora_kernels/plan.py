@@ -16,10 +16,13 @@ Semantics (one *family* per tile height ``BM`` in :data:`PLAN_BLOCK_M`):
     ones. Entries past ``n_all`` hold ``len = 0``, ``adapter = -1``.
 
 Layout of the int32 ``plan`` buffer (:class:`PlanLayout`):
-    ``[counters (n_cnt) | done (1) | per family: n_real, n_all, pos0[n_max], len[n_max], adapter[n_max]]``
+    ``[counters (n_cnt) | done (1) | per family: n_real, n_all, pos0[n_max], len[n_max], adapter[n_max] |
+    decode counters (DECODE_COUNTERS)]``
     with ``n_max(BM) = (Tc + (Ac + 1)(BM - 1)) // BM`` (an upper bound on the tiles of any batch of capacity Tc
     with at most Ac active adapters, virtual segment included) and ``n_cnt = n_max(min(PLAN_BLOCK_M))``.
-    The counters and ``done`` are the persistent kernel's inter-program flags: zero between calls (the kernel's
+    The last ``DECODE_COUNTERS`` entries are the compiled decode kernel's per-(token, slice) counters
+    (csrc/kernels/sgmv_decode.cuh: T <= 64 tokens x <= 8 slices), same rule. The counters and ``done`` are the
+    persistent kernel's inter-program flags: zero between calls (the kernel's
     last program resets what it used), so one batch's ops must be ordered on one stream, as a model's layers
     are (use one batch per concurrent stream).
 
@@ -33,11 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PLAN_BLOCK_M", "PlanLayout", "build_plan_"]
+__all__ = ["DECODE_COUNTERS", "PLAN_BLOCK_M", "PlanLayout", "build_plan_", "decode_counters"]
 
 #: Tile heights a plan lists tiles for (the persistent kernel's BLOCK_M must be one of them): 16 for decode
 #: (tl.dot's minimum), 64 and 128 for prefill (taller tiles re-read the adapters' A and B less often).
 PLAN_BLOCK_M = (16, 64, 128)
+#: Counters of the compiled decode kernel at the end of the plan (64 tokens x 8 slices), zero between calls.
+DECODE_COUNTERS = 64 * 8
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,12 @@ class PlanLayout:
 
     @property
     def size(self) -> int:
-        return self.n_counters + 1 + sum(2 + 3 * self.n_max(b) for b in PLAN_BLOCK_M)
+        return self.n_counters + 1 + sum(2 + 3 * self.n_max(b) for b in PLAN_BLOCK_M) + DECODE_COUNTERS
+
+
+def decode_counters(plan: torch.Tensor) -> torch.Tensor:
+    """The compiled decode kernel's counters: the last :data:`DECODE_COUNTERS` entries of a batch's plan."""
+    return plan[plan.numel() - DECODE_COUNTERS :]
 
 
 def build_plan_(plan: torch.Tensor, meta: torch.Tensor, layout, T: int) -> None:

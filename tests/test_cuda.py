@@ -10,6 +10,7 @@ from helpers import assert_compiled_cuda_op, require_compiled_extension
 import lora_kernels as lk
 from lora_kernels import _ext, reference
 from lora_kernels.batch import MetaLayout, build_batch_torch_
+from lora_kernels.plan import decode_counters
 from lora_kernels.ops import batch_ops
 
 
@@ -206,3 +207,182 @@ def test_add_lora_mixed_mode_cuda_bf16(outs, T):
     err_torch = (lowp - truth).abs().max().item()
     assert err <= 2 * err_torch + 1e-5, (err, err_torch)
     assert torch.equal(got[ids_c == m], y[ids_c == m])
+
+
+# ---- the compiled decode kernel (csrc/sgmv_decode.cu) ----------------------------------------------------
+def _decode_gate(monkeypatch, ext, device_type="cuda", verified=True):
+    """Let add_lora_'s dispatch choose the decode kernel: the name verified on this GPU, ``_ext.get`` returning
+    ``ext`` (the extension, or a recording stand-in), and the gate's device type (a CPU test sets "cpu")."""
+    from lora_kernels import tuning
+    from lora_kernels.ops import sgmv
+
+    names = frozenset({sgmv._DECODE_KERNEL}) if verified else frozenset()
+    monkeypatch.setattr(tuning, "verified_kernels", lambda device: names)
+    monkeypatch.setattr(_ext, "get", lambda *a, **k: ext)
+    monkeypatch.setattr(sgmv, "_DECODE_DEVICE_TYPE", device_type)
+
+
+class _RecordingDecode:
+    """Stands in for the extension: ``sgmv_decode_`` records its arguments, then runs ``inner`` (the real op) or,
+    when None, the reference (so add_lora_'s result stays right and the test can compare it)."""
+
+    def __init__(self, inner=None):
+        self.calls, self.inner = [], inner
+
+    def sgmv_decode_(self, y, x, a, b, offsets, ranks, scales, tok, outs, r_cap, merged, partial, counters):
+        from lora_kernels.ops.sgmv import _reference_mixed_
+
+        self.calls.append({"T": x.shape[0], "tok": tok.clone(), "outs": list(outs), "r_cap": r_cap,
+                           "merged": merged, "partial": partial.numel(), "counters": counters,
+                           "counters_before": counters.clone()})  # no host sync: the GPU test forbids one
+        if self.inner is not None:
+            return self.inner(y, x, a, b, offsets, ranks, scales, tok, outs, r_cap, merged, partial, counters)
+        cols = [sum(outs[:i]) for i in range(len(outs))]
+        acc = y.float()
+        if merged < 0:
+            reference.add_lora_(acc, x, a, b, offsets, ranks, scales, tok, cols, outs)
+        else:
+            _reference_mixed_(acc, x, a, b, offsets, ranks, scales, tok, cols, outs, merged)
+        y.copy_(acc.to(y.dtype))
+
+
+def test_add_lora_routes_decode_batches_to_the_compiled_kernel_when_verified(monkeypatch):
+    """CPU proof of the dispatch gate (CPU tensors stand in for CUDA ones; the extension is a recording stub):
+    add_lora_ with T <= 64 calls ``sgmv_decode_`` with the batch's token ids, the slices' widths, a workspace big
+    enough for the partial sums and zeroed counters owned by the batch, on the eager fast path and through the
+    custom op alike, in normal and mixed mode; and it does not when the kernel is not verified, T > 64, a backend
+    is forced, x and y differ in dtype or max_rank > 256, nor (with the real gate) for CPU tensors."""
+    from lora_kernels.ops import sgmv
+
+    stub = _RecordingDecode()
+    w, ids, x, y = _case(torch.float32, (48, 16, 16), in_f=300, ranks=(4, 8, 16), T=9, device="cpu")
+    batch = lk.LoRABatch(128, w.max_adapters).build(ids, ranks=w.ranks)
+
+    def run(merged=None, xx=x, yy=y, bb=batch, ww=w):
+        got = yy.clone()
+        lk.add_lora_(got, xx, ww, bb, merged=merged)
+        return got
+
+    want, want_mixed = run(), run(merged=1)  # the reference path (the gate is closed)
+    _decode_gate(monkeypatch, stub, device_type="cuda")  # real gate: CPU tensors never take it
+    run()
+    assert stub.calls == []
+    _decode_gate(monkeypatch, stub, device_type="cpu", verified=False)
+    run()
+    assert stub.calls == []
+    _decode_gate(monkeypatch, stub, device_type="cpu")
+    for fast in (True, False):
+        monkeypatch.setattr(sgmv, "fast_path", fast)
+        stub.calls.clear()
+        assert torch.equal(run(), want) and torch.equal(run(merged=1), want_mixed)
+        assert [c["merged"] for c in stub.calls] == [-1, 1], f"fast_path={fast}"
+        for c in stub.calls:
+            assert c["T"] == 9 and torch.equal(c["tok"], ids) and c["outs"] == [48, 16, 16] and c["r_cap"] == 16
+            # the same zeroed counters every call: the batch's (the end of its plan)
+            assert not c["counters_before"].any()
+            assert c["counters"].data_ptr() == stub.calls[0]["counters"].data_ptr()
+            assert c["counters"].dtype == torch.int32 and c["counters"].numel() >= 9 * 3
+        assert stub.calls[0]["partial"] >= 9 * 3 * 2 * 16 and stub.calls[1]["partial"] >= 9 * 3 * 2 * 32
+    stub.calls.clear()
+    with lk.backends.use_backend("reference"):
+        run()
+    big = lk.LoRABatch(128, w.max_adapters).build(torch.zeros(65, dtype=torch.int32), ranks=w.ranks)
+    run(xx=torch.randn(65, 300), yy=torch.zeros(65, 80), bb=big)
+    run(yy=y.to(torch.bfloat16))
+    w_big = lk.LoRAWeights(300, [48, 16, 16], max_adapters=3, max_rank=257)
+    run(ww=w_big)
+    assert stub.calls == []
+
+
+def _decode_case(dtype, wdtype, outs, in_f, ranks, T, seed, device="cuda"):
+    """``_case``, with the weights stored in ``wdtype`` (the same adapters and scales)."""
+    w, ids, x, y = _case(dtype, outs, in_f=in_f, ranks=ranks, T=T, seed=seed, device=device)
+    if wdtype != dtype:
+        w2 = lk.LoRAWeights(in_f, list(outs), max_adapters=len(ranks), max_rank=max(ranks), dtype=wdtype,
+                            device=device)
+        for i in w.loaded:
+            parts = [w.adapter(i, s) for s in range(len(outs))]
+            w2.add([p[0] for p in parts], [p[1] for p in parts], scale=[p[2] for p in parts], adapter_id=i)
+        w = w2
+    return w, ids, x, y
+
+
+DECODE_CASES = [  # (outs, in, ranks, T, weights dtype (None: x's), merged)
+    ((4096,), 4096, (8, 16, 33, 64, 128), 1, None, None),
+    ((4096, 1024, 1024), 4096, (8, 16, 33, 64, 128), 7, None, 3),
+    ((512,), 1000, (5, 256), 64, None, None),
+    ((72, 13), 264, (4, 9, 2), 33, None, 0),
+    ((2048, 512), 2048, (16, 32), 16, torch.float32, None),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"outs{c[0]}-in{c[1]}-T{c[3]}-m{c[5]}" for c in DECODE_CASES])
+def test_decode_kernel_matches_reference(monkeypatch, dtype, case):
+    """add_lora_ through the compiled decode kernel (the gate opened, every call recorded) vs the fp64 truth,
+    with the tolerance rule's yardstick (PyTorch in the low precision); rows it must not touch keep their bits;
+    two runs are bit-identical (deterministic) and the counters are back to zero; no host sync."""
+    from lora_kernels.ops import sgmv
+
+    outs, in_f, ranks, T, wdt, m = case
+    rec = _RecordingDecode(inner=require_compiled_extension().sgmv_decode_)
+    _decode_gate(monkeypatch, rec)
+    w, ids, x, y = _decode_case(dtype, wdt or dtype, outs, in_f, ranks, T, seed=11)
+    ids_c = ids.cuda()
+    batch = lk.LoRABatch(64, w.max_adapters, "cuda").build(ids_c, ranks=w.ranks)
+    got = [y.clone(), y.clone()]
+    lk.add_lora_(got[0], x, w, batch, merged=m)  # warm-up: allocates the workspace and counters
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lk.add_lora_(got[1], x, w, batch, merged=m)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(rec.calls) == 2
+    assert torch.equal(got[0], got[1]), "two runs differ"
+    assert bool((decode_counters(batch.plan) == 0).all()), "counters not reset"
+    keep = ids_c == (m if m is not None else -1)
+    assert torch.equal(got[0][keep], y[keep])
+    if m is None:
+        truth = y.double() + reference.lora_delta(x, w, ids_c).double()
+        lowp = y.double() + _torch_lowp_delta(x, w, ids).double()
+    else:
+        not_m = torch.where(ids_c == m, torch.full_like(ids_c, -1), ids_c)
+        others = torch.where(ids_c == m, torch.full_like(ids_c, -1), torch.full_like(ids_c, m))
+        truth = y.double() + reference.lora_delta(x, w, not_m).double() - reference.lora_delta(x, w, others).double()
+        lowp = y.double() + _torch_lowp_delta(x, w, not_m.cpu()).double() - _torch_lowp_delta(
+            x, w, others.cpu()).double()
+    lowp = lowp.to(dtype).double()  # PyTorch rounds y too
+    err = (got[0].double() - truth).abs().max().item()
+    err_torch = (lowp - truth).abs().max().item()
+    assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+
+
+@pytest.mark.cuda
+def test_decode_kernel_checks_arguments():
+    """The launcher's host checks: clear errors, nothing launched."""
+    ext = require_compiled_extension()
+    w, ids, x, y = _case(torch.bfloat16, (256,), in_f=256, ranks=(8, 16), T=4)
+    batch = lk.LoRABatch(64, w.max_adapters, "cuda").build(ids.cuda(), ranks=w.ranks)
+    part = torch.empty(4 * 16, dtype=torch.float32, device="cuda")
+    cnt = torch.zeros(64, dtype=torch.int32, device="cuda")
+    tok = batch.meta[:4]
+
+    def call(**kw):
+        args = dict(y=y, x=x, a=w.a, b=w.b, offsets=w.offsets, ranks=w.ranks, scales=w.scales, tok=tok, outs=[256],
+                    r=16, m=-1, part=part, cnt=cnt)
+        args.update(kw)
+        ext.sgmv_decode_(*args.values())
+
+    call()
+    for kw, msg in [({"x": x.half()}, "x: expected y's dtype"), ({"r": 257}, "max_rank"), ({"outs": [255]}, "y: "),
+                    ({"part": part[:10]}, "partial"), ({"cnt": cnt[:3]}, "counters"), ({"m": 2}, "merged"),
+                    ({"tok": batch.meta[:5]}, "token_adapter"), ({"offsets": w.offsets.int()}, "offsets"),
+                    ({"y": torch.zeros(65, 256, dtype=torch.bfloat16, device="cuda")}, "at most 64")]:
+        with pytest.raises(RuntimeError, match=msg):
+            call(**kw)
+
+
+def test_decode_kernel_op_is_the_compiled_one():
+    """The op the decode dispatch calls is the extension's C++ op with a CUDA kernel from bindings.cpp."""
+    assert_compiled_cuda_op(require_compiled_extension().sgmv_decode_, "lora_kernels_C::sgmv_decode_")

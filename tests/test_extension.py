@@ -85,6 +85,23 @@ def test_meta_impl_for_fake_tensors():
     torch.ops.lora_kernels_C.build_batch_(meta, ids, None, 8, 4)
 
 
+def test_sgmv_decode_schema_and_meta_impl():
+    """lora_kernels_C::sgmv_decode_ declares what it writes (y, the partial workspace, the counters) and has a
+    Meta impl (fake tensors, torch.compile)."""
+    _require_aot()
+    import lora_kernels._C  # noqa: F401
+
+    op = torch.ops.lora_kernels_C.sgmv_decode_
+    args = op.default._schema.arguments
+    written = [a.name for a in args if a.alias_info is not None and a.alias_info.is_write]
+    assert written == ["y", "partial", "counters"], str(op.default._schema)
+    m = dict(device="meta")
+    op(torch.empty(4, 64, **m), torch.empty(4, 32, **m), torch.empty(1, 8, 32, **m), torch.empty(8, 64, **m),
+       torch.empty(2, dtype=torch.int64, **m), torch.empty(1, 2, dtype=torch.int32, **m),
+       torch.empty(1, 2, **m), torch.empty(4, dtype=torch.int32, **m), [64], 4, -1, torch.empty(16, **m),
+       torch.empty(4, dtype=torch.int32, **m))
+
+
 # ---- settings --------------------------------------------------------------------------------------------
 def test_cuda_arch_flags():
     assert _ext.cuda_arch_flags("9.0a;8.0;PTX:9.0") == [
@@ -501,7 +518,10 @@ def _cuobjdump() -> str | None:
 
 # One entry per __global__ kernel family: each must have device code for every target architecture.
 KERNELS = ("lora_build_batch_kernel", "merge_grouped_kernel", "deform_pool_fwd_kernel", "deform_pool_bwd_kernel",
-           "deform_sample_fwd_kernel", "deform_sample_bwd_kernel")
+           "deform_sample_fwd_kernel", "deform_sample_bwd_kernel", "sgmv_decode_kernel")
+# Instantiations of the decode kernel csrc/sgmv_decode.cu dispatches to: x / y dtype (3) x weights dtype (3) x
+# vector / scalar variant (2). One missing from a cubin would fail at launch on that dtype only.
+SGMV_DECODE_INSTANTIATIONS = 18
 
 
 def test_built_extension_has_device_code_for_every_kernel():
@@ -523,3 +543,5 @@ def test_built_extension_has_device_code_for_every_kernel():
         elf = subprocess.run([tool, "-elf", "-arch", arch, sos[0]], capture_output=True, text=True, check=True).stdout
         missing = [k for k in KERNELS if k not in elf]
         assert not missing, f"{arch}: no device code for {missing}"
+        decode = set(__import__("re").findall(r"_ZN12lora_kernels18sgmv_decode_kernelI\w+?SgmvDecodeParamsE", elf))
+        assert len(decode) == SGMV_DECODE_INSTANTIATIONS, f"{arch}: sgmv_decode_kernel instantiations {sorted(decode)}"

@@ -359,6 +359,80 @@ def _verify_deform_cuda(device: torch.device, ext) -> Optional[str]:
     return verify_cuda(device, ext)
 
 
+# (in, outs, ranks, x/y dtype, weights dtype, T, merged): decode shapes (T <= 64) incl. fused slices, mixed mode,
+# a rank-256 adapter, odd widths (the scalar fallback) and weights in another dtype than x / y.
+_DECODE_CASES = (
+    (4096, (4096,), (8, 16, 64), torch.bfloat16, torch.bfloat16, 1, None),
+    (4096, (4096,), (8, 16, 64), torch.float16, torch.float16, 16, None),
+    (4096, (4096, 1024, 1024), (16, 8, 128), torch.bfloat16, torch.bfloat16, 7, 1),
+    (2048, (2048, 512, 512), (4, 32), torch.float16, torch.float16, 64, 0),
+    (1000, (72, 13), (5, 33, 9), torch.bfloat16, torch.bfloat16, 64, 2),
+    (264, (40,), (256, 3), torch.float16, torch.float32, 33, None),
+    (512, (96,), (16, 7), torch.float32, torch.bfloat16, 5, 0),
+)
+
+
+def _verify_sgmv_decode_cuda(device: torch.device, ext) -> Optional[str]:
+    """The compiled decode LoRA kernel (what add_lora_ runs for T <= 64 once verified) vs the fp32 reference on
+    the CPU: per case an error at most twice the Triton path's it replaces (plus one ulp of the largest output),
+    rows it must not touch (tokens with -1; in mixed mode the merged adapter's tokens) bit-identical, a second run
+    bit-identical to the first (deterministic), and the counters back to zero."""
+    from ..plan import decode_counters
+
+    import lora_kernels as lk
+    from lora_kernels import reference
+    from lora_kernels.ops import sgmv as S
+
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device}"
+    try:
+        op = ext.sgmv_decode_
+    except (AttributeError, RuntimeError):
+        return "the extension has no sgmv_decode kernel"
+    gen = torch.Generator().manual_seed(2)
+    for in_f, outs, ranks, dt, wdt, T, merged in _DECODE_CASES:
+        name = f"in={in_f} outs={outs} ranks={ranks} {dt}/{wdt} T={T} merged={merged}"
+        w = lk.LoRAWeights(in_f, list(outs), max_adapters=len(ranks), max_rank=max(ranks), dtype=wdt, device=device)
+        for r in ranks:
+            w.add([torch.randn(r, in_f, generator=gen) / in_f**0.5 for _ in outs],
+                  [torch.randn(o, r, generator=gen) / r**0.5 for o in outs], alpha=2.0 * r)
+        ids = torch.randint(0, len(ranks), (T,), generator=gen, dtype=torch.int32)
+        ids[torch.rand(T, generator=gen) < 0.25] = -1
+        ids[0] = 0 if merged != 0 else 1  # every case serves a token
+        batch = lk.LoRABatch.from_ids(ids.to(device), len(ranks))
+        x = torch.randn(T, in_f, generator=gen).to(device, dt)
+        y0 = torch.randn(T, w.out_features, generator=gen).to(device, dt)
+        m = -1 if merged is None else merged
+        got = []
+        for _ in range(2):
+            y = y0.clone()
+            S._decode_(op, y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, w.slice_outs, w.max_rank, m,
+                       batch.plan, None)
+            got.append(y)
+        y_tr = y0.clone()
+        with torch.no_grad(), lk.backends.use_backend("triton"):
+            lk.add_lora_(y_tr, x, w, batch, merged=merged)
+        torch.cuda.synchronize(device)
+        if not bool((decode_counters(batch.plan) == 0).all()):
+            return f"counters not reset to zero ({name})"
+        if not torch.equal(got[0].view(torch.int16 if dt != torch.float32 else torch.int32),
+                           got[1].view(torch.int16 if dt != torch.float32 else torch.int32)):
+            return f"two runs differ (not deterministic) ({name})"
+        args = (x.float().cpu(), w.a.float().cpu(), w.b.float().cpu(), w.offsets.cpu(), w.ranks.cpu(),
+                w.scales.cpu(), ids, w.slice_cols, w.slice_outs)
+        want = y0.float().cpu()
+        want = reference.add_lora_(want, *args) if m < 0 else S._reference_mixed_(want, *args, m)
+        keep = ids == (m if m >= 0 else -1)  # rows the op must not touch
+        if not torch.equal(got[0].cpu()[keep], y0.cpu()[keep]):
+            return f"rows it must not touch changed ({name})"
+        err = float((got[0].float().cpu() - want).abs().max())
+        err_tr = float((y_tr.float().cpu() - want).abs().max())
+        bound = 2 * err_tr + torch.finfo(dt).eps * float(want.abs().max())
+        if not err <= bound:
+            return f"error {err:.3g} vs the fp32 reference exceeds {bound:.3g} (Triton path: {err_tr:.3g}) ({name})"
+    return None
+
+
 # Each compiled kernel that the dispatcher may choose only after verification on the GPU at hand
 # (lora_kernels.tuning.VERIFIABLE_KERNELS): name -> check(device, extension) returning None when it passes, else
 # the reason. A kernel family adds its check here.
@@ -366,6 +440,7 @@ VERIFIERS: Dict[str, Callable[[torch.device, object], Optional[str]]] = {
     "build_batch_cuda": _verify_build_batch_cuda,
     "merge_cuda": _verify_merge_cuda,
     "deform_cuda": _verify_deform_cuda,
+    "sgmv_decode_cuda": _verify_sgmv_decode_cuda,
 }
 
 

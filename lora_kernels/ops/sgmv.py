@@ -42,6 +42,7 @@ import torch
 from .. import backends, profiling, reference
 from .._validation import FLOAT_DTYPES, check, check_disjoint, check_int, check_tensor
 from ..batch import LoRABatch
+from ..plan import decode_counters
 from ..profiling import nvtx_range
 from ..weights import LoRAWeights
 
@@ -82,10 +83,60 @@ def _expand_impl(y, h, b, offsets, ranks, scales, meta, slice_info, max_tokens: 
         reference.expand_(y, h, b, offsets, ranks, scales, meta[: y.shape[0]], cols, outs)
 
 
+# ---- the compiled decode kernel (csrc/sgmv_decode.cu) --------------------------------------------------------
+# add_lora_ with T <= 64 tokens runs the CUDA decode kernel (one launch, CUDA cores, deterministic) instead of the
+# Triton path, but only where `lora-bench tune` verified it on this GPU model ("sgmv_decode_cuda" in
+# tuning.verified_kernels), the backend is automatic (a forced backend is obeyed as before), x and y share a dtype
+# (the instantiations built), and the weights fit the kernel (<= 8 slices, max_rank <= 256). Otherwise nothing
+# changes. Its workspace: fp32 partial sums in the batch's workspace (``ws``; contents irrelevant) and int32
+# counters that must be zero between calls (the kernel resets them): the last entries of the batch's ``plan``
+# (lora_kernels.plan.decode_counters), so they live as long as the batch, the custom op's declared mutation of
+# ``plan`` covers them, and the plan's rule holds: one batch per stream.
+_DECODE_KERNEL = "sgmv_decode_cuda"
+_DECODE_MAX_T, _DECODE_MAX_S, _DECODE_MAX_RANK, _DECODE_CHUNK = 64, 8, 256, 256  # kernels/sgmv_decode.cuh limits
+_DECODE_DEVICE_TYPE = "cuda"  # the device type the gate accepts (a CPU test points it at "cpu" to prove the gate)
+
+
+def _decode_op(y, x, num_slices: int, r_cap: int):
+    """``torch.ops.lora_kernels_C.sgmv_decode_`` when it may serve this add_lora_ call (see above), else None.
+    Cheap checks first: this runs on every call."""
+    if (x.device.type != _DECODE_DEVICE_TYPE or x.shape[0] > _DECODE_MAX_T or x.dtype != y.dtype
+            or num_slices > _DECODE_MAX_S or r_cap > _DECODE_MAX_RANK or backends.forced() is not None):
+        return None
+    from .. import _ext, tuning
+
+    if _DECODE_KERNEL not in tuning.verified_kernels(x.device):
+        return None
+    ext = _ext.get()
+    return getattr(ext, "sgmv_decode_", None) if ext is not None else None
+
+
+def _decode_ws_bytes(x, num_slices: int, r_cap: int, merged: int) -> int:
+    """Bytes of the decode kernel's fp32 partial sums: T * S * ceil(in / 256) * r_cap (2 r_cap in mixed mode)."""
+    chunks = -(-x.shape[1] // _DECODE_CHUNK)
+    return 4 * x.shape[0] * num_slices * chunks * r_cap * (2 if merged >= 0 else 1)
+
+
+def _decode_(op, y, x, a, b, offsets, ranks, scales, meta, outs, r_cap: int, merged: int, plan, ws) -> None:
+    """One launch of the decode kernel; ``ws`` (the batch's byte workspace) must hold its partial sums, else a
+    temporary is allocated (correct, but not graph-capturable)."""
+    n = _decode_ws_bytes(x, a.shape[0], r_cap, merged)
+    part = ws[:n].view(torch.float32) if ws is not None and ws.numel() >= n else torch.empty(
+        n // 4, dtype=torch.float32, device=x.device)
+    op(y, x, a, b, offsets, ranks, scales, meta[: x.shape[0]], list(outs), r_cap, merged, part,
+       decode_counters(plan))
+
+
 def _add_lora_impl(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens: int, r_cap: int,
                    merged: int = -1, cols=None, outs=None, plan=None, ws=None) -> None:
     """``plan`` / ``ws``: the batch's work plan and workspace (the persistent kernel's tile list, counters,
-    partial sums and h; :mod:`lora_kernels.plan`); None = the Triton launcher builds its own (allocates)."""
+    partial sums and h; :mod:`lora_kernels.plan`); None = the Triton launcher builds its own (allocates).
+    T <= 64 may take the compiled decode kernel instead (:func:`_decode_op`; it needs ``outs`` and ``plan``)."""
+    if outs is not None and plan is not None:
+        op = _decode_op(y, x, a.shape[0], r_cap)
+        if op is not None:
+            _decode_(op, y, x, a, b, offsets, ranks, scales, meta, outs, r_cap, merged, plan, ws)
+            return
     if backends.select("sgmv", y.device.type) == "triton":
         _triton().add_lora_(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, merged=merged,
                             plan=plan, ws=ws, outs=outs)
@@ -152,7 +203,10 @@ def _(y, x, a, b, offsets, ranks, scales, meta, slice_info, max_tokens, r_cap, m
 
 
 def _workspace(y, x, weights, batch, m: int):
-    """The batch's workspace sized for this call when the Triton backend runs it (None otherwise)."""
+    """The batch's workspace sized for this call when the decode kernel (:func:`_decode_op`) or the Triton backend
+    runs it (None otherwise)."""
+    if _decode_op(y, x, weights.num_slices, weights.max_rank) is not None:
+        return batch.workspace(_decode_ws_bytes(x, weights.num_slices, weights.max_rank, m))
     if backends.select("sgmv", x.device.type) != "triton":
         return None
     n = _triton().workspace_bytes(y, x, weights.a, weights.b, weights.max_rank, batch.meta, batch.max_tokens,
@@ -424,7 +478,14 @@ def _add_lora_eager(y, x, weights, batch, m: int) -> None:
     """The eager fast path's call of :func:`_add_lora_impl` (checked arguments, T > 0). With the Triton backend,
     first the launcher's prepared launch (``triton.sgmv.add_lora_prepared_``: the config, plan, workspace views
     and argument list resolved once per (weights, batch, x/y layout), the compiled kernel launched pre-bound);
-    it declines (False) for strategies other than "persistent", and those take the general path."""
+    it declines (False) for strategies other than "persistent", and those take the general path. T <= 64 may
+    take the compiled decode kernel first (:func:`_decode_op`)."""
+    op = _decode_op(y, x, weights.num_slices, weights.max_rank)
+    if op is not None:
+        _decode_(op, y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
+                 weights.slice_outs, weights.max_rank, m, batch.plan,
+                 batch.workspace(_decode_ws_bytes(x, weights.num_slices, weights.max_rank, m)))
+        return
     if backends.select("sgmv", x.device.type) == "triton" and _triton().add_lora_prepared_(y, x, weights, batch, m):
         return
     _add_lora_impl(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,

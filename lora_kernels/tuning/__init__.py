@@ -274,8 +274,9 @@ def _load_table_cached(gpu_name: str) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 
 # Compiled (csrc/) kernels that replace a tested default path only on GPUs where `lora-bench tune` checked
-# them against that path. Names: "build_batch_cuda" (the LoRABatch builder of the extension).
-VERIFIABLE_KERNELS = ("build_batch_cuda", "merge_cuda", "deform_cuda")
+# them against that path. Names: "build_batch_cuda" (the LoRABatch builder of the extension), "sgmv_decode_cuda"
+# (add_lora_'s decode kernel for T <= 64, csrc/sgmv_decode.cu: lora_kernels.ops.sgmv._decode_op).
+VERIFIABLE_KERNELS = ("build_batch_cuda", "merge_cuda", "deform_cuda", "sgmv_decode_cuda")
 
 
 @functools.cache
