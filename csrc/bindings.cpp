@@ -244,3 +244,52 @@ TORCH_LIBRARY_IMPL(lora_kernels_C, CUDA, m) {
 TORCH_LIBRARY_IMPL(lora_kernels_C, Meta, m) {
   m.impl("sgmv_decode_", &lora_kernels::sgmv_decode_meta_);
 }
+
+// ---- decode fused LoRA linear (lora_kernels.nn.LoRALinear, T <= 64) ----------------------------------------------
+// fused_lora_linear_(Tensor(a!) y, Tensor x, Tensor w0, Tensor? bias, Tensor a, Tensor b, Tensor offsets,
+//                    Tensor ranks, Tensor scales, Tensor token_adapter, int[] outs, int max_rank, int merged,
+//                    Tensor(b!) workspace, Tensor(c!) counters) -> ()
+//
+// Semantics: y = rnd(x @ w0^T (+ bias) + delta), y fully overwritten and rounded once, with delta that of
+// sgmv_decode_ (merged = -1: lora_kernels.reference.add_lora_; merged = m >= 0: mixed mode, w0 holding W0 + delta_m);
+// kernel in csrc/kernels/fused_lora_linear.cuh. y [T, sum(outs)], x [T, in], w0 [out, in], bias [out] or None,
+// a [S, R, in], b [R, sum(outs)] all of ONE float dtype (the instantiations built), T <= 64, S <= 8, slice s =
+// columns [sum(outs[:s]), + outs[s]); offsets int64 [N], ranks int32 [S, N], scales fp32 [S, N], token_adapter int32
+// [T] (ids outside [0, N): no delta); max_rank <= 256 bounds every rank. workspace: fp32 of >= T * S * ceil(in / 256)
+// * rows + T * S * rows + T * out elements (rows = max_rank, doubled in mixed mode), contents irrelevant; counters:
+// int32 >= 1 + ceil(out / 8) elements, ZERO before the call and zero again after it (the kernel resets them: allocate
+// them zeroed once). One launch on the current stream, no allocation, no host sync (CUDA-graph capturable);
+// deterministic (fixed summation order).
+namespace lora_kernels {
+namespace {
+
+void fused_lora_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w0,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
+                        const at::Tensor& offsets, const at::Tensor& ranks, const at::Tensor& scales,
+                        const at::Tensor& token_adapter, at::IntArrayRef outs, int64_t max_rank, int64_t merged,
+                        const at::Tensor& workspace, const at::Tensor& counters) {
+  fused_lora_linear_cuda(y, x, w0, bias.has_value() ? static_cast<const at::TensorBase&>(*bias) : at::TensorBase(),
+                         a, b, offsets, ranks, scales, token_adapter, outs, max_rank, merged, workspace, counters);
+}
+
+void fused_lora_linear_meta_(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             at::IntArrayRef, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels_C, m) {
+  m.def("fused_lora_linear_(Tensor(a!) y, Tensor x, Tensor w0, Tensor? bias, Tensor a, Tensor b, Tensor offsets, "
+        "Tensor ranks, Tensor scales, Tensor token_adapter, int[] outs, int max_rank, int merged, "
+        "Tensor(b!) workspace, Tensor(c!) counters) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, CUDA, m) {
+  m.impl("fused_lora_linear_", &lora_kernels::fused_lora_linear_);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_C, Meta, m) {
+  m.impl("fused_lora_linear_", &lora_kernels::fused_lora_linear_meta_);
+}

@@ -56,3 +56,15 @@ void sgmv_decode_cuda(const at::TensorBase& y, const at::TensorBase& x, const at
                       int64_t max_rank, int64_t merged, const at::TensorBase& partial, const at::TensorBase& counters);
 
 }  // namespace lora_kernels
+
+namespace lora_kernels {
+
+// See fused_lora_linear_ in bindings.cpp (csrc/fused_lora_linear.cu, kernel in kernels/fused_lora_linear.cuh).
+// `bias` may be undefined (no bias).
+void fused_lora_linear_cuda(const at::TensorBase& y, const at::TensorBase& x, const at::TensorBase& w0,
+                            const at::TensorBase& bias, const at::TensorBase& a, const at::TensorBase& b,
+                            const at::TensorBase& offsets, const at::TensorBase& ranks, const at::TensorBase& scales,
+                            const at::TensorBase& token_adapter, at::IntArrayRef outs, int64_t max_rank,
+                            int64_t merged, const at::TensorBase& workspace, const at::TensorBase& counters);
+
+}  // namespace lora_kernels

@@ -17,14 +17,19 @@ Semantics (one *family* per tile height ``BM`` in :data:`PLAN_BLOCK_M`):
 
 Layout of the int32 ``plan`` buffer (:class:`PlanLayout`):
     ``[counters (n_cnt) | done (1) | per family: n_real, n_all, pos0[n_max], len[n_max], adapter[n_max] |
-    decode counters (DECODE_COUNTERS)]``
+    decode counters (DECODE_COUNTERS) | fused counters (FUSED_COUNTERS)]``
     with ``n_max(BM) = (Tc + (Ac + 1)(BM - 1)) // BM`` (an upper bound on the tiles of any batch of capacity Tc
     with at most Ac active adapters, virtual segment included) and ``n_cnt = n_max(min(PLAN_BLOCK_M))``.
-    The last ``DECODE_COUNTERS`` entries are the compiled decode kernel's per-(token, slice) counters
-    (csrc/kernels/sgmv_decode.cuh: T <= 64 tokens x <= 8 slices), same rule. The counters and ``done`` are the
-    persistent kernel's inter-program flags: zero between calls (the kernel's
-    last program resets what it used), so one batch's ops must be ordered on one stream, as a model's layers
-    are (use one batch per concurrent stream).
+    The tail holds the compiled kernels' counters: ``DECODE_COUNTERS`` per-(token, slice) counters of the decode
+    kernel (csrc/kernels/sgmv_decode.cuh: T <= 64 tokens x <= 8 slices; :func:`decode_counters`), then the last
+    ``FUSED_COUNTERS`` for the fused LoRA linear (csrc/kernels/fused_lora_linear.cuh: one for the shrink and one per
+    8 output features, so out <= 8 (FUSED_COUNTERS - 1); :func:`fused_counters`). The two kernels could share one
+    region (ops on a batch are stream-ordered and each kernel leaves its counters at zero), but they index it
+    differently (per (token, slice) vs per output tile) and the fused one needs far more entries; separate regions
+    keep each kernel's "zero between calls" invariant checkable on its own, for 16 KiB per batch. These counters,
+    the persistent kernel's and ``done`` are inter-program flags: zero between calls (each kernel's last program
+    resets what it used), so one batch's ops must be ordered on one stream, as a model's layers are (use one
+    batch per concurrent stream).
 
 The builder is torch ops on the batch's device (no host sync, no allocation outside the buffer, capturable in a
 CUDA graph together with :meth:`~lora_kernels.LoRABatch.build`).
@@ -36,13 +41,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DECODE_COUNTERS", "PLAN_BLOCK_M", "PlanLayout", "build_plan_", "decode_counters"]
+__all__ = ["DECODE_COUNTERS", "FUSED_COUNTERS", "PLAN_BLOCK_M", "PlanLayout", "build_plan_", "decode_counters",
+           "fused_counters"]
 
 #: Tile heights a plan lists tiles for (the persistent kernel's BLOCK_M must be one of them): 16 for decode
 #: (tl.dot's minimum), 64 and 128 for prefill (taller tiles re-read the adapters' A and B less often).
 PLAN_BLOCK_M = (16, 64, 128)
 #: Counters of the compiled decode kernel at the end of the plan (64 tokens x 8 slices), zero between calls.
 DECODE_COUNTERS = 64 * 8
+#: Counters of the compiled fused LoRA linear after the decode ones: counter[0] (the shrink's) and one per tile of 8
+#: output features, so layers with out <= 32768 features; zero between calls.
+FUSED_COUNTERS = 1 + 32768 // 8
 
 
 @dataclass(frozen=True)
@@ -78,12 +87,20 @@ class PlanLayout:
 
     @property
     def size(self) -> int:
-        return self.n_counters + 1 + sum(2 + 3 * self.n_max(b) for b in PLAN_BLOCK_M) + DECODE_COUNTERS
+        return (self.n_counters + 1 + sum(2 + 3 * self.n_max(b) for b in PLAN_BLOCK_M) + DECODE_COUNTERS
+                + FUSED_COUNTERS)
 
 
 def decode_counters(plan: torch.Tensor) -> torch.Tensor:
-    """The compiled decode kernel's counters: the last :data:`DECODE_COUNTERS` entries of a batch's plan."""
-    return plan[plan.numel() - DECODE_COUNTERS :]
+    """The compiled decode kernel's counters: the :data:`DECODE_COUNTERS` entries of a batch's plan before the
+    fused kernel's."""
+    end = plan.numel() - FUSED_COUNTERS
+    return plan[end - DECODE_COUNTERS : end]
+
+
+def fused_counters(plan: torch.Tensor) -> torch.Tensor:
+    """The compiled fused LoRA linear's counters: the last :data:`FUSED_COUNTERS` entries of a batch's plan."""
+    return plan[plan.numel() - FUSED_COUNTERS :]
 
 
 def build_plan_(plan: torch.Tensor, meta: torch.Tensor, layout, T: int) -> None:

@@ -10,7 +10,7 @@ from helpers import assert_compiled_cuda_op, require_compiled_extension
 import lora_kernels as lk
 from lora_kernels import _ext, reference
 from lora_kernels.batch import MetaLayout, build_batch_torch_
-from lora_kernels.plan import decode_counters
+from lora_kernels.plan import decode_counters, fused_counters
 from lora_kernels.ops import batch_ops
 
 
@@ -386,3 +386,225 @@ def test_decode_kernel_checks_arguments():
 def test_decode_kernel_op_is_the_compiled_one():
     """The op the decode dispatch calls is the extension's C++ op with a CUDA kernel from bindings.cpp."""
     assert_compiled_cuda_op(require_compiled_extension().sgmv_decode_, "lora_kernels_C::sgmv_decode_")
+
+
+# ---- the compiled fused LoRA linear (csrc/fused_lora_linear.cu) ---------------------------------------------
+def _fused_gate(monkeypatch, ext, device_type="cuda", verified=True):
+    """Let LoRALinear's dispatch choose the fused kernel: the name verified on this GPU, ``_ext.get`` returning
+    ``ext`` (the extension, or a recording stand-in), and the gate's device type (a CPU test sets "cpu")."""
+    from lora_kernels import tuning
+    from lora_kernels.nn import lora_linear
+
+    names = frozenset({lora_linear._FUSED_KERNEL}) if verified else frozenset()
+    monkeypatch.setattr(tuning, "verified_kernels", lambda device: names)
+    monkeypatch.setattr(_ext, "get", lambda *a, **k: ext)
+    monkeypatch.setattr(lora_linear, "_FUSED_DEVICE_TYPE", device_type)
+
+
+class _RecordingFused:
+    """Stands in for the extension: ``fused_lora_linear_`` records its arguments, then runs ``inner`` (the real
+    op) or, when None, the reference (x W0^T + bias + delta in fp32, rounded once)."""
+
+    def __init__(self, inner=None):
+        self.calls, self.inner = [], inner
+
+    def fused_lora_linear_(self, y, x, w0, bias, a, b, offsets, ranks, scales, tok, outs, r_cap, merged, ws, cnt):
+        from lora_kernels.ops.sgmv import _reference_mixed_
+
+        self.calls.append({"T": x.shape[0], "tok": tok.clone(), "outs": list(outs), "r_cap": r_cap, "merged": merged,
+                           "w0": w0, "bias": bias, "ws": ws.numel(), "ws_dtype": ws.dtype, "counters": cnt,
+                           "counters_before": cnt.clone()})  # no host sync: the GPU test forbids one
+        if self.inner is not None:
+            return self.inner(y, x, w0, bias, a, b, offsets, ranks, scales, tok, outs, r_cap, merged, ws, cnt)
+        cols = [sum(outs[:i]) for i in range(len(outs))]
+        acc = x.float() @ w0.float().T + (bias.float() if bias is not None else 0.0)
+        if merged < 0:
+            reference.add_lora_(acc, x, a, b, offsets, ranks, scales, tok, cols, outs)
+        else:
+            _reference_mixed_(acc, x, a, b, offsets, ranks, scales, tok, cols, outs, merged)
+        y.copy_(acc.to(y.dtype))
+
+
+def _fused_base(dtype, out, in_f, bias, seed, device):
+    """A frozen nn.Linear(in_f, out) with random W0 (and bias) in ``dtype`` on ``device``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    base = torch.nn.Linear(in_f, out, bias=bias).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(out, in_f, generator=g) / in_f**0.5)
+        if bias:
+            base.bias.copy_(torch.randn(out, generator=g))
+    return base.to(device, dtype)
+
+
+def test_lora_linear_routes_decode_steps_to_the_fused_kernel_when_verified(monkeypatch):
+    """CPU proof of LoRALinear's fused gate (CPU tensors stand in for CUDA ones; the extension is a recording stub):
+    a forward with T <= 64 over a plain nn.Linear calls ``fused_lora_linear_`` with W0 and the bias, the batch's
+    token ids, the slices' widths, an fp32 workspace big enough and zeroed counters owned by the batch, in unmerged
+    and mixed mode, for 2-D and 3-D x, with the unfused result; and it does not when the kernel is not verified,
+    for CUDA-only gates (CPU tensors), T > 64, T = 0, grad needed, a forced backend, mode "merged", an nn.Linear
+    subclass or a hooked base, dtypes that differ, max_rank > 256, under autocast, or outside plain eager."""
+    from lora_kernels.nn import lora_linear
+
+    stub = _RecordingFused()
+    w, ids, x, _ = _case(torch.float32, (48, 16, 16), in_f=300, ranks=(4, 8, 16), T=9, device="cpu")
+    batch = lk.LoRABatch(128, w.max_adapters).build(ids, ranks=w.ranks)
+    layer = lk.nn.LoRALinear(_fused_base(torch.float32, 80, 300, True, 0, "cpu"), w,
+                          batch=batch)
+
+    def run(mode="unmerged", xx=x, ll=layer):
+        ll.set_serving_mode(mode, None if mode == "unmerged" else 1)
+        with torch.no_grad():
+            return ll(xx)
+
+    want, want_mixed, want3 = run(), run("mixed"), run(xx=x.view(3, 3, 300))  # unfused (the gate is closed)
+    assert stub.calls == []
+    _fused_gate(monkeypatch, stub, device_type="cuda")  # real gate: CPU tensors never take it
+    run()
+    assert stub.calls == []
+    _fused_gate(monkeypatch, stub, device_type="cpu", verified=False)
+    run()
+    assert stub.calls == []
+    _fused_gate(monkeypatch, stub, device_type="cpu")
+    got, got_mixed, got3 = run(), run("mixed"), run(xx=x.view(3, 3, 300))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_mixed, want_mixed)
+    assert got3.shape == (3, 3, 80)
+    torch.testing.assert_close(got3, want3)
+    assert [c["merged"] for c in stub.calls] == [-1, 1, -1]
+    for c in stub.calls:
+        assert c["T"] == 9 and torch.equal(c["tok"], ids) and c["outs"] == [48, 16, 16] and c["r_cap"] == 16
+        assert c["w0"] is layer.base.weight and c["bias"] is layer.base.bias
+        # the same zeroed counters every call: the batch's (the end of its plan), 1 + one per 8 features
+        assert not c["counters_before"].any() and c["counters"].dtype == torch.int32
+        assert c["counters"].data_ptr() == fused_counters(batch.plan).data_ptr() and c["counters"].numel() >= 11
+        assert c["ws_dtype"] == torch.float32
+    chunks = -(-300 // 256)
+    assert stub.calls[0]["ws"] >= 9 * 3 * 16 * (chunks + 1) + 9 * 80
+    assert stub.calls[1]["ws"] >= 9 * 3 * 32 * (chunks + 1) + 9 * 80
+    # the decode kernel's counters are a separate region of the plan
+    assert fused_counters(batch.plan).data_ptr() >= decode_counters(batch.plan)[-1:].data_ptr() + 4
+
+    stub.calls.clear()
+    run("merged")  # base only
+    with lk.backends.use_backend("reference"):
+        run()
+    with torch.device("cpu"):  # a TorchFunctionMode: not plain eager
+        run()
+    w_bf = lk.LoRAWeights(300, [48, 16, 16], max_adapters=3, max_rank=16, dtype=torch.bfloat16)
+    bf = lk.nn.LoRALinear(_fused_base(torch.bfloat16, 80, 300, True, 0, "cpu"), w_bf, batch=batch)
+    run(ll=bf, xx=x.bfloat16())  # all bf16: routed (the control of the autocast case below)
+    assert len(stub.calls) == 1
+    stub.calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast may change base(x)'s dtype: never routed
+        run(ll=bf, xx=x.bfloat16())
+    layer.base.weight.requires_grad_(True)  # grad mode with a trainable base: the autograd path
+    layer.set_serving_mode("unmerged")
+    assert layer(x).requires_grad
+    layer.base.weight.requires_grad_(False)
+    big = lk.LoRABatch(128, w.max_adapters).build(torch.zeros(65, dtype=torch.int32), ranks=w.ranks)
+    run(ll=lk.nn.LoRALinear(layer.base, w, batch=big), xx=torch.randn(65, 300))
+    empty = lk.LoRABatch(128, w.max_adapters).build(torch.zeros(0, dtype=torch.int32), ranks=w.ranks)
+    run(ll=lk.nn.LoRALinear(layer.base, w, batch=empty), xx=torch.randn(0, 300))
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    sub = MyLinear(300, 80)
+    sub.load_state_dict(layer.base.state_dict())
+    run(ll=lk.nn.LoRALinear(sub, w, batch=batch))
+    hooked = _fused_base(torch.float32, 80, 300, True, 0, "cpu")
+    hooked.register_forward_hook(lambda mod, inp, out: None)
+    run(ll=lk.nn.LoRALinear(hooked, w, batch=batch))
+    run(ll=lk.nn.LoRALinear(layer.base, w_bf, batch=batch))  # fp32 W0, bf16 adapters
+    w_big = lk.LoRAWeights(300, [48, 16, 16], max_adapters=3, max_rank=257, dtype=torch.float32)
+    run(ll=lk.nn.LoRALinear(layer.base, w_big, batch=batch))
+    assert stub.calls == []
+
+
+FUSED_CASES = [  # (outs, in, ranks, T, merged, bias)
+    ((4096,), 4096, (8, 16, 33, 64, 128), 1, None, False),
+    ((4096, 1024, 1024), 4096, (8, 16, 33, 64, 128), 7, 3, True),
+    ((512,), 1000, (5, 256), 64, None, True),
+    ((72, 13), 264, (4, 9, 2), 33, 0, False),
+    ((2048, 512), 2048, (16, 32), 16, None, True),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[f"outs{c[0]}-in{c[1]}-T{c[3]}-m{c[4]}-b{int(c[5])}"
+                                                   for c in FUSED_CASES])
+def test_fused_kernel_matches_reference(monkeypatch, dtype, case):
+    """LoRALinear through the compiled fused kernel (the gate opened, every call recorded) vs the fp64 truth (x W0^T
+    + bias + delta), with the yardstick of the unfused path PyTorch would run in the low precision (base(x), then
+    the delta added: two roundings); two runs are bit-identical (deterministic), the counters are back to zero, and
+    the second call does not sync with the host."""
+    outs, in_f, ranks, T, m, has_bias = case
+    rec = _RecordingFused(inner=require_compiled_extension().fused_lora_linear_)
+    _fused_gate(monkeypatch, rec)
+    w, ids, x, _ = _decode_case(dtype, dtype, outs, in_f, ranks, T, seed=11)
+    ids_c = ids.cuda()
+    batch = lk.LoRABatch(64, w.max_adapters, "cuda").build(ids_c, ranks=w.ranks)
+    layer = lk.nn.LoRALinear(_fused_base(dtype, sum(outs), in_f, has_bias, 11, "cuda"), w, batch=batch)
+    if m is not None:
+        layer.set_serving_mode("mixed", m)
+    with torch.no_grad():
+        got = [layer(x)]  # warm-up: allocates the workspace
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got.append(layer(x))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert len(rec.calls) == 2
+    assert torch.equal(got[0], got[1]), "two runs differ"
+    assert bool((fused_counters(batch.plan) == 0).all()), "counters not reset"
+    W0, bias = layer.base.weight, layer.base.bias
+    base64 = x.double() @ W0.double().T + (bias.double() if has_bias else 0.0)
+    base_lowp = layer.base(x).double()
+    if m is None:
+        truth = base64 + reference.lora_delta(x, w, ids_c).double()
+        lowp = base_lowp + _torch_lowp_delta(x, w, ids).double()
+    else:
+        not_m = torch.where(ids_c == m, torch.full_like(ids_c, -1), ids_c)
+        others = torch.where(ids_c == m, torch.full_like(ids_c, -1), torch.full_like(ids_c, m))
+        truth = base64 + reference.lora_delta(x, w, not_m).double() - reference.lora_delta(x, w, others).double()
+        lowp = base_lowp + _torch_lowp_delta(x, w, not_m.cpu()).double() - _torch_lowp_delta(
+            x, w, others.cpu()).double()
+    lowp = lowp.to(dtype).double()  # PyTorch rounds y again
+    err = (got[0].double() - truth).abs().max().item()
+    err_torch = (lowp - truth).abs().max().item()
+    assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+
+
+@pytest.mark.cuda
+def test_fused_kernel_checks_arguments():
+    """The launcher's host checks: clear errors, nothing launched."""
+    ext = require_compiled_extension()
+    w, ids, x, y = _case(torch.bfloat16, (256,), in_f=256, ranks=(8, 16), T=4)
+    batch = lk.LoRABatch(64, w.max_adapters, "cuda").build(ids.cuda(), ranks=w.ranks)
+    base = _fused_base(torch.bfloat16, 256, 256, True, 0, "cuda")
+    ws = torch.empty(4 * 16 * 2 + 4 * 256, dtype=torch.float32, device="cuda")
+    cnt = torch.zeros(1 + 32, dtype=torch.int32, device="cuda")
+    tok = batch.meta[:4]
+
+    def call(**kw):
+        args = dict(y=y, x=x, w0=base.weight, bias=base.bias, a=w.a, b=w.b, offsets=w.offsets, ranks=w.ranks,
+                    scales=w.scales, tok=tok, outs=[256], r=16, m=-1, ws=ws, cnt=cnt)
+        args.update(kw)
+        ext.fused_lora_linear_(*args.values())
+
+    call()
+    call(bias=None)
+    for kw, msg in [({"x": x.half()}, "x: expected y's dtype"), ({"w0": base.weight.float()}, "w0: expected y's"),
+                    ({"w0": base.weight[:128]}, "w0: expected shape"), ({"bias": base.bias[:5]}, "bias: expected"),
+                    ({"r": 257}, "max_rank"), ({"outs": [255]}, "y: "), ({"ws": ws[:10]}, "workspace"),
+                    ({"cnt": cnt[:3]}, "counters"), ({"m": 2}, "merged"), ({"tok": batch.meta[:5]}, "token_adapter"),
+                    ({"offsets": w.offsets.int()}, "offsets"), ({"y": x}, "overlap x"),
+                    ({"y": torch.zeros(65, 256, dtype=torch.bfloat16, device="cuda")}, "at most 64")]:
+        with pytest.raises(RuntimeError, match=msg):
+            call(**kw)
+
+
+def test_fused_kernel_op_is_the_compiled_one():
+    """The op the fused dispatch calls is the extension's C++ op with a CUDA kernel from bindings.cpp."""
+    assert_compiled_cuda_op(require_compiled_extension().fused_lora_linear_, "lora_kernels_C::fused_lora_linear_")

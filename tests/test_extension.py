@@ -102,6 +102,25 @@ def test_sgmv_decode_schema_and_meta_impl():
        torch.empty(4, dtype=torch.int32, **m))
 
 
+def test_fused_lora_linear_schema_and_meta_impl():
+    """lora_kernels_C::fused_lora_linear_ declares what it writes (y, the workspace, the counters), takes an
+    optional bias, and has a Meta impl (fake tensors, torch.compile)."""
+    _require_aot()
+    import lora_kernels._C  # noqa: F401
+
+    op = torch.ops.lora_kernels_C.fused_lora_linear_
+    args = op.default._schema.arguments
+    written = [a.name for a in args if a.alias_info is not None and a.alias_info.is_write]
+    assert written == ["y", "workspace", "counters"], str(op.default._schema)
+    assert str(args[3].type) == "Optional[Tensor]" and args[3].name == "bias", str(op.default._schema)
+    m = dict(device="meta")
+    for bias in (torch.empty(64, **m), None):
+        op(torch.empty(4, 64, **m), torch.empty(4, 32, **m), torch.empty(64, 32, **m), bias,
+           torch.empty(1, 8, 32, **m), torch.empty(8, 64, **m), torch.empty(2, dtype=torch.int64, **m),
+           torch.empty(1, 2, dtype=torch.int32, **m), torch.empty(1, 2, **m), torch.empty(4, dtype=torch.int32, **m),
+           [64], 4, -1, torch.empty(320, **m), torch.empty(9, dtype=torch.int32, **m))
+
+
 # ---- settings --------------------------------------------------------------------------------------------
 def test_cuda_arch_flags():
     assert _ext.cuda_arch_flags("9.0a;8.0;PTX:9.0") == [
@@ -518,10 +537,13 @@ def _cuobjdump() -> str | None:
 
 # One entry per __global__ kernel family: each must have device code for every target architecture.
 KERNELS = ("lora_build_batch_kernel", "merge_grouped_kernel", "deform_pool_fwd_kernel", "deform_pool_bwd_kernel",
-           "deform_sample_fwd_kernel", "deform_sample_bwd_kernel", "sgmv_decode_kernel")
+           "deform_sample_fwd_kernel", "deform_sample_bwd_kernel", "sgmv_decode_kernel", "fused_lora_linear_kernel")
 # Instantiations of the decode kernel csrc/sgmv_decode.cu dispatches to: x / y dtype (3) x weights dtype (3) x
 # vector / scalar variant (2). One missing from a cubin would fail at launch on that dtype only.
 SGMV_DECODE_INSTANTIATIONS = 18
+# Instantiations of the fused LoRA linear csrc/fused_lora_linear.cu dispatches to: one dtype for x, y, W0 and the
+# adapters (3) x vector / scalar variant (2).
+FUSED_LORA_LINEAR_INSTANTIATIONS = 6
 
 
 def test_built_extension_has_device_code_for_every_kernel():
@@ -545,3 +567,6 @@ def test_built_extension_has_device_code_for_every_kernel():
         assert not missing, f"{arch}: no device code for {missing}"
         decode = set(__import__("re").findall(r"_ZN12lora_kernels18sgmv_decode_kernelI\w+?SgmvDecodeParamsE", elf))
         assert len(decode) == SGMV_DECODE_INSTANTIATIONS, f"{arch}: sgmv_decode_kernel instantiations {sorted(decode)}"
+        fused = set(__import__("re").findall(r"_ZN12lora_kernels24fused_lora_linear_kernelI\w+?FusedLoraLinearParamsE",
+                                             elf))
+        assert len(fused) == FUSED_LORA_LINEAR_INSTANTIATIONS, f"{arch}: fused_lora_linear_kernel {sorted(fused)}"

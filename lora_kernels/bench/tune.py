@@ -433,6 +433,82 @@ def _verify_sgmv_decode_cuda(device: torch.device, ext) -> Optional[str]:
     return None
 
 
+# (in, outs, ranks, dtype of x / W0 / adapters, T, merged, bias): decode shapes (T <= 64) incl. fused slices, mixed
+# mode, bias and none, a rank-256 adapter, T > 16 (several token groups), odd widths (the scalar fallback, a last
+# tile of < 8 features).
+_FUSED_CASES = (
+    (4096, (4096,), (8, 16, 64), torch.bfloat16, 1, None, False),
+    (4096, (4096,), (8, 16, 64), torch.float16, 16, None, True),
+    (4096, (4096, 1024, 1024), (16, 8, 128), torch.bfloat16, 7, 1, True),
+    (2048, (2048, 512, 512), (4, 32), torch.float16, 64, 0, False),
+    (1000, (72, 13), (5, 33, 9), torch.bfloat16, 64, 2, True),
+    (264, (40,), (256, 3), torch.float16, 33, None, True),
+    (512, (96,), (16, 7), torch.float32, 5, 0, False),
+)
+
+
+def _verify_fused_linear_cuda(device: torch.device, ext) -> Optional[str]:
+    """The compiled fused LoRA linear (what LoRALinear runs for T <= 64 once verified: base GEMV + delta in one
+    launch) vs the fp32 reference on the CPU (x W0^T + bias + the reference delta, rounded once): per case an error
+    at most twice that of the unfused path it replaces (base(x) + add_lora_ on Triton, plus one ulp of the largest
+    output), a second run bit-identical to the first (deterministic), and the counters back to zero."""
+    from ..plan import fused_counters
+
+    import lora_kernels as lk
+    from lora_kernels import reference
+    from lora_kernels.nn import lora_linear as L
+    from lora_kernels.ops import sgmv as S
+
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device}"
+    try:
+        op = ext.fused_lora_linear_
+    except (AttributeError, RuntimeError):
+        return "the extension has no fused_lora_linear kernel"
+    gen = torch.Generator().manual_seed(3)
+    for in_f, outs, ranks, dt, T, merged, has_bias in _FUSED_CASES:
+        name = f"in={in_f} outs={outs} ranks={ranks} {dt} T={T} merged={merged} bias={has_bias}"
+        w = lk.LoRAWeights(in_f, list(outs), max_adapters=len(ranks), max_rank=max(ranks), dtype=dt, device=device)
+        for r in ranks:
+            w.add([torch.randn(r, in_f, generator=gen) / in_f**0.5 for _ in outs],
+                  [torch.randn(o, r, generator=gen) / r**0.5 for o in outs], alpha=2.0 * r)
+        base = torch.nn.Linear(in_f, w.out_features, bias=has_bias).requires_grad_(False)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(w.out_features, in_f, generator=gen) / in_f**0.5)
+            if has_bias:
+                base.bias.copy_(torch.randn(w.out_features, generator=gen))
+        ids = torch.randint(0, len(ranks), (T,), generator=gen, dtype=torch.int32)
+        ids[torch.rand(T, generator=gen) < 0.25] = -1
+        ids[0] = 0 if merged != 0 else 1  # every case serves a token
+        batch = lk.LoRABatch.from_ids(ids.to(device), len(ranks))
+        layer = L.LoRALinear(base.to(device, dt), w, batch=batch)
+        x = torch.randn(T, in_f, generator=gen).to(device, dt)
+        m = -1 if merged is None else merged
+        got = [L._fused_(op, layer, x, batch, m) for _ in range(2)]
+        if merged is not None:
+            layer.set_serving_mode("mixed", merged)
+        with torch.no_grad(), lk.backends.use_backend("triton"):  # a forced backend: the unfused path
+            y_tr = layer(x).view(T, -1)
+        torch.cuda.synchronize(device)
+        if not bool((fused_counters(batch.plan) == 0).all()):
+            return f"counters not reset to zero ({name})"
+        bits = torch.int16 if dt != torch.float32 else torch.int32
+        if not torch.equal(got[0].view(bits), got[1].view(bits)):
+            return f"two runs differ (not deterministic) ({name})"
+        want = x.float().cpu() @ base.weight.float().cpu().t()
+        if has_bias:
+            want += base.bias.float().cpu()
+        args = (x.float().cpu(), w.a.float().cpu(), w.b.float().cpu(), w.offsets.cpu(), w.ranks.cpu(),
+                w.scales.cpu(), ids, w.slice_cols, w.slice_outs)
+        want = reference.add_lora_(want, *args) if m < 0 else S._reference_mixed_(want, *args, m)
+        err = float((got[0].float().cpu() - want).abs().max())
+        err_tr = float((y_tr.float().cpu() - want).abs().max())
+        bound = 2 * err_tr + torch.finfo(dt).eps * float(want.abs().max())
+        if not err <= bound:
+            return f"error {err:.3g} vs the fp32 reference exceeds {bound:.3g} (unfused path: {err_tr:.3g}) ({name})"
+    return None
+
+
 # Each compiled kernel that the dispatcher may choose only after verification on the GPU at hand
 # (lora_kernels.tuning.VERIFIABLE_KERNELS): name -> check(device, extension) returning None when it passes, else
 # the reason. A kernel family adds its check here.
@@ -441,6 +517,7 @@ VERIFIERS: Dict[str, Callable[[torch.device, object], Optional[str]]] = {
     "merge_cuda": _verify_merge_cuda,
     "deform_cuda": _verify_deform_cuda,
     "sgmv_decode_cuda": _verify_sgmv_decode_cuda,
+    "fused_linear_cuda": _verify_fused_linear_cuda,
 }
 
 

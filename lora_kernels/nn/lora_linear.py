@@ -7,15 +7,84 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import backends
 from ..batch import LoRABatch
+from ..ops import sgmv as _sgmv
 from ..ops.lora_linear import _add, needs_grad
 from ..ops.sgmv import _check_common, _check_x, add_lora_
+from ..plan import FUSED_COUNTERS, fused_counters
 from ..weights import LoRAWeights
 from ._adapter_layer import check_layer_batch, forward_batch, layer_storage
 
 __all__ = ["LoRALinear", "SERVING_MODES"]
 
 SERVING_MODES = ("unmerged", "merged", "mixed")
+
+
+# ---- the compiled fused LoRA linear (csrc/fused_lora_linear.cu) ---------------------------------------------
+# A decode step (T <= 64 tokens) of a layer whose base is a plain nn.Linear runs y = x W0^T (+ bias) + delta in ONE
+# launch (the base GEMV and the multi-LoRA delta fused, y written and rounded once) instead of base(x) + add_lora_,
+# but only where `lora-bench tune` verified it on this GPU model ("fused_linear_cuda" in tuning.verified_kernels),
+# in plain eager calls (lora_kernels.ops.sgmv._eager: torch.compile / export / fake tensors trace the unfused path)
+# with nothing needing grad, no autocast (it would change base(x)'s dtype), the backend automatic, x, W0, bias and
+# the adapters of one dtype (the instantiations built), no hooks on the base (the fused path never calls it), and
+# the weights within the kernel's limits.
+# Otherwise nothing changes. Its workspace: fp32 partial sums, h and the base copy in the batch's workspace
+# (contents irrelevant) and int32 counters that must be zero between calls (the kernel resets them): the batch's
+# plan (lora_kernels.plan.fused_counters), so one batch per stream, as for the decode kernel.
+_FUSED_KERNEL = "fused_linear_cuda"
+_FUSED_MAX_T, _FUSED_MAX_S, _FUSED_MAX_RANK, _FUSED_CHUNK, _FUSED_TILE = 64, 8, 256, 256, 8  # kernel's limits
+_FUSED_DEVICE_TYPE = "cuda"  # the device type the gate accepts (a CPU test points it at "cpu" to prove the gate)
+
+
+def _base_is_plain_linear(base: nn.Module) -> bool:
+    """True when ``base(x)`` is exactly ``x W^T + b`` of an ``nn.Linear`` (not a subclass, e.g. a quantised one)
+    whose call runs no hooks: the fused path computes it without calling the module."""
+    mm = nn.modules.module
+    return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+            and not mm._global_forward_hooks and not mm._global_forward_pre_hooks)
+
+
+def _fused_op(layer: "LoRALinear", x2: torch.Tensor, batch):
+    """``torch.ops.lora_kernels_C.fused_lora_linear_`` when it may serve this forward (see above), else None.
+    Cheap checks first: this runs on every call."""
+    T, w = x2.shape[0], layer.weights
+    if x2.device.type != _FUSED_DEVICE_TYPE or not 1 <= T <= _FUSED_MAX_T or not _base_is_plain_linear(layer.base):
+        return None
+    from .. import _ext, tuning
+
+    if _FUSED_KERNEL not in tuning.verified_kernels(x2.device):  # (a cached set: until tune verifies it, stop here)
+        return None
+    w0, bias = layer.base.weight, layer.base.bias
+    if (x2.dtype != w0.dtype or w.a.dtype != w0.dtype or (bias is not None and bias.dtype != w0.dtype)
+            or w0.device != x2.device or w.num_slices > _FUSED_MAX_S or w.max_rank > _FUSED_MAX_RANK
+            or tuple(w0.shape) != (w.out_features, w.in_features) or (w.in_features > 1 and w0.stride(1) != 1)
+            or 1 + -(-w.out_features // _FUSED_TILE) > FUSED_COUNTERS or backends.forced() is not None
+            or needs_grad(x2, w, w0, bias) or torch.is_autocast_enabled(x2.device.type)
+            or not _sgmv._eager(x2, w0, w.a, w.b)
+            or not (_sgmv._x_ok(x2, w) and _sgmv._common_ok(w, batch, T, x2.device))):
+        return None
+    ext = _ext.get()
+    return getattr(ext, "fused_lora_linear_", None) if ext is not None else None
+
+
+def _fused_ws_floats(T: int, in_f: int, out_f: int, num_slices: int, r_cap: int, merged: int) -> int:
+    """fp32 elements of the fused kernel's workspace: partial sums T * S * ceil(in / 256) * rows, h T * S * rows
+    and the base copy T * out, with rows = r_cap (2 r_cap in mixed mode)."""
+    rows = r_cap * (2 if merged >= 0 else 1)
+    return T * num_slices * rows * (-(-in_f // _FUSED_CHUNK) + 1) + T * out_f
+
+
+def _fused_(op, layer: "LoRALinear", x2: torch.Tensor, batch, merged: int) -> torch.Tensor:
+    """One launch of the fused kernel: a fresh y [T, out] = base(x2) + delta (``merged``: mixed mode's id or -1)."""
+    w, base = layer.weights, layer.base
+    T = x2.shape[0]
+    y = torch.empty(T, w.out_features, dtype=x2.dtype, device=x2.device)
+    n = _fused_ws_floats(T, w.in_features, w.out_features, w.num_slices, w.max_rank, merged)
+    ws = batch.workspace(4 * n)[: 4 * n].view(torch.float32)
+    op(y, x2, base.weight, base.bias, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta[:T], list(w.slice_outs),
+       w.max_rank, merged, ws, fused_counters(batch.plan))
+    return y
 
 
 class LoRALinear(nn.Module):
@@ -126,10 +195,14 @@ class LoRALinear(nn.Module):
         if grad and mode != "unmerged" and self.weights.requires_grad:
             raise RuntimeError(f"LoRALinear: expected mode 'unmerged' to train the adapters (weights require grad), "
                                f"got {mode!r}; unmerge first, or freeze them with weights.requires_grad_(False)")
-        y = self.base(x)
         if mode == "merged":  # base holds W0 + delta_m; every token is taken to use m
-            return y
+            return self.base(x)
         x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])  # (a 2-D x needs no view: ~1 us per call saved)
+        op = _fused_op(self, x2, batch)  # a decode step may take the compiled fused kernel (GEMV + delta, 1 launch)
+        if op is not None:
+            y = _fused_(op, self, x2, batch, self.merged_adapter if mode == "mixed" else -1)
+            return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        y = self.base(x)
         if grad and mode == "unmerged" and needs_grad(x2, self.weights, y):  # (no_grad: skip the test, hot path)
             # training: the differentiable out-of-place op (segmented backward); the serving path below is
             # unchanged when nothing requires grad

@@ -275,8 +275,10 @@ def _load_table_cached(gpu_name: str) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 # Compiled (csrc/) kernels that replace a tested default path only on GPUs where `lora-bench tune` checked
 # them against that path. Names: "build_batch_cuda" (the LoRABatch builder of the extension), "sgmv_decode_cuda"
-# (add_lora_'s decode kernel for T <= 64, csrc/sgmv_decode.cu: lora_kernels.ops.sgmv._decode_op).
-VERIFIABLE_KERNELS = ("build_batch_cuda", "merge_cuda", "deform_cuda", "sgmv_decode_cuda")
+# (add_lora_'s decode kernel for T <= 64, csrc/sgmv_decode.cu: lora_kernels.ops.sgmv._decode_op),
+# "fused_linear_cuda" (LoRALinear's base GEMV + delta in one launch for T <= 64, csrc/fused_lora_linear.cu:
+# lora_kernels.nn.lora_linear._fused_op).
+VERIFIABLE_KERNELS = ("build_batch_cuda", "merge_cuda", "deform_cuda", "sgmv_decode_cuda", "fused_linear_cuda")
 
 
 @functools.cache
