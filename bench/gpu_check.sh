@@ -23,8 +23,8 @@
 #     memcheck    compute-sanitizer --tool memcheck  on bench/sanitize_ops.py, then on the decode kernel's cuda tests
 #                 (tests/test_cuda.py -k decode_kernel: lora_kernels_C::sgmv_decode_, csrc/sgmv_decode.cu, every
 #                 dtype, mixed mode, fused slices, -1 tokens, vector and scalar variants, rank 256, T 1..64)
-#     racecheck   compute-sanitizer --tool racecheck on bench/sanitize_ops.py, then on the decode kernel's bf16 tests
-#     synccheck   compute-sanitizer --tool synccheck on the decode kernel's bf16 tests (its last-block-finishes
+#     racecheck   compute-sanitizer --tool racecheck on bench/sanitize_ops.py, then on the decode and fused kernels' bf16 tests
+#     synccheck   compute-sanitizer --tool synccheck on the decode and fused kernels' bf16 tests (its last-block-finishes
 #                 protocol: block barriers after an early exit, warp shuffles)
 #     sgmv        lora-bench sgmv over every case (sgmv.json; also copied to bench/results/<gpu>/)
 #     merge       lora-bench merge: merge/unmerge per 7B shape and the 32-layer model switch (merge.json; also
@@ -160,8 +160,9 @@ PYEOF
   return $rc
 }
 do_sanitize() { "$PY" bench/sanitize_ops.py; }
-# The decode kernel (lora_kernels_C::sgmv_decode_) under a sanitizer tool: its cuda tests open add_lora_'s
-# dispatch gate themselves, so they run the compiled kernel whether or not this GPU's table verified it yet.
+# The decode kernel (lora_kernels_C::sgmv_decode_) and the fused LoRA linear (lora_kernels_C::fused_lora_linear_)
+# under a sanitizer tool: their cuda tests open the dispatch gates themselves, so they run the compiled kernels
+# whether or not this GPU's table verified them yet.
 # $1: the tool, $2: the pytest -k filter.
 sanitize_decode() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool "$1" --error-exitcode 1 --print-limit 50 \
@@ -171,17 +172,17 @@ do_memcheck() {
   local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool memcheck --error-exitcode 1 --print-limit 50 \
     "$PY" bench/sanitize_ops.py || rc=1
-  sanitize_decode memcheck "decode_kernel" || rc=1
+  sanitize_decode memcheck "decode_kernel or fused_kernel" || rc=1
   return $rc
 }
 do_racecheck() {
   local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool racecheck --error-exitcode 1 --print-limit 50 \
     "$PY" bench/sanitize_ops.py || rc=1
-  sanitize_decode racecheck "decode_kernel_matches and bfloat16" || rc=1
+  sanitize_decode racecheck "(decode_kernel_matches or fused_kernel_matches) and bf16" || rc=1
   return $rc
 }
-do_synccheck() { sanitize_decode synccheck "decode_kernel_matches and bfloat16"; }
+do_synccheck() { sanitize_decode synccheck "(decode_kernel_matches or fused_kernel_matches) and bf16"; }
 do_sgmv() { bench_kept sgmv "$OUT/sgmv.json" --no-progress --time-budget "$(time_budget 40)"; }
 do_merge() { bench_kept merge "$OUT/merge.json" --no-progress --time-budget "$(time_budget 30)"; }
 do_backward() {

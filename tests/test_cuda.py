@@ -317,7 +317,7 @@ DECODE_CASES = [  # (outs, in, ranks, T, weights dtype (None: x's), merged)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[f"outs{c[0]}-in{c[1]}-T{c[3]}-m{c[5]}" for c in DECODE_CASES])
 def test_decode_kernel_matches_reference(monkeypatch, dtype, case):
     """add_lora_ through the compiled decode kernel (the gate opened, every call recorded) vs the fp64 truth,
@@ -531,7 +531,7 @@ FUSED_CASES = [  # (outs, in, ranks, T, merged, bias)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=[f"outs{c[0]}-in{c[1]}-T{c[3]}-m{c[4]}-b{int(c[5])}"
                                                    for c in FUSED_CASES])
 def test_fused_kernel_matches_reference(monkeypatch, dtype, case):
