@@ -7,7 +7,7 @@
 #   1. correctness and verification first (what makes compiled kernels eligible for dispatch):
 #        run(command="LORA_KERNELS_COMMIT=<sha> GPU_CHECK_STEPS='nvidia-smi build env pytest sanitize memcheck synccheck tune' bash bench/gpu_check.sh", timeout_s=590)
 #   2. the benchmarks the issues quote:
-#        run(command="LORA_KERNELS_COMMIT=<sha> GPU_CHECK_BUDGET=300 GPU_CHECK_STEPS='build sgmv merge vce dual backward serve overhead racecheck pool' bash bench/gpu_check.sh", timeout_s=320)
+#        run(command="LORA_KERNELS_COMMIT=<sha> GPU_CHECK_BUDGET=300 GPU_CHECK_STEPS='build sgmv linear merge vce dual backward serve overhead racecheck pool' bash bench/gpu_check.sh", timeout_s=320)
 # with <sha> the output of `git rev-parse HEAD` pasted in on this side (the copy the GPU machine receives may
 # have no .git; without it the JSON says "unknown"). Then give the machine back. One call with every step also
 # works (the default) but the budget runs out before the later steps.
@@ -27,6 +27,11 @@
 #     synccheck   compute-sanitizer --tool synccheck on the decode and fused kernels' bf16 tests (its last-block-finishes
 #                 protocol: block barriers after an early exit, warp shuffles)
 #     sgmv        lora-bench sgmv over every case (sgmv.json; also copied to bench/results/<gpu>/)
+#     linear      lora-bench linear (issue 15): the decode sweep T = 1..64 of a LoRA'd 4096 x 4096 linear (8 adapters
+#                 r = 16, bf16): base GEMV alone, base + add_lora_, vLLM-style base + memset + shrink + expand, the
+#                 CUDA fused_lora_linear_ and base + sgmv_decode_ (verified or not: the rows say which); us, launches
+#                 per call, % of the bytes bound, ratio to the base GEMV (linear.json inside logs.tar.gz; copy to
+#                 bench/results/<gpu>/linear-<date>.json; its table is printed at the end)
 #     merge       lora-bench merge: merge/unmerge per 7B shape and the 32-layer model switch (merge.json; also
 #                 copied to bench/results/<gpu>/)
 #     backward    lora-bench backward: fwd+bwd tokens/s of the multi-adapter delta, 64 adapters of mixed ranks, vs
@@ -72,7 +77,7 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-560}
 RESERVE=15 # seconds kept for packing the results
 START=$(date +%s)
-STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck synccheck sgmv merge backward tune dual serve pool vce overhead"}
+STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck synccheck sgmv linear merge backward tune dual serve pool vce overhead"}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
@@ -80,7 +85,7 @@ export OUT REPO PY LOGS
 
 # Default caps (seconds): maxima; a step that ends early leaves its time to the later ones.
 declare -A CAP=([nvidia-smi]=15 [build]=180 [env]=40 [pytest]=150 [sanitize]=60 [memcheck]=90 [racecheck]=75
-                [synccheck]=30 [sgmv]=130 [merge]=90 [backward]=60 [tune]=150 [dual]=60 [serve]=90 [pool]=60 [vce]=100 [overhead]=45)
+                [synccheck]=30 [sgmv]=130 [linear]=75 [merge]=90 [backward]=60 [tune]=150 [dual]=60 [serve]=90 [pool]=60 [vce]=100 [overhead]=45)
 SUMMARY=()
 FAILED=()
 
@@ -185,6 +190,9 @@ do_racecheck() {
 do_synccheck() { sanitize_decode synccheck "(decode_kernel_matches or fused_kernel_matches) and bf16"; }
 do_sgmv() { bench_kept sgmv "$OUT/sgmv.json" --no-progress --time-budget "$(time_budget 40)"; }
 do_merge() { bench_kept merge "$OUT/merge.json" --no-progress --time-budget "$(time_budget 30)"; }
+do_linear() {  # issue 15: decode sweep of a LoRA'd linear (linear.json inside logs.tar.gz: the 8-file limit)
+  bench_kept linear "$LOGS/linear.json" --no-progress --time-budget "$(time_budget 30)"
+}
 do_backward() {
   "$PY" -m lora_kernels backward --out "$LOGS/backward.json" --no-progress \
     --time-budget "$(time_budget 20)"
@@ -220,7 +228,7 @@ do_overhead() {  # host overhead per op call (BENCHMARKS.md: <= 10 us); returned
   "$PY" -m lora_kernels overhead --iters 1000 --repeats 5 --out "$LOGS/overhead.json"
 }
 export -f do_overhead
-export -f sanitizer sanitize_decode time_budget keep_result bench_kept do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_synccheck do_sgmv do_merge do_backward do_tune
+export -f sanitizer sanitize_decode time_budget keep_result bench_kept do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_synccheck do_sgmv do_linear do_merge do_backward do_tune
 
 run_step() {
   local name=$1 fn=$2
@@ -260,6 +268,7 @@ run_step memcheck do_memcheck
 run_step racecheck do_racecheck
 run_step synccheck do_synccheck
 run_step sgmv do_sgmv
+run_step linear do_linear
 run_step overhead do_overhead  # short; early so a spent budget never skips it
 run_step merge do_merge
 run_step backward do_backward
@@ -299,6 +308,7 @@ EOF
 } >"$OUT/summary.txt" 2>&1
 
 print_table backward "$LOGS/backward.json" "full rows: logs/backward.json in logs.tar.gz"
+print_table linear "$LOGS/linear.json" "issue 15's decode table; full rows: logs/linear.json in logs.tar.gz"
 tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
 
 print_table sgmv "$OUT/sgmv.json" "full rows: sgmv.json"

@@ -6,6 +6,9 @@ Subcommands:
     sgmv   time ``add_lora_`` (and shrink + expand_, and the batch build) against the PyTorch baselines on
            BENCHMARKS.md's cases or a shape given on the command line; table + JSON. Without a GPU: a CPU smoke
            sweep on tiny shapes, labelled as such.
+    linear the decode sweep (T = 1..64) of one LoRA'd linear layer (issue 15): the base GEMV alone, base +
+           add_lora_, vLLM-style base + shrink + expand_, and the CUDA fused and decode kernels; us, launches per
+           call, % of the bytes bound, ratio to the base GEMV; table + JSON (CPU smoke without a GPU).
     env    GPU, driver, torch / Triton / CUDA versions, compute capability, and which backends can run.
     merge  time merge, unmerge and the whole-model mode switch (7B shapes: 32 layers x q,k,v,o,gate,up,down)
            against ``W.addmm_`` and PEFT-style loops, in us and % of the bytes bound, with bit-exactness after
@@ -30,6 +33,7 @@ See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import List, Optional, Sequence
@@ -37,56 +41,43 @@ from typing import List, Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .bench import demo, merge, sgmv, tune
+# Each subcommand, in the order `lora-bench --help` lists them, with its one-line help. "env" is this module's own;
+# every other is a module of the same name in lora_kernels.bench with add_arguments(parser) and run(args) (its
+# docstring is the subcommand's --help text).
+SUBCOMMANDS = (
+    ("demo", "run a mixed-adapter batch through a small model and check it"),
+    ("sgmv", "time the batched LoRA delta against the baselines"),
+    ("linear", "decode sweep of a LoRA'd linear layer: base GEMV, the library, vLLM-style, the CUDA kernels"),
+    ("merge", "time merge/unmerge and the whole-model mode switch against the baselines"),
+    ("env", "GPU, versions and available backends"),
+    ("vce", "time deform_pool (VCE) fwd and fwd+bwd against grid_sample and a DETR kernel"),
+    ("tune", "tune the Triton configs on this GPU and write the table"),
+    ("dual", "time the Dual-LoRA delta against PyTorch and torch.compile of it"),
+    ("backward", "time fwd+bwd of the multi-adapter delta against a per-adapter loop"),
+    ("serve", "decode-step latency of a patched model with n adapters vs PEFT's mixed batch"),  # issue 7
+    ("overhead", "host time per op call (validation + dispatch), kernels stubbed; CUDA eager"),
+)
+# Subcommands implemented by a module of the same name in lora_kernels.bench.
+BENCH_COMMANDS = tuple(name for name, _ in SUBCOMMANDS if name != "env")
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lora-bench",
         description="Benchmarks, checks and tuning for lora_kernels (batched heterogeneous LoRA).",
         epilog="Examples: lora-bench demo | lora-bench env | lora-bench sgmv --cases 't256-*' | "
                "lora-bench sgmv --tokens 1,64,4096 --ranks 8,16,32,64,128 --dist zipf | lora-bench merge --layers 4 | "
-               "lora-bench tune",
+               "lora-bench linear --tokens 1,16,64 --ranks 8,16,64 | lora-bench tune",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,sgmv,merge,env,tune,dual,serve}")
-    d = sub.add_parser("demo", help="run a mixed-adapter batch through a small model and check it",
-                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_arguments(d)
-    s = sub.add_parser("sgmv", help="time the batched LoRA delta against the baselines",
-                       description=sgmv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sgmv.add_arguments(s)
-    m = sub.add_parser("merge", help="time merge/unmerge and the whole-model mode switch against the baselines",
-                       description=merge.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    merge.add_arguments(m)
-    e = sub.add_parser("env", help="GPU, versions and available backends")
-    e.add_argument("--json", action="store_true", help="print JSON instead of text")
-    from .bench import vce
-
-    v = sub.add_parser("vce", help="time deform_pool (VCE) fwd and fwd+bwd against grid_sample and a DETR kernel",
-                       description=vce.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    vce.add_arguments(v)
-    t = sub.add_parser("tune", help="tune the Triton configs on this GPU and write the table",
-                       description=tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tune.add_arguments(t)
-    from .bench import dual as _dual
-
-    du = sub.add_parser("dual", help="time the Dual-LoRA delta against PyTorch and torch.compile of it",
-                        description=_dual.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _dual.add_arguments(du)
-    from .bench import backward as _backward
-
-    bw = sub.add_parser("backward", help="time fwd+bwd of the multi-adapter delta against a per-adapter loop",
-                        description=_backward.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _backward.add_arguments(bw)
-    from .bench import serve as _serve  # issue 7: end-to-end decode step, patched model vs PEFT mixed batch
-
-    sv = sub.add_parser("serve", help="decode-step latency of a patched model with n adapters vs PEFT's mixed batch",
-                        description=_serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _serve.add_arguments(sv)
-    from .bench import overhead as _overhead  # host time per op call (BENCHMARKS.md: <= 10 us)
-
-    ov = sub.add_parser("overhead", help="host time per op call (validation + dispatch), kernels stubbed; CUDA eager",
-                        description=_overhead.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _overhead.add_arguments(ov)
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(name for name, _ in SUBCOMMANDS) + "}")
+    for name, help_line in SUBCOMMANDS:
+        if name == "env":
+            e = sub.add_parser("env", help=help_line)
+            e.add_argument("--json", action="store_true", help="print JSON instead of text")
+            continue
+        mod = importlib.import_module(f".bench.{name}", __package__)
+        mod.add_arguments(sub.add_parser(name, help=help_line, description=mod.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -157,10 +148,6 @@ def _print_env(rep: dict) -> None:
     print(f"git commit: {git['commit']}" + (" (dirty)" if git.get("dirty") else ""))
 
 
-# Subcommands implemented by a module of the same name in lora_kernels.bench.
-BENCH_COMMANDS = ("demo", "sgmv", "merge", "vce", "dual", "backward", "tune", "serve", "overhead")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``lora-bench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv_list: List[str] = list(sys.argv[1:] if argv is None else argv)
@@ -180,8 +167,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in BENCH_COMMANDS:
         # Each subcommand lives in lora_kernels.bench.<name> (imported only when used: some pull transformers,
         # peft or Triton) and exposes run(args) -> exit status.
-        import importlib
-
         return importlib.import_module(f".bench.{args.command}", __package__).run(args)
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -156,6 +156,136 @@ def test_tune_refuses_without_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+# ---- lora-bench linear: the decode sweep of a LoRA'd linear layer (issue 15) --------------------------------
+
+LINEAR_ROW_FIELDS = {"T", "impl", "kind", "status", "path", "verified", "us_median", "us_p25", "us_p75", "reps",
+                     "graph", "launches", "bytes", "pct_bytes_bound", "ratio_to_base", "err_max", "err_allowed",
+                     "why"}
+LINEAR_CUDA_ROWS = ("cuda.fused_lora_linear_", "cuda.sgmv_decode_")
+
+
+def _run_linear(tmp_path, *extra, tokens="1,3"):
+    """``lora-bench linear --cpu`` on a tiny layer (24 -> 40 with bias, 3 adapters of ranks 2 and 4, fp16): the exit
+    status and the JSON's rows keyed by (T, impl)."""
+    out = tmp_path / "linear.json"
+    rc = main(["linear", "--cpu", "--tokens", tokens, "--hidden-in", "24", "--hidden-out", "40", "--adapters", "3",
+               "--ranks", "2,4", "--reps", "1", "--warmup", "0", "--no-progress", "--out", str(out), *extra])
+    doc = json.loads(out.read_text())
+    return rc, doc, {(r["T"], r["impl"]): r for r in doc["rows"]}
+
+
+def test_linear_cpu_sweep_writes_json(tmp_path, capsys):
+    """The CPU run: every row checked and timed, the fields of each row, the CUDA rows skipped with the reason."""
+    rc, doc, rows = _run_linear(tmp_path, "--frac-none", "0.34")  # T=3: one token with no adapter
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert doc["schema"] == "lora_kernels.bench.linear/1" and doc["kind"] == "cpu-smoke" and doc["complete"]
+    assert doc["layer"]["in_features"] == 24 and doc["layer"]["bias"] and doc["dtype"] == "fp16"
+    assert [c["T"] for c in doc["cases"]] == [1, 3] and doc["cases"][1]["valid_tokens"] == 2
+    for T in (1, 3):
+        for name in ("base", "lk.add_lora_", "vllm-style[reference]"):
+            r = rows[(T, name)]
+            assert set(r) >= LINEAR_ROW_FIELDS, r
+            assert r["status"] == "ok" and r["us_median"] > 0 and r["reps"] == 1, r
+            assert r["err_max"] <= r["err_allowed"] and r["ratio_to_base"] > 0, r
+            assert r["launches"] is None and r["pct_bytes_bound"] is None  # no GPU: nothing to count or bound
+        assert rows[(T, "base")]["ratio_to_base"] == 1.0
+        assert rows[(T, "lk.add_lora_")]["path"] == "reference"
+        assert rows[(T, "lk.add_lora_")]["bytes"] > rows[(T, "base")]["bytes"]
+        for name in LINEAR_CUDA_ROWS:
+            r = rows[(T, name)]
+            assert r["status"] == "SKIP" and r["us_median"] is None and r["verified"] is False, r
+            assert r["why"] == "needs a CUDA device (this run is on cpu)", r
+    assert "needs a CUDA device" in text and "unverified" in text and "CPU smoke, not a GPU measurement" in text
+
+
+def test_linear_fails_a_wrong_row(tmp_path, monkeypatch, capsys):
+    """A row whose result is wrong (lk.add_lora_ adding the delta twice) is FAIL, not timed, and the exit status 1;
+    the other rows still pass."""
+    real = lk.add_lora_
+
+    def doubled(y, x, w, batch, **kw):
+        before = y.clone()
+        real(y, x, w, batch, **kw)
+        y.add_(y - before)
+
+    monkeypatch.setattr(lk, "add_lora_", doubled)
+    rc, _, rows = _run_linear(tmp_path, "--impls", "base,lk.add_lora_,vllm-*")
+    assert rc == 1
+    for T in (1, 3):
+        bad = rows[(T, "lk.add_lora_")]
+        assert bad["status"] == "FAIL" and bad["us_median"] is None and "max abs error" in bad["why"], bad
+        assert rows[(T, "vllm-style[reference]")]["status"] == "ok" and rows[(T, "base")]["status"] == "ok"
+    assert "FAILED or ERRORED: T=1/lk.add_lora_, T=3/lk.add_lora_" in capsys.readouterr().out
+
+
+def test_launch_count_counts_device_work_only():
+    """What `launches` counts: kernels, memsets and copies, not the syncs or annotation spans the profiler also puts
+    on the GPU timeline; this torch's profiler events carry the activity kind the filter reads."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_kernels.bench import measure
+
+    def ev(kind, device=DeviceType.CUDA):
+        return SimpleNamespace(activity_type=kind, device_type=device)
+
+    cuda = DeviceType.CUDA
+    assert [measure._is_device_work(ev(k), cuda) for k in ("kernel", "gpu_memset", "gpu_memcpy")] == [True] * 3
+    assert not any(measure._is_device_work(ev(k), cuda) for k in ("cuda_sync", "gpu_user_annotation", "cpu_op"))
+    assert measure._is_device_work(ev(None), cuda) and not measure._is_device_work(ev(None, DeviceType.CPU), cuda)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(4, 4) @ torch.ones(4, 4)
+    events = list(prof.events())
+    assert events and all(isinstance(e.activity_type, str) and e.activity_type for e in events)
+    assert not any(measure._is_device_work(e, cuda) for e in events)
+    assert measure.count_launches(lambda: None, torch.device("cpu")) == (None, [])
+
+
+class _StubKernels:
+    """Stands in for the compiled extension on the CPU: ``fused_lora_linear_`` and ``sgmv_decode_`` computed by the
+    fp32 reference and rounded once, counting their calls; ``wrong``: the fused op forgets the bias and the decode
+    op adds nothing (wrong kernels the bench must catch)."""
+
+    def __init__(self, wrong: bool):
+        self.wrong, self.calls = wrong, {"fused": 0, "decode": 0}
+
+    def fused_lora_linear_(self, y, x, w0, bias, a, b, offsets, ranks, scales, tok, outs, r_cap, merged, ws, cnt):
+        self.calls["fused"] += 1
+        acc = x.float() @ w0.float().T + (bias.float() if bias is not None and not self.wrong else 0.0)
+        lk.reference.add_lora_(acc, x, a, b, offsets, ranks, scales, tok, [0], outs)
+        y.copy_(acc.to(y.dtype))
+
+    def sgmv_decode_(self, y, x, a, b, offsets, ranks, scales, tok, outs, r_cap, merged, partial, counters):
+        self.calls["decode"] += 1
+        if not self.wrong:
+            acc = y.float()
+            lk.reference.add_lora_(acc, x, a, b, offsets, ranks, scales, tok, [0], outs)
+            y.copy_(acc.to(y.dtype))
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["right", "wrong"])
+def test_linear_cuda_rows_run_and_are_checked(tmp_path, monkeypatch, wrong):
+    """The two compiled-kernel rows on the CPU (their device type pointed at "cpu", the extension a stub): they call
+    the ops, say "unverified", skip past the kernels' 64 tokens, and FAIL when the op's result is wrong."""
+    from lora_kernels import _ext
+    from lora_kernels.bench import linear
+
+    stub = _StubKernels(wrong)
+    monkeypatch.setattr(linear, "_KERNEL_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(_ext, "get", lambda *a, **k: stub)
+    rc, _, rows = _run_linear(tmp_path, "--impls", "base,cuda.*", tokens="3,65")
+    assert rc == (1 if wrong else 0)
+    assert stub.calls["fused"] > 0 and stub.calls["decode"] > 0
+    for name in LINEAR_CUDA_ROWS:
+        r = rows[(3, name)]
+        assert r["verified"] is False and r["status"] == ("FAIL" if wrong else "ok"), r
+        assert (r["us_median"] is None) == wrong and (r["err_max"] <= r["err_allowed"]) != wrong, r
+        assert rows[(65, name)]["status"] == "SKIP" and "limit of 64 tokens" in rows[(65, name)]["why"]
+
+
 @pytest.mark.parametrize("outs", [40, [16, 8, 8]])
 @pytest.mark.parametrize("dist", C.DISTRIBUTIONS)
 def test_baselines_match_reference(outs, dist):

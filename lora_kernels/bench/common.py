@@ -13,8 +13,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -23,8 +24,11 @@ from . import envinfo
 __all__ = [
     "CPU_LABEL", "DTYPES", "write_json", "default_out_path", "gpu_record_path", "pick_device", "pick_dtype",
     "budget_spent", "budget_why", "doc_header", "finish_doc", "failed_rows", "add_seed_and_cpu", "add_out",
-    "err_text", "print_footer",
+    "err_text", "print_footer", "fmt", "fmt_us", "render_table", "not_ok", "run_sweep", "exit_status",
+    "sweep_doc", "print_start",
 ]
+
+_Item = TypeVar("_Item")
 
 CPU_LABEL = "CPU smoke, not a GPU measurement"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -139,3 +143,90 @@ def err_text(e: BaseException) -> str:
 def failed_rows(rows: List[dict]) -> List[dict]:
     """The rows whose status is FAIL or ERROR (a benchmark exits 1 when there is one)."""
     return [r for r in rows if r["status"] in ("FAIL", "ERROR")]
+
+
+def exit_status(rows: List[dict], where: Callable[[dict], str]) -> int:
+    """1 when a row failed or errored (:func:`failed_rows`; each named by ``where(row)`` in a printed line), else
+    0: what a bench's ``run`` returns."""
+    bad = failed_rows(rows)
+    if bad:
+        print(f"{len(bad)} row(s) FAILED or ERRORED: " + ", ".join(where(r) for r in bad))
+    return 1 if bad else 0
+
+
+def sweep_doc(header: dict, **fields) -> dict:
+    """A case-by-case bench's document: ``header`` (:func:`doc_header`) and ``fields``, then what :func:`run_sweep`
+    fills in (``cases``, ``rows``, ``skipped_cases``) and ``complete`` (False until :func:`finish_doc`)."""
+    return {**header, **fields, "cases": [], "rows": [], "skipped_cases": [], "complete": False}
+
+
+def print_start(bench: str, label: Optional[str], dtype_name: str, gpu_line: str) -> None:
+    """The line a sweep starts with: on the CPU its ``label`` and dtype, on a GPU ``gpu_line`` (GPU, dtype, timing
+    and ceilings, as the bench words them)."""
+    if label:
+        print(f"lora-bench {bench}: {label} ({dtype_name} on the CPU, wall-clock timing)")
+    else:
+        print(f"lora-bench {bench}: {gpu_line}")
+
+
+def run_sweep(items: Iterable[_Item], name: Callable[[_Item], str], one: Callable[[_Item], dict], doc: dict,
+              path: str, budget: Optional[float], desc: str, progress: bool) -> float:
+    """The loop of a case-by-case bench: for each item (a case), ``one(item)`` returns ``{"case": <dict>,
+    "rows": [...]}``, appended to ``doc["cases"]`` and ``doc["rows"]``, and ``doc`` is rewritten to ``path`` (a
+    run killed by its cap keeps what ran); an item reached after ``budget`` seconds (:func:`budget_spent`) is not
+    run but listed in ``doc["skipped_cases"]`` as ``{"case": name(item), "why"}``. A tqdm bar ``desc`` on stderr
+    when ``progress``. Returns the ``time.perf_counter()`` reading taken at the start (for :func:`finish_doc`)."""
+    try:
+        from tqdm import tqdm
+    except Exception:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    bar = tqdm(items, desc=desc, unit="case", file=sys.stderr, mininterval=1.0) if tqdm and progress else None
+    t0 = time.perf_counter()
+    for item in bar if bar is not None else items:
+        if bar is not None:
+            bar.set_postfix_str(name(item))
+        if budget_spent(budget, t0):
+            doc["skipped_cases"].append({"case": name(item), "why": budget_why(budget)})
+            continue
+        res = one(item)
+        doc["cases"].append(res["case"])
+        doc["rows"].extend(res["rows"])
+        write_json(path, doc)
+    if bar is not None:
+        bar.close()
+    return t0
+
+
+def fmt(v: Optional[float], spec: str, dash: str = "-") -> str:
+    """``v`` formatted with ``spec``, or ``dash`` when it is None (a cell with no value)."""
+    return dash if v is None else format(v, spec)
+
+
+def fmt_us(r: dict, spec: str = ".2f") -> str:
+    """A row's time cell: ``median [p25-p75]`` of ``us_median`` / ``us_p25`` / ``us_p75`` in ``spec``, or "-"."""
+    if r["us_median"] is None:
+        return "-"
+    return f"{r['us_median']:{spec}} [{r['us_p25']:{spec}}-{r['us_p75']:{spec}}]"
+
+
+def not_ok(r: dict) -> bool:
+    """True for a row that failed, errored or was skipped: the rows whose ``why`` a table prints."""
+    return r["status"] in ("FAIL", "ERROR", "SKIP")
+
+
+def render_table(hdr: Sequence[str], cells: Sequence[Sequence[str]], rows: Sequence[dict], group: Optional[str] = None,
+                 show_why: Callable[[dict], bool] = not_ok) -> str:
+    """A bench's printed table: the header ``hdr`` and one line of ``cells`` per row of ``rows``, each column as
+    wide as its widest cell, a rule under the header, a blank line wherever ``row[group]`` changes (no grouping
+    when None), and ``    -> why`` under each row with a ``why`` for which ``show_why(row)`` holds."""
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(hdr)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
+    prev = None
+    for line, r in zip(cells, rows):
+        if group is not None and prev is not None and r[group] != prev:
+            out.append("")
+        prev = r[group] if group is not None else None
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        if r.get("why") and show_why(r):
+            out.append(f"    -> {r['why']}")
+    return "\n".join(out)

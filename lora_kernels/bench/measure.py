@@ -23,13 +23,15 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .common import err_text
+
 __all__ = [
     "GPU_ROOFS", "Roof", "roof_for_device", "quantiles", "tolerance", "check_output", "GpuTimer", "CpuTimer",
-    "nvtx_range",
+    "nvtx_range", "checked_timing", "count_launches", "sync", "exact_fp32", "add_timing_arguments",
 ]
 
 FLUSH_MODES = ("read", "write", "none")
@@ -162,6 +164,30 @@ def check_output(
             "finite": finite, "why": "; ".join(why)}
 
 
+def add_timing_arguments(g) -> None:
+    """``--reps``, ``--warmup``, ``--no-graphs``, ``--l2-flush`` and ``--measure-roof`` on the argument group
+    ``g``, as ``lora-bench sgmv`` and ``linear`` word them (what :func:`make_timer` and :func:`roof_for_device`
+    take)."""
+    g.add_argument("--reps", type=int, help="timed repetitions per implementation (default 100 GPU, 10 CPU)")
+    g.add_argument("--warmup", type=int, help="untimed repetitions before timing")
+    g.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graph replays")
+    g.add_argument("--l2-flush", choices=FLUSH_MODES, default="read",
+                   help="how the L2 is flushed before each replay (default read: a 2 x L2 buffer is read)")
+    g.add_argument("--measure-roof", action="store_true",
+                   help="measure copy bandwidth and matmul peak even for a known GPU")
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for CUDA matmuls inside (the fp32 references must be fp32); the previous setting restored."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 @contextlib.contextmanager
 def nvtx_range(name: str):
     """An NVTX range (domain ``lora-bench``) around one benchmark config, when the nvtx package is present."""
@@ -277,3 +303,82 @@ def make_timer(device: torch.device, reps: Optional[int], warmup: Optional[int],
     if torch.device(device).type == "cuda":
         return GpuTimer(device, reps or 100, 10 if warmup is None else warmup, use_graphs, flush)
     return CpuTimer(reps or 10, 1 if warmup is None else warmup)
+
+
+def checked_timing(fn: Callable[[], object], check: Callable[[], dict], timer, device: torch.device, label: str,
+                   reset: Optional[Callable[[], object]] = None) -> Dict[str, object]:
+    """Check, capture and time one implementation, the way every ``lora-bench`` row is measured.
+
+    ``fn`` runs once eagerly and ``check()`` judges what it left (a dict with ``ok`` and ``why``, e.g. from
+    :func:`check_output`); a failing ``fn`` is never timed. Then ``timer.capture(fn)``; when it made a CUDA graph
+    and ``reset`` is given, ``reset()`` clobbers the output, one replay runs and ``check()`` judges again (a graph
+    that replays wrongly fails too). Last, ``timer.time`` over the replays (NVTX range ``label``).
+
+    Returns ``{"status", "why", "check", "q", "graph", "graph_error"}``: status ``ok`` (``q``: the
+    :func:`quantiles` in us), ``FAIL`` (a check failed: ``why`` says which; ``graph`` True for the replay's) or
+    ``ERROR`` (``fn`` raised, or the timing did: ``why`` starts with "timing: "); ``check`` is the first check's
+    dict (None when ``fn`` raised)."""
+    res: Dict[str, object] = {"status": "ERROR", "why": "", "check": None, "q": None, "graph": None,
+                              "graph_error": None}
+    try:
+        with nvtx_range(f"{label}/check"):
+            fn()
+        sync(device)
+    except Exception as e:
+        return {**res, "why": err_text(e)}
+    chk = check()
+    res["check"] = chk
+    if not chk["ok"]:
+        return {**res, "status": "FAIL", "why": chk["why"]}
+    try:
+        run, graphed, gerr = timer.capture(fn)
+        if graphed and reset is not None:  # the replay must compute the same thing
+            reset()
+            run()
+            sync(device)
+            chk2 = check()
+            if not chk2["ok"]:
+                return {**res, "status": "FAIL", "graph": True, "why": "CUDA graph replay: " + chk2["why"]}
+        with nvtx_range(label):
+            ts = timer.time(run)
+    except Exception as e:
+        return {**res, "why": "timing: " + err_text(e)}
+    return {**res, "status": "ok", "q": quantiles(ts), "graph": graphed, "graph_error": gerr}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s work (a CUDA device; nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Kineto's activity kinds of device work; the GPU timeline also carries syncs ("cuda_sync") and the spans of
+# record_function ranges ("gpu_user_annotation"), which launch nothing.
+_DEVICE_WORK = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+
+
+def _is_device_work(event, cuda) -> bool:
+    kind = getattr(event, "activity_type", None)
+    if kind:
+        return kind in _DEVICE_WORK
+    return event.device_type == cuda  # a torch whose events carry no activity kind
+
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> Tuple[Optional[int], List[str]]:
+    """Device work items one eager call of ``fn`` enqueues on a CUDA ``device``: kernels, memsets and memcpys, as
+    the torch profiler (CUPTI) records them. Returns ``(count, names)``; ``(None, [])`` on the CPU (no launches
+    to count) or when the profiler fails (``names`` then holds its error)."""
+    if torch.device(device).type != "cuda":
+        return None, []
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        names = [e.name for e in prof.events() if _is_device_work(e, DeviceType.CUDA)]
+    except Exception as e:  # a profiler that cannot start (CUPTI busy or denied) leaves the count out, not the row
+        return None, [f"profiler failed: {err_text(e)}"]
+    return len(names), [n[:100] for n in names]

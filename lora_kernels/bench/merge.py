@@ -43,7 +43,7 @@ from . import common, envinfo, measure
 from .common import (CPU_LABEL, DTYPES, add_out, add_seed_and_cpu, budget_spent, budget_why, doc_header, failed_rows,
                      finish_doc, pick_device, write_json)
 from .common import err_text as _err_text
-from .common import print_footer
+from .common import fmt, fmt_us, not_ok, print_footer, render_table
 
 __all__ = ["add_arguments", "run", "SCHEMA"]
 
@@ -431,26 +431,16 @@ def default_out_path(gpu_name: Optional[str]) -> str:
 def format_table(rows: List[dict]) -> str:
     """case, impl, op, status, us median [p25-p75], GB/s, % roof (with side data), mismatch after 1/N cycles."""
     hdr = ("case", "impl", "op", "status", "us median [p25-p75]", "GB/s", "% roof", "mismatch 1 / N cycles")
-    lines = []
+    cells = []
     for r in rows:
-        us = "-" if r["us_median"] is None else f"{r['us_median']:.1f} [{r['us_p25']:.1f}-{r['us_p75']:.1f}]"
-        pr = "-" if r["pct_roof"] is None else f"{r['pct_roof']:.1f}"
+        pr = fmt(r["pct_roof"], ".1f")
         if r.get("pct_roof_with_side") is not None:
             pr += f" ({r['pct_roof_with_side']:.1f})"
         mm = "-" if r["mismatch_frac"] is None else f"{r['mismatch_frac']:.2%} / {r['mismatch_frac_after']:.2%}"
-        lines.append((r["case"], r["impl"], r["op"], r["status"], us,
-                      "-" if r["gbps"] is None else f"{r['gbps']:.4g}", pr, mm))
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(hdr)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
-    prev = None
-    for cells, r in zip(lines, rows):
-        if prev is not None and r["case"] != prev:
-            out.append("")
-        prev = r["case"]
-        out.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
-        if r["status"] in ("FAIL", "ERROR", "SKIP") and r["why"] and r["op"] in ("merge", "switch m->k"):
-            out.append(f"    -> {r['why']}")
-    return "\n".join(out)
+        cells.append((r["case"], r["impl"], r["op"], r["status"], fmt_us(r, ".1f"), fmt(r["gbps"], ".4g"), pr, mm))
+    # the two directions of a cycle share one why: printed once, under the first
+    return render_table(hdr, cells, rows, group="case",
+                        show_why=lambda r: not_ok(r) and r["op"] in ("merge", "switch m->k"))
 
 
 def _build_model(layers: List[Layer]):

@@ -30,7 +30,8 @@ from typing import Callable, Dict, List
 import torch
 
 from . import envinfo, measure
-from .common import CPU_LABEL, DTYPES, budget_spent, default_out_path, doc_header, pick_device, pick_dtype
+from .common import (CPU_LABEL, DTYPES, budget_spent, default_out_path, doc_header, fmt, fmt_us, pick_device,
+                     pick_dtype, render_table)
 from .common import write_json as _write_json
 from .sgmv import _csv_ints
 
@@ -40,16 +41,16 @@ SCHEMA = "lora_kernels.bench.serve/1"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPU_MODEL = dict(hidden=4096, intermediate=11008, layers=2, heads=32, kv_heads=8, vocab=32000)
 CPU_MODEL = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256)
+# The model's size options: --hidden, --intermediate, --layers, --heads, --kv-heads, --vocab (None: the default).
+_MODEL_HELP = dict(hidden="hidden size", intermediate="MLP width", layers="decoder layers", heads="attention heads",
+                   kv_heads="key/value heads", vocab="vocabulary")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and adapters")
-    g.add_argument("--hidden", type=int, help="hidden size (GPU default 4096; CPU 64)")
-    g.add_argument("--intermediate", type=int, help="MLP width (GPU default 11008; CPU 128)")
-    g.add_argument("--layers", type=int, help="decoder layers (default 2)")
-    g.add_argument("--heads", type=int, help="attention heads (GPU default 32; CPU 4)")
-    g.add_argument("--kv-heads", type=int, help="key/value heads (GPU default 8; CPU 2)")
-    g.add_argument("--vocab", type=int, help="vocabulary (GPU default 32000; CPU 256)")
+    for key, what in _MODEL_HELP.items():
+        g.add_argument("--" + key.replace("_", "-"), type=int,
+                       help=f"{what} (GPU default {GPU_MODEL[key]}; CPU {CPU_MODEL[key]})")
     g.add_argument("--adapters", type=int, help="adapters loaded (GPU default 32; CPU 4)")
     g.add_argument("--ranks", type=_csv_ints, default=[8, 16, 32, 64], help="ranks cycled over the adapters")
     g.add_argument("--batch", type=_csv_ints, help="decode batch sizes (GPU default 1,8,32,64; CPU 1,4)")
@@ -185,20 +186,12 @@ def lk_rows(B: int, base, pm, names, timer, device, graphs: bool, dtype, seed: i
 
 
 def format_table(rows: List[dict]) -> str:
+    """batch, impl, status, us median [p25-p75], overhead vs base, max |diff| vs PEFT's logits."""
     hdr = ("batch", "impl", "status", "us median [p25-p75]", "vs base", "max|diff| vs PEFT")
-    lines = []
-    for r in rows:
-        us = "-" if r["us_median"] is None else f"{r['us_median']:.1f} [{r['us_p25']:.1f}-{r['us_p75']:.1f}]"
-        ov = "-" if r["overhead_vs_base"] is None else f"{100 * r['overhead_vs_base']:+.0f}%"
-        dd = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}"
-        lines.append((str(r["batch"]), r["impl"], r["status"], us, ov, dd))
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(hdr)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
-    for cells, r in zip(lines, rows):
-        out.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
-        if r["status"] != "ok" and r["why"]:
-            out.append(f"    -> {r['why']}")
-    return "\n".join(out)
+    cells = [(str(r["batch"]), r["impl"], r["status"], fmt_us(r, ".1f"),
+              "-" if r["overhead_vs_base"] is None else f"{100 * r['overhead_vs_base']:+.0f}%",
+              fmt(r["max_abs_diff"], ".2e")) for r in rows]
+    return render_table(hdr, cells, rows, show_why=lambda r: r["status"] != "ok")
 
 
 def run(args) -> int:

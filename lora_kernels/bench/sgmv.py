@@ -20,7 +20,6 @@ import argparse
 import fnmatch
 import gc
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -28,17 +27,16 @@ import torch
 
 from . import cases as C
 from . import envinfo, measure
-from .common import (CPU_LABEL, DTYPES, add_out, add_seed_and_cpu, budget_spent, budget_why, default_out_path,
-                     doc_header, failed_rows, finish_doc, pick_device, pick_dtype, print_footer)
+from .common import (CPU_LABEL, DTYPES, add_out, add_seed_and_cpu, default_out_path, doc_header, exit_status,
+                     finish_doc, fmt, fmt_us, pick_device, pick_dtype, print_footer, print_start, render_table,
+                     run_sweep, sweep_doc)
 from .common import err_text as _err_text
-from .common import write_json as _write_json
 from .baselines import BmmGather, NaiveLoop
 
 __all__ = ["add_arguments", "run", "Impl", "library_impls", "baseline_impls"]
 
 SCHEMA = "lora_kernels.bench.sgmv/1"
-# CPU_LABEL, DTYPES, default_out_path, _err_text and _write_json (from .common) stay importable from here: the
-# other benches and the tests import them from this module.
+# DTYPES and _err_text (from .common) stay importable from here: other benches import them from this module.
 
 
 def _csv_ints(s: str) -> List[int]:
@@ -67,22 +65,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frac-none", type=float, help="fraction of tokens with no adapter (-1)")
     g.add_argument("--order", choices=C.ORDERS, help="token layout: shuffled (decode) or contiguous (prefill)")
     g.add_argument("--name", help="custom case name")
+    add_sweep_arguments(p, "sgmv", "implementation", "cases")
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser, bench: str, row: str, step: str) -> None:
+    """The "measurement" and "output" option groups of a sweep like ``lora-bench <bench>`` (sgmv, linear):
+    ``--dtype``, ``--impls`` (globs of ``row`` names), the timer's options (:func:`measure.add_timing_arguments`),
+    ``--seed``, ``--cpu``, ``--time-budget`` (no new ``step`` started past it), ``--out``, ``--no-progress``."""
     g = p.add_argument_group("measurement")
     g.add_argument("--dtype", choices=sorted(DTYPES),
                    help="activation/weight dtype (default bf16 on a GPU, fp16 on CPU)")
-    g.add_argument("--impls", help="comma-separated globs of implementation names to run (default: all)")
-    g.add_argument("--reps", type=int, help="timed repetitions per implementation (default 100 GPU, 10 CPU)")
-    g.add_argument("--warmup", type=int, help="untimed repetitions before timing")
-    g.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graph replays")
-    g.add_argument("--l2-flush", choices=measure.FLUSH_MODES, default="read",
-                   help="how the L2 is flushed before each replay (default read: a 2 x L2 buffer is read)")
-    g.add_argument("--measure-roof", action="store_true",
-                   help="measure copy bandwidth and matmul peak even for a known GPU")
+    g.add_argument("--impls", help=f"comma-separated globs of {row} names to run (default: all)")
+    measure.add_timing_arguments(g)
     add_seed_and_cpu(g)
     g.add_argument("--time-budget", type=float,
-                   help="stop starting new cases after this many seconds (the JSON keeps what ran)")
+                   help=f"stop starting new {step} after this many seconds (the JSON keeps what ran)")
     g = p.add_argument_group("output")
-    add_out(g, "sgmv")
+    add_out(g, bench)
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -112,14 +111,31 @@ def library_impls(device: torch.device) -> List[Impl]:
         backs.append("triton")
     out: List[Impl] = []
     for b in backs:
-        out.append(Impl(f"lk.add_lora_[{b}]", "lora_kernels", b, _make_add(b)))
-    out.append(Impl(f"lk.shrink+expand_[{sel}]", "lora_kernels", sel, _make_two_op(sel)))
+        out.append(Impl(f"lk.add_lora_[{b}]", "lora_kernels", b, _make_lib(b, add_body)))
+    out.append(Impl(f"lk.shrink+expand_[{sel}]", "lora_kernels", sel, _make_lib(sel, two_op_body)))
     bb = lk.backends.select("batch", device.type)
     out.append(Impl(f"lk.LoRABatch.build[{bb}]", "aux", bb, _make_build(bb)))
     return out
 
 
-def _make_add(backend: str):
+def add_body(y: torch.Tensor, x: torch.Tensor, w, batch) -> None:
+    """The library's one-op LoRA delta: ``lk.add_lora_(y, x, w, batch)``."""
+    import lora_kernels as lk
+
+    lk.add_lora_(y, x, w, batch)
+
+
+def two_op_body(y: torch.Tensor, x: torch.Tensor, w, batch) -> None:
+    """The library's two-op LoRA delta: ``h = lk.shrink(x, w, batch)`` then ``lk.expand_(y, h, w, batch)`` (on the
+    Triton backend shrink zeroes h first: memset + shrink + expand, vLLM's three launches)."""
+    import lora_kernels as lk
+
+    lk.expand_(y, lk.shrink(x, w, batch), w, batch)
+
+
+def _make_lib(backend: str, body: Callable[..., None]):
+    """An :class:`Impl` maker running ``body(y, x, weights, batch)`` with ``backend`` forced."""
+
     def make(prob: C.Problem, y: torch.Tensor, state: dict):
         import lora_kernels as lk
 
@@ -127,23 +143,7 @@ def _make_add(backend: str):
 
         def fn():
             with lk.backends.use_backend(backend):
-                lk.add_lora_(y, x, w, batch)
-
-        return fn
-
-    return make
-
-
-def _make_two_op(backend: str):
-    def make(prob: C.Problem, y: torch.Tensor, state: dict):
-        import lora_kernels as lk
-
-        w, x, batch = prob.weights, prob.x, state["batch"]
-
-        def fn():
-            with lk.backends.use_backend(backend):
-                h = lk.shrink(x, w, batch)
-                lk.expand_(y, h, w, batch)
+                body(y, x, w, batch)
 
         return fn
 
@@ -184,20 +184,11 @@ def baseline_impls() -> List[Impl]:
 # ---- one case --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reference(prob: C.Problem) -> torch.Tensor:
     import lora_kernels as lk
 
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with measure.exact_fp32():
         return prob.y0.float() + lk.reference.lora_delta(prob.x, prob.weights, prob.ids)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _row(case: C.Case, impl: Impl, status: str, **kw) -> dict:
@@ -211,39 +202,26 @@ def _row(case: C.Case, impl: Impl, status: str, **kw) -> dict:
 
 def run_impl(impl: Impl, prob: C.Problem, timer, state: dict, ref: torch.Tensor, none_mask: torch.Tensor,
              allowed: float, roof_s: Optional[float]) -> dict:
-    """Check, capture and time one implementation on one problem; returns its JSON row."""
+    """Check, capture and time one implementation on one problem (:func:`measure.checked_timing`); returns its
+    JSON row."""
     case, dev = prob.case, prob.x.device
     y = prob.y0.clone()
     try:
         fn = impl.make(prob, y, state)
-        with measure.nvtx_range(f"{case.name}/{impl.name}/check"):
-            fn()
-        _sync(dev)
     except Exception as e:
         return _row(case, impl, "ERROR", why=_err_text(e))
     if impl.kind == "aux":
-        chk = _check_build(state)
+        res = measure.checked_timing(fn, lambda: _check_build(state), timer, dev, f"{case.name}/{impl.name}")
     else:
-        chk = measure.check_output(y, prob.y0, ref, none_mask, allowed)
+        res = measure.checked_timing(fn, lambda: measure.check_output(y, prob.y0, ref, none_mask, allowed), timer,
+                                     dev, f"{case.name}/{impl.name}", reset=lambda: y.copy_(prob.y0))
+    chk = res["check"] or {}
     base = {"err_max": chk.get("err_max"), "err_allowed": chk.get("err_allowed"), "rel_err": chk.get("rel_err")}
-    if not chk["ok"]:
-        return _row(case, impl, "FAIL", why=chk["why"], **base)
-    try:
-        run, graphed, gerr = timer.capture(fn)
-        if graphed and impl.kind != "aux":  # the replay must compute the same thing
-            y.copy_(prob.y0)
-            run()
-            _sync(dev)
-            chk2 = measure.check_output(y, prob.y0, ref, none_mask, allowed)
-            if not chk2["ok"]:
-                return _row(case, impl, "FAIL", graph=True, why="CUDA graph replay: " + chk2["why"], **base)
-        with measure.nvtx_range(f"{case.name}/{impl.name}"):
-            ts = timer.time(run)
-    except Exception as e:
-        return _row(case, impl, "ERROR", why="timing: " + _err_text(e), **base)
-    q = measure.quantiles(ts)
+    if res["status"] != "ok":
+        return _row(case, impl, res["status"], graph=res["graph"], why=res["why"], **base)
+    q = res["q"]
     row = _row(case, impl, "ok", us_median=q["median"], us_p25=q["p25"], us_p75=q["p75"], us_min=q["min"],
-               reps=q["n"], graph=graphed, graph_error=gerr, **base)
+               reps=q["n"], graph=res["graph"], graph_error=res["graph_error"], **base)
     if impl.kind != "aux" and q["median"] > 0:
         row["gbps"] = prob.bytes_min / (q["median"] * 1e-6) / 1e9
         if roof_s is not None:
@@ -335,31 +313,13 @@ def _pick_impls(all_impls: List[Impl], patterns: Optional[str]) -> List[Impl]:
     return out
 
 
-def _fmt(v: Optional[float], spec: str, dash: str = "-") -> str:
-    return dash if v is None else format(v, spec)
-
-
 def format_table(rows: List[dict]) -> str:
     """The printed table: case, impl, status, us median [p25-p75], GB/s, % of roof, speedup vs best baseline."""
     hdr = ("case", "impl", "status", "us median [p25-p75]", "GB/s", "% roof", "speedup")
-    lines = []
-    for r in rows:
-        us = "-" if r["us_median"] is None else f"{r['us_median']:.2f} [{r['us_p25']:.2f}-{r['us_p75']:.2f}]"
-        sp = "-" if r["speedup_vs_best_baseline"] is None else f"{r['speedup_vs_best_baseline']:.2f}x"
-        lines.append((r["case"], r["impl"], r["status"], us, _fmt(r["gbps"], ".4g"),
-                      _fmt(r["pct_roof"], ".1f"), sp))
-    widths = [max(len(h), *(len(cells[i]) for cells in lines)) if lines else len(h) for i, h in enumerate(hdr)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths))]
-    out.append("  ".join("-" * w for w in widths))
-    prev = None
-    for cells, r in zip(lines, rows):
-        if prev is not None and r["case"] != prev:
-            out.append("")
-        prev = r["case"]
-        out.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
-        if r["status"] in ("FAIL", "ERROR", "SKIP") and r["why"]:
-            out.append(f"    -> {r['why']}")
-    return "\n".join(out)
+    cells = [(r["case"], r["impl"], r["status"], fmt_us(r), fmt(r["gbps"], ".4g"), fmt(r["pct_roof"], ".1f"),
+              fmt(r["speedup_vs_best_baseline"], ".2f") + ("x" if r["speedup_vs_best_baseline"] is not None else ""))
+             for r in rows]
+    return render_table(hdr, cells, rows, group="case")
 
 
 def run(args) -> int:
@@ -379,65 +339,47 @@ def run(args) -> int:
     except ValueError as e:
         print(f"lora-bench sgmv: {e}", file=sys.stderr)
         return 2
+    env, gpu_name, timer, roof, out_path, label = sweep_setup(args, gpu, device, dtype, "sgmv")
+    doc = sweep_doc(
+        doc_header("sgmv", SCHEMA, gpu, label, env, args),
+        dtype=measure.dtype_name(dtype),
+        timing=timer.describe(),
+        roof=roof.to_dict() if roof else None,
+        backends=_safe_report(lk),
+        correctness_rule=("max|y - ref_fp32| <= 2 * max|y_torch - ref_fp32| + 1e-6 + rtol * max|ref_fp32| "
+                          "(rtol 1e-3 bf16, 1e-4 fp16, 1e-6 fp32), "
+                          "finite, tokens with no adapter bit-identical; y_torch = naive loop in dtype"),
+        impls=[{"name": i.name, "kind": i.kind, "backend": i.backend} for i in impls],
+    )
+    print_start("sgmv", label, measure.dtype_name(dtype), "" if roof is None else (
+        f"{gpu_name}, {measure.dtype_name(dtype)}, {timer.describe()['method']}; "
+        f"roof: {roof.bandwidth / 1e12:.2f} TB/s, {roof.peak / 1e12:.0f} TFLOP/s ({roof.source})"))
+
+    def one(case: C.Case) -> dict:
+        try:
+            return run_case(case, impls, dtype, device, timer, roof, args.seed)
+        except Exception as e:
+            return {"case": case.to_dict(), "rows": [_row(case, Impl("(case setup)", "aux", None, None), "ERROR",
+                                                          why=_err_text(e))]}
+
+    t0 = run_sweep(cases, lambda c: c.name, one, doc, out_path, args.time_budget, "sgmv", not args.no_progress)
+    finish_doc(doc, t0, out_path)
+    print(format_table(doc["rows"]))
+    print_footer(doc["skipped_cases"], label, out_path)
+    return exit_status(doc["rows"], lambda r: f"{r['case']}/{r['impl']}")
+
+
+def sweep_setup(args, gpu: bool, device: torch.device, dtype: torch.dtype, bench: str) -> tuple:
+    """What a sweep (``lora-bench sgmv``, ``linear``) sets up from its options (:func:`add_sweep_arguments`):
+    ``(env, gpu_name, timer, roof, out_path, label)``: the environment record and GPU name (None on the CPU), the
+    timer, the GPU's roofline (None on the CPU), the JSON path (``--out`` or the bench's default) and the CPU
+    label (None on a GPU)."""
     env = envinfo.collect(device)
     gpu_name = env["gpu"]["name"] if env["gpu"] else None
     timer = measure.make_timer(device, args.reps, args.warmup, use_graphs=not args.no_graphs, flush=args.l2_flush)
     roof = measure.roof_for_device(device, dtype, measure=args.measure_roof) if gpu else None
-    out_path = args.out or default_out_path(gpu_name)
-    label = None if gpu else CPU_LABEL
-    doc = {
-        **doc_header("sgmv", SCHEMA, gpu, label, env, args),
-        "dtype": measure.dtype_name(dtype),
-        "timing": timer.describe(),
-        "roof": roof.to_dict() if roof else None,
-        "backends": _safe_report(lk),
-        "correctness_rule": ("max|y - ref_fp32| <= 2 * max|y_torch - ref_fp32| + 1e-6 + rtol * max|ref_fp32| "
-                             "(rtol 1e-3 bf16, 1e-4 fp16, 1e-6 fp32), "
-                             "finite, tokens with no adapter bit-identical; y_torch = naive loop in dtype"),
-        "impls": [{"name": i.name, "kind": i.kind, "backend": i.backend} for i in impls],
-        "cases": [],
-        "rows": [],
-        "skipped_cases": [],
-        "complete": False,
-    }
-    if label:
-        print(f"lora-bench sgmv: {label} ({measure.dtype_name(dtype)} on the CPU, wall-clock timing)")
-    else:
-        print(f"lora-bench sgmv: {gpu_name}, {measure.dtype_name(dtype)}, {timer.describe()['method']}; "
-              f"roof: {roof.bandwidth / 1e12:.2f} TB/s, {roof.peak / 1e12:.0f} TFLOP/s ({roof.source})")
-    try:
-        from tqdm import tqdm
-    except Exception:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
-    it = cases
-    bar = None
-    if tqdm is not None and not args.no_progress:
-        bar = tqdm(cases, desc="sgmv", unit="case", file=sys.stderr, mininterval=1.0)
-        it = bar
-    t0 = time.perf_counter()
-    for case in it:
-        if bar is not None:
-            bar.set_postfix_str(case.name)
-        if budget_spent(args.time_budget, t0):
-            doc["skipped_cases"].append({"case": case.name, "why": budget_why(args.time_budget)})
-            continue
-        try:
-            res = run_case(case, impls, dtype, device, timer, roof, args.seed)
-        except Exception as e:
-            res = {"case": case.to_dict(), "rows": [_row(case, Impl("(case setup)", "aux", None, None), "ERROR",
-                                                         why=_err_text(e))]}
-        doc["cases"].append(res["case"])
-        doc["rows"].extend(res["rows"])
-        _write_json(out_path, doc)
-    if bar is not None:
-        bar.close()
-    finish_doc(doc, t0, out_path)
-    print(format_table(doc["rows"]))
-    print_footer(doc["skipped_cases"], label, out_path)
-    bad = failed_rows(doc["rows"])
-    if bad:
-        print(f"{len(bad)} row(s) FAILED or ERRORED: " + ", ".join(f"{r['case']}/{r['impl']}" for r in bad))
-    return 1 if bad else 0
+    out_path = args.out or default_out_path(gpu_name, prefix=bench)
+    return env, gpu_name, timer, roof, out_path, None if gpu else CPU_LABEL
 
 
 def _safe_report(lk) -> Dict[str, str]:
