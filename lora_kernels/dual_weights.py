@@ -50,7 +50,8 @@ class DualLoRAWeights:
         eps: the LayerNorm epsilon (PyTorch's default 1e-5, as ``nn.LayerNorm(r)`` in the official code).
 
     Tensors (all views the kernels read): ``a`` [1, R, in], ``b`` [R, out], ``ln_weight`` / ``ln_bias`` [R],
-    ``offsets`` int64 [N], ``ranks`` int32 [1, N] (r), ``ranks2`` int32 [1, N] (2r), ``scales`` fp32 [1, N].
+    ``offsets`` int64 [N], ``ranks`` int32 [1, N] (r), ``ranks2`` int32 [1, N] (2r), ``scales`` fp32 [1, N],
+    ``slice_info`` / ``in_slice_info`` int64 [1, 2] (first column, width of b's / a's single slice).
     ``a``, ``b``, ``ln_weight`` and ``ln_bias`` may be replaced by ``nn.Parameter`` objects sharing their
     storage (:class:`~lora_kernels.nn.DualLoRALinear` does this to train them).
     """
@@ -214,7 +215,8 @@ class DualLoRAWeights:
             s = check_fits("alpha", check_real("alpha", al) / r, what=f"the scale alpha / r (r={r})")
         dev = self.device
         with torch.no_grad():
-            # Converted copies (torch.cat copies): nothing below reads the caller's tensors again.
+            # Converted copies (torch.cat copies; lw / lb cloned): the writes read only these, never the caller's
+            # tensors (which may share memory with this storage).
             stacked_a = torch.cat([A.detach().to(dev, self.dtype), T.detach().to(dev, self.dtype)])
             stacked_b = torch.cat([B.detach().to(dev, self.dtype),
                                    torch.zeros(self.out_features, r, dtype=self.dtype, device=dev)], 1)

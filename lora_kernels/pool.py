@@ -2,15 +2,15 @@
 
 API (stable; integrations build on it)::
 
-    pool = lk.AdapterPool(model_or_layers, max_adapters=None, capacity_rows=None, prefetch=True)
-    pool.register(name, path, *, config=None, pin=True)      # read + validate, host copy only (no slot)
-    pool.load(name, path, *, config=None, pin=True) -> int   # register + make resident now; returns the slot id
+    pool = lk.AdapterPool(model_or_layers, *, max_adapters=None, capacity_rows=None, prefetch=True, pin=True)
+    pool.register(name, path, *, config=None, pin=None)      # read + validate, host copy only (no slot)
+    pool.load(name, path=None, *, config=None, pin=None) -> int   # (register +) make resident now; its slot id
     pool.load_many({name: path, ...}, *, resident=False, progress=True) -> None
     pool.prefetch(name) -> int        # resident asynchronously: pinned host copy -> device on a side stream
     ids = pool.acquire(names)         # list[int]; refcount +1 per name; stream waits only for these adapters
     pool.release(names)               # refcount -1 (the adapter becomes evictable when it reaches 0)
     with pool.use(names) as ids: ...  # acquire / release around a block
-    pool.evict(name)                  # drop the device copy (keeps the host copy); refuses a referenced one
+    pool.evict(name) -> bool          # drop the device copy (keeps the host copy); refuses a referenced one
     pool.unload(name)                 # evict + forget entirely
     pool.slot_of(name) -> int | None; pool.names; pool.resident; pool.stats (hits, misses, stalls, evictions)
 
@@ -22,25 +22,27 @@ Semantics:
     attribute: a tuple of module paths relative to its parent, e.g. ``("q_proj", "k_proj", "v_proj")``).
     Module paths are those of PEFT's keys ``base_model.model.<module path>.lora_A.weight``.
 
-    An adapter is *registered* (validated, host copy, pinned when CUDA is present) and, while it holds a
-    slot, *resident*: it has the same slot id ``i`` in every layer, and ``adapter_ids == i`` selects it in a
-    :class:`~lora_kernels.LoRABatch`. A layer the adapter does not target holds rank 0 in slot ``i`` (no
-    delta). A slot and its rows are reused only after the adapter is evicted, and an adapter whose reference
-    count is above 0 is never evicted. When a slot or rows are short, the least recently used unreferenced
+    An adapter is *registered* (validated, host copy, pinned for a pool on a CUDA device unless ``pin=False``)
+    and, while it holds a slot, *resident*: it has the same slot id ``i`` in every layer, and ``adapter_ids ==
+    i`` selects it in a :class:`~lora_kernels.LoRABatch`. A layer the adapter does not target holds rank 0 in
+    slot ``i`` (no delta). A slot and its rows are reused only after the adapter is evicted, and an adapter whose
+    reference count is above 0 is never evicted. When a slot or rows are short, the least recently used unreferenced
     resident adapter is evicted (LRU over ``acquire``/``load``/``prefetch`` times).
 
-    On CUDA, device copies run on a side stream from pinned host memory; each adapter records an event after
-    its copies, and ``acquire`` makes the current stream wait on the events of the adapters it names only
-    (never a host sync). ``release`` records an event on the current stream; rows of an evicted adapter are
-    rewritten only after the side stream waited on that event, so a batch still running on the GPU never
-    reads rows of a newer adapter. On the CPU the copies are synchronous.
+    On CUDA (with ``prefetch=True``, the default), device copies run on a side stream from pinned host memory;
+    each adapter records an event after its copies, and ``acquire`` makes the current stream wait on the events
+    of the adapters it names only (never a host sync). ``release`` records an event on the current stream; rows
+    of an evicted adapter are rewritten only after the current stream waited on that event and the side stream
+    on the current stream, so a batch still running on the GPU never reads rows of a newer adapter. With
+    ``prefetch=False`` the copies are queued on the current stream instead. On the CPU they are synchronous.
 
-    Every method is thread-safe (one lock around the pool's state; kernels are launched outside it). Any
-    method that raises leaves the pool unchanged, whatever the error (a refusal, or an exception such as an
-    out-of-memory error half-way through): every layer's LoRAWeights is bit-identical (rows, offsets, ranks,
-    scales, loaded slots, free rows) and so are the pool's names, slots, reference counts, LRU order, counters
-    and host copies. Files are read and validated before anything changes; the changes themselves are made
-    in one transaction (lora_kernels._transaction) that is rolled back on any exception.
+    Every method is thread-safe (one lock around the pool's state, held only inside its methods: files are read
+    outside it, and the model's kernels never run under it). Any method that raises leaves the pool unchanged,
+    whatever the error (a refusal, or an exception such as an out-of-memory error half-way through): every
+    layer's LoRAWeights is bit-identical (rows, offsets, ranks, scales, loaded slots, free rows) and so are the
+    pool's names, slots, reference counts, LRU order, counters and host copies. Files are read and validated
+    before anything changes; the changes themselves are made in one transaction (lora_kernels._transaction) that
+    is rolled back on any exception.
 
 Errors: :class:`AdapterFormatError` (ValueError; malformed or incompatible adapter files, including rank
 above the layer's capacity), :class:`UnsupportedAdapterError` (a subclass: DoRA and other options this
@@ -88,7 +90,7 @@ class PoolStats:
     * ``misses``: names acquired that were not resident (made resident by ``acquire``).
     * ``stalls``: names acquired whose device copy had not finished yet (the stream waits on its event).
     * ``evictions``: adapters evicted (by LRU or :meth:`AdapterPool.evict`).
-    * ``loads``: host-to-device adapter copies issued.
+    * ``loads``: adapters made resident (their copies into the layers' storage issued).
     """
 
     hits: int = 0
@@ -121,17 +123,15 @@ class _Part:
 
 
 class _Entry:
-    __slots__ = ("name", "source", "parts", "slot", "refs", "ready", "last_use", "nbytes")
+    __slots__ = ("name", "parts", "slot", "refs", "ready", "last_use")
 
-    def __init__(self, name: str, source: str, parts: Dict[int, _Part]):
+    def __init__(self, name: str, parts: Dict[int, _Part]):
         self.name = name
-        self.source = source
         self.parts = parts
         self.slot: Optional[int] = None
         self.refs = 0
         self.ready = None  # torch.cuda.Event recorded after the device copies (None: complete)
         self.last_use = None  # torch.cuda.Event recorded at the last release
-        self.nbytes = sum(t.numel() * t.element_size() for p in parts.values() for t in p.A + p.Bt)
 
 
 def _layers_of(layers) -> List[Tuple[Tuple[str, ...], LoRAWeights]]:
@@ -296,9 +296,11 @@ class AdapterPool:
         adapter_name: Optional[str] = None,
     ) -> None:
         """Read and validate an adapter (see :func:`~lora_kernels.peft_format.read_peft_adapter`) and keep a host
-        copy in each layer's dtype (pinned on CUDA when ``pin``); it takes no slot until used.
+        copy in each layer's dtype (pinned for a pool on a CUDA device when ``pin``, default the pool's ``pin``); it
+        takes no slot until used.
 
         Raises:
+            TypeError: ``name`` is not a non-empty str, or ``source`` not a str / os.PathLike.
             AdapterFormatError / UnsupportedAdapterError: the file is malformed, unsupported or does not fit
                 these layers (unknown module, wrong shape, rank above a layer's ``max_rank`` or row budget).
             ValueError: ``name`` already registered (``unload`` it first). The pool is unchanged on any error.
@@ -377,7 +379,7 @@ class AdapterPool:
                 raise AdapterFormatError(f"{host.source}: layer {lay.paths[0]!r}: expected at most {lay.budget} rows "
                                          f"(the pool's capacity_rows for this layer), got rank {nrows}")
             parts[li] = _Part(As, Bts, scales, nrows)
-        return _Entry(host.name, host.source, parts)
+        return _Entry(host.name, parts)
 
     def load(
         self,
@@ -388,14 +390,15 @@ class AdapterPool:
         pin: Optional[bool] = None,
         adapter_name: Optional[str] = None,
     ) -> int:
-        """Register ``name`` from ``source`` (skipped when ``source`` is None and the name is registered) and make
-        it resident now (synchronous copy, evicting LRU adapters as needed); returns its slot id.
+        """Register ``name`` from ``source`` (skipped when ``source`` is None: the name must be registered) and make
+        it resident now, evicting LRU adapters as needed; returns its slot id. On CUDA the copies are queued before
+        anything queued next on the current stream (no host sync); on the CPU they are done on return.
 
         The id stays valid until the adapter is evicted; batches in flight must :meth:`acquire` what they use.
 
         Raises:
-            as :meth:`register`; PoolFullError when no room can be made. The pool is unchanged on any error
-            (no registration, no eviction).
+            as :meth:`register`; KeyError (``source`` None and ``name`` unknown); PoolFullError when no room can
+            be made. The pool is unchanged on any error (no registration, no eviction).
         """
         entry = None
         if source is not None:

@@ -21,8 +21,9 @@ Semantics:
 Input contract (issue 13): :meth:`LoRAWeights.add`, :meth:`~LoRAWeights.remove` and
 :meth:`~LoRAWeights.requires_grad_` validate and convert every argument first (shapes, dtypes, devices, ids,
 flags, scales computed in float64 and checked to fit the fp32 ``scales``, A/B values finite in the storage
-dtype, a free slot and rows), then write; the writes run in a transaction (``lora_kernels._transaction``), so a
-refusal or any exception, even half-way through the writes, leaves every tensor and host field bit-identical.
+dtype, a free slot and rows), then write; the writes of add / remove run in a transaction
+(``lora_kernels._transaction``; requires_grad_ restores its two flags itself), so a refusal or any exception, even
+half-way through the writes, leaves every tensor and host field bit-identical.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ class LoRAWeights:
         self.offsets = torch.zeros(max_adapters, dtype=torch.int64, device=dev)
         self.ranks = torch.zeros(len(outs), max_adapters, dtype=torch.int32, device=dev)
         self.scales = torch.zeros(len(outs), max_adapters, dtype=torch.float32, device=dev)
-        # Host mirror of the allocation, so that adding/removing never reads the device.
         # [S, 2] int64 (first column, width) of each slice, on the device: kernels read it, so a fused group
         # needs no per-call host->device copy.
         self.slice_info = torch.tensor([[c, o] for c, o in zip(self.slice_cols, self.slice_outs)],
@@ -111,6 +111,7 @@ class LoRAWeights:
         # strides do too; otherwise the compiled fallback variant runs (same results, narrower accesses).
         self.vector_aligned: bool = (in_features % 8 == 0 and all(v % 8 == 0 for v in cols + list(outs))
                                      and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+        # Host mirror of the allocation, so that adding/removing never reads the device.
         self._alloc: Dict[int, Tuple[int, int]] = {}
         self._host_ranks: Dict[int, Tuple[int, ...]] = {}
         # Bumped by every add/remove: lets host-side caches (ops.merge_plan) detect a changed allocation.
@@ -401,12 +402,14 @@ class LoRAWeights:
         Args:
             a: [N, r_max, in] (or [S, N, r_max, in] for S slices); rows past an adapter's rank are ignored.
             b: [N, r_max, out] (B transposed; for S slices ``out = sum(slice_outs)``).
-            ranks: int32 [N] or [S, N]; defaults to r_max for every slot.
-            scales: float32 [N] or [S, N]; defaults to 1.
+            ranks: integer [N] or [S, N] (e.g. int32), values in [0, r_max]; defaults to r_max for every slot.
+            scales: real [N] or [S, N] (e.g. float32), finite and fitting fp32; defaults to 1.
             slice_outs: output widths of the slices (default: one slice of width ``out``).
 
-        The returned object shares memory with ``a`` and ``b``: writes through either are seen by the other.
-        Raises ValueError when the tensors cannot be viewed as the rank-paged layout without a copy.
+        The returned object shares memory with ``a`` and ``b``: writes through either are seen by the other
+        (``ranks`` and ``scales`` are copied into its own tensors; reading them is a host sync for GPU tensors).
+        Raises ValueError when the tensors cannot be viewed as the rank-paged layout without a copy (or a value
+        is out of range), TypeError for wrong dtypes.
         """
         check_tensor("a", a, dtypes=FLOAT_DTYPES)
         check(a.device.type != "meta", "a", "a tensor with data", "a tensor on the meta device")

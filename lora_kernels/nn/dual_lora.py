@@ -24,10 +24,11 @@ class DualLoRALinear(nn.Module):
             from ``max_adapters`` / ``max_rank`` when omitted.
         batch: a fixed :class:`~lora_kernels.LoRABatch` to read; None (usual) reads
             :func:`lora_kernels.current_batch`.
-        trainable: register the adapter storage (``dual_a`` = stacked A/T rows, ``dual_b``, ``ln_weight``,
-            ``ln_bias``) as parameters with ``requires_grad=True``; they share memory with ``w_dual``'s tensors
-            (which are replaced by these Parameter objects), so gradients land in the paged layout and
-            optimiser steps are seen by the kernels. Rows of free slots get zero gradients.
+        trainable: ``requires_grad`` of the adapter storage, which is always registered as parameters
+            (``dual_a`` = stacked A/T rows, ``dual_b``, ``ln_weight``, ``ln_bias``); they share memory with
+            ``w_dual``'s tensors (which are replaced by these Parameter objects, or kept when ``w_dual`` already
+            holds Parameters of another DualLoRALinear), so gradients land in the paged layout and optimiser
+            steps are seen by the kernels. Rows of free slots get zero gradients.
 
     Adapters: ``layer.new_adapter(rank, alpha)`` (A/T Kaiming-uniform, B = 0, LN weight 1 / bias 0, scale
     ``alpha / rank``) or ``layer.w_dual.add(A, T, B, ...)``. Tokens with id -1 get ``base(x)`` alone.
@@ -43,7 +44,9 @@ class DualLoRALinear(nn.Module):
     traces it; the batch and the weights are guarded by identity.
 
     Raises:
-        TypeError / ValueError for mismatched arguments; RuntimeError from forward when no batch is current.
+        TypeError / ValueError for mismatched arguments (ValueError also for a ``trainable`` that differs from the
+        ``requires_grad`` of Parameters ``w_dual`` already holds); RuntimeError from forward when no batch is
+        attached or current.
     """
 
     def __init__(

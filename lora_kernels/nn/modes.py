@@ -44,7 +44,8 @@ def normalize_counts(adapter_counts: Union[Mapping[int, int], Sequence[int], tor
     indexed by adapter id (``counts[i]`` for adapter i; no -1 entry). Zero counts are dropped.
 
     Raises:
-        TypeError: a CUDA tensor (the policy reads host-side counts only; see :class:`VLoRAPolicy`).
+        TypeError: a tensor not on the CPU (the policy reads host-side counts only; see :class:`VLoRAPolicy`), or
+            an id or count that is not an integral number (a str, a bool, 2.5).
         ValueError: a negative count or an adapter id below -1.
     """
     if isinstance(adapter_counts, torch.Tensor):
@@ -172,8 +173,9 @@ class ModeController:
     capture again.
 
     Raises:
-        ValueError: no LoRALinear in ``model``.
-        TypeError: a layer whose base has no ``weight`` of shape [out, in].
+        ValueError: no LoRALinear in ``model``, or a layer listed twice.
+        TypeError: a layer whose base has no ``weight`` of shape [out, in], an item of a sequence that is not a
+            LoRALinear, or ``exact`` not a bool.
     """
 
     def __init__(self, model: Union[nn.Module, Sequence[LoRALinear]], *, exact: bool = True,
@@ -382,8 +384,10 @@ class ModeController:
         waiting_credit: Optional[Sequence[float]] = None,
         policy: Optional[Policy] = None,
     ) -> Tuple[str, Optional[int]]:
-        """The ``(mode, adapter)`` ``policy`` (default :class:`VLoRAPolicy()`) picks for this batch, without
-        switching. An empty batch keeps the current mode. Host-side inputs only (no device read)."""
+        """The ``(mode, adapter)`` ``policy`` (default :attr:`policy`) picks for this batch, without switching. An
+        empty batch keeps the current mode. Host-side inputs only (no device read). Raises as
+        :func:`normalize_counts`, and TypeError / ValueError when the policy returns no ``(mode, adapter)`` pair
+        or an unknown mode."""
         counts = normalize_counts(adapter_counts)
         if sum(counts.values()) == 0:
             return self._mode, self._adapter

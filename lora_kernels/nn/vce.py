@@ -88,7 +88,9 @@ class VisualCueEnhancement(nn.Module):
 
     Raises:
         ValueError from the constructor for a non-positive size, ``n_heads`` not dividing ``d_model``,
-        ``query_level`` out of range, or ``spatial_shapes`` of the wrong length; from forward see :meth:`forward`.
+        ``query_level`` out of range, an ``eps`` that is not a finite real > 0, or ``spatial_shapes`` of the wrong
+        length or with a non-positive size (TypeError for entries that are not integer pairs, or an ``eps`` that is
+        not a real number); from forward see :meth:`forward`.
     """
 
     def __init__(
@@ -133,8 +135,9 @@ class VisualCueEnhancement(nn.Module):
         if projector_dim is not None:
             self.projector = nn.Sequential(nn.Linear(d_model, projector_dim, **kw), nn.GELU(),
                                            nn.Linear(projector_dim, projector_dim, **kw))
-        # (shapes, query level, device) -> (spatial_shapes, level_start_index, ref points [Q, 2] fp32 (the official
-        # code's fp32 points), (W_l, H_l) [L, 2] fp32): built once per grid, so forward allocates no metadata per call.
+        # (shapes, query level, device) -> (spatial_shapes int64 [L, 2], level_start_index int64 [L], ref points
+        # [Q, 2] fp32 (the official code's fp32 points)): built once per grid, so forward allocates no metadata per
+        # call after the first with that grid.
         self._meta: Dict[tuple, Tuple[torch.Tensor, ...]] = {}
         self.reset_parameters()
 
@@ -219,9 +222,9 @@ class VisualCueEnhancement(nn.Module):
 
         Raises:
             TypeError: features not a tensor or a sequence of tensors, or dtypes that differ between levels.
-            ValueError: the wrong number of levels, ndim, batch or channel size, a level not square when no
-                shapes are given, or ``spatial_shapes`` not matching the token counts (the message names the
-                level and both numbers).
+            ValueError: the wrong number of levels, ndim, batch or channel size, levels on different devices, a
+                level with no token, a level not square when no shapes are given, or ``spatial_shapes`` not
+                matching the token counts (the message names the level and both numbers).
         """
         levels = self._check_features(features)
         shapes = self._resolve_shapes(levels, spatial_shapes)
@@ -344,8 +347,10 @@ def _sample(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index
     ``value`` [B, S, H, D]; ``ref`` [Q, 2] fp32; ``offsets`` [B, Q, H, L, P, 2] (patches of each level);
     ``logits`` [B, Q, H, L*P]. Returns [B, Q, H*D] in value's dtype.
 
-    No location or weight tensor is materialised, and locations are never rounded to a 16-bit value dtype: the
-    kernel converts the offsets (exactly) to fp32 and forms the location in fp32, as the official code does.
+    On the GPU backends (Triton, CUDA) the forward materialises no location or weight tensor (the reference
+    backend and the deterministic backward do form them), and locations are never rounded to a 16-bit value
+    dtype: the kernel converts the offsets (exactly) to fp32 and forms the location in fp32, as the official code
+    does.
     Offsets / logits of another dtype than value (e.g. fp32 from an autocast region) are passed as fp32.
     """
     if offsets.dtype not in (value.dtype, torch.float32):

@@ -22,7 +22,9 @@ The fused form (``_deform_sample_*_kernel``, VCE: softmax over L*P and ``loc = r
 in the kernel) runs the same tile bodies (``_fwd_tile`` / ``_bwd_tile`` with ``FUSED``), which differ only in where
 a sample's location and weight come from (``_sample_point``) and in the softmax pass closing the backward.
 
-No intermediate of size B*Q*H*L*P*D; no host sync; no allocation beyond the outputs (and the fp32 grad buffer).
+No intermediate of size B*Q*H*L*P*D and no host sync. Allocations: the outputs; in the backward, the fp32 grad
+value (and the fused form's fp32 grad logits) and their casts to the inputs' dtypes; in the deterministic mode,
+its keys, weights and sort (and the fused form's fp32 locations and weights, :func:`sample_locations_weights`).
 """
 
 from __future__ import annotations
@@ -107,15 +109,17 @@ def _corner(ok, fx, fy, x0, y0, st, wl, hl, S, corner: tl.constexpr):
 
 @triton.jit
 def _tile(Q, H, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (b, h), its BLOCK_Q queries and BLOCK_D channels, and their masks (grid: (query tiles *
-    B*H,), query tile fastest). One flat axis: grid axis 1 is limited to 65535 on CUDA, which B*H (e.g. 4096
-    images x 16 heads) can exceed; axis 0 is not."""
+    """This program's (b, h), its BLOCK_Q queries and BLOCK_D channels, their masks, and the index of each
+    (b, q, h) in [B, Q, H] (grid: (query tiles * B*H,), query tile fastest). One flat axis: grid axis 1 is limited
+    to 65535 on CUDA, which B*H (e.g. 4096 images x 16 heads) can exceed; axis 0 is not."""
     n_qt = (Q + (BLOCK_Q - 1)) // BLOCK_Q
     pid = tl.program_id(0)
     bh = pid // n_qt
     qs = (pid - bh * n_qt) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     ds = tl.arange(0, BLOCK_D)
-    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), qs, ds, qs < Q, ds < D
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return b, h, qs, ds, qs < Q, ds < D, (b * Q + qs.to(tl.int64)) * H + h
 
 
 @triton.jit
@@ -127,19 +131,26 @@ def _level(shapes, starts, lvl):
 
 
 @triton.jit
+def _sample_geometry(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED: tl.constexpr):
+    """(weight, ok, fx, fy, x0, y0) of samples ``idx``: the weight of :func:`_sample_point` and the bilinear
+    geometry (:func:`_bilinear_geometry`) of its location."""
+    lx, ly, a = _sample_point(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
+    ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, qm)
+    return a, ok, fx, fy, x0, y0
+
+
+@triton.jit
 def _fwd_tile(value, shapes, starts, loc, attn, ref, out, S, Q, H, D, L, P, BLOCK_Q: tl.constexpr,
               BLOCK_D: tl.constexpr, FUSED: tl.constexpr):
-    b, h, qs, ds, qm, dm = _tile(Q, H, D, BLOCK_Q, BLOCK_D)
+    b, h, qs, ds, qm, dm, row = _tile(Q, H, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     vbase = value + b * S * H * D + h * D
-    row = (b * Q + qs.to(tl.int64)) * H + h  # index of (b, q, h) in [B, Q, H]
     rx, ry, m, ssum = _row_source(ref, attn, qs, row, qm, L * P, FUSED)
     for lvl in range(L):
         hl, wl, st, hf, wf = _level(shapes, starts, lvl)
         for pt in range(P):
             idx = (row * L + lvl) * P + pt
-            lx, ly, a = _sample_point(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
-            ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, qm)
+            a, ok, fx, fy, x0, y0 = _sample_geometry(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
             for corner in tl.static_range(4):
                 vrow, inb, wx, wy = _corner(ok, fx, fy, x0, y0, st, wl, hl, S, corner)
                 off = vrow * H * D
@@ -153,8 +164,7 @@ def _bwd_tile(grad_out, value, shapes, starts, loc, attn, ref, grad_value, grad_
               BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_GV: tl.constexpr, FUSED: tl.constexpr):
     """FUSED: grad_loc / grad_attn are grad offsets / grad logits (an fp32 buffer: it holds dL/dw_j until the
     softmax pass at the end turns it into dL/dlogit_j)."""
-    b, h, qs, ds, qm, dm = _tile(Q, H, D, BLOCK_Q, BLOCK_D)
-    row = (b * Q + qs.to(tl.int64)) * H + h
+    b, h, qs, ds, qm, dm, row = _tile(Q, H, D, BLOCK_Q, BLOCK_D)
     g = tl.load(grad_out + row[:, None] * D + ds[None, :], mask=qm[:, None] & dm[None, :], other=0.0).to(tl.float32)
     vbase = value + b * S * H * D + h * D
     gvbase = grad_value + b * S * H * D + h * D
@@ -164,8 +174,7 @@ def _bwd_tile(grad_out, value, shapes, starts, loc, attn, ref, grad_value, grad_
         hl, wl, st, hf, wf = _level(shapes, starts, lvl)
         for pt in range(P):
             idx = (row * L + lvl) * P + pt
-            lx, ly, a = _sample_point(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
-            ok, fx, fy, x0, y0 = _bilinear_geometry(lx, ly, wf, hf, qm)
+            a, ok, fx, fy, x0, y0 = _sample_geometry(loc, attn, idx, qm, rx, ry, m, ssum, wf, hf, FUSED)
             # corners: 00 = (y0, x0), 01 = (y0, x0 + 1), 10 = (y0 + 1, x0), 11 = (y0 + 1, x0 + 1)
             in_x0 = (x0 >= 0) & (x0 < wl)
             in_x1 = (x0 + 1 >= 0) & (x0 + 1 < wl)
@@ -237,36 +246,46 @@ def _blocks(Q: int, D: int):
     return block_q, block_d
 
 
+def _launch_tiles(kernel, value, samples, *args, **constexprs) -> bool:
+    """Launch a tile kernel (``_fwd_tile`` / ``_bwd_tile`` body) as ``kernel(*args, S, Q, H, D, L, P, BLOCK_Q=,
+    BLOCK_D=, **constexprs)`` over (query tiles x B*H,) programs, the sizes read from ``value`` [B, S, H, D] and
+    ``samples`` [B, Q, H, L, P, 2] (locations or offsets). Returns False, launching nothing, when there is no
+    sample or no channel (B*Q*H*D, L or P zero): the caller's outputs are then all zeros (or empty)."""
+    B, S, H, D = value.shape
+    Q, L, P = samples.shape[1], samples.shape[3], samples.shape[4]
+    if not (B * Q * H * D and L and P):
+        return False
+    bq, bd = _blocks(Q, D)
+    kernel[(triton.cdiv(Q, bq) * B * H,)](*args, S, Q, H, D, L, P, BLOCK_Q=bq, BLOCK_D=bd, num_warps=4,
+                                          **constexprs)
+    return True
+
+
+def _forward(kernel, value, samples, *inputs) -> torch.Tensor:
+    """A fresh [B, Q, H * D] output in value's dtype, written by ``kernel(value, *inputs, out, ...)`` (zeros when
+    there is nothing to sample)."""
+    B, _, H, D = value.shape
+    out = torch.empty(B, samples.shape[1], H * D, dtype=value.dtype, device=value.device)
+    if not _launch_tiles(kernel, value, samples, value, *inputs, out):
+        out.zero_()
+    return out
+
+
 def deform_pool_fwd(value, shapes, starts, loc, attn) -> torch.Tensor:
     """Launch the forward on contiguous inputs (validated by the caller). Returns [B, Q, H * D] in value's dtype."""
-    B, S, H, D = value.shape
-    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    out = torch.empty(B, Q, H * D, dtype=value.dtype, device=value.device)
-    if out.numel() == 0:
-        return out
-    if L == 0 or P == 0:
-        return out.zero_()
-    bq, bd = _blocks(Q, D)
-    _deform_pool_fwd_kernel[(triton.cdiv(Q, bq) * B * H,)](value, shapes, starts, loc, attn, out, S, Q, H, D, L, P,
-                                                       BLOCK_Q=bq, BLOCK_D=bd, num_warps=4)
-    return out
+    return _forward(_deform_pool_fwd_kernel, value, loc, shapes, starts, loc, attn)
 
 
 def deform_pool_bwd(grad_out, value, shapes, starts, loc, attn, deterministic: bool = False):
     """Launch the backward. Returns (grad_value, grad_loc, grad_attn) in the inputs' dtypes. ``deterministic``:
     grad value by :func:`deform_pool_grad_value_deterministic` instead of atomics (bit-reproducible)."""
-    B, S, H, D = value.shape
-    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    gv = torch.zeros(B, S, H, D, dtype=torch.float32, device=value.device)
+    gv = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
     gl = torch.zeros(loc.shape, dtype=loc.dtype, device=loc.device)
     ga = torch.zeros(attn.shape, dtype=attn.dtype, device=attn.device)
-    if B * Q * H * D and L and P:
-        bq, bd = _blocks(Q, D)
-        _deform_pool_bwd_kernel[(triton.cdiv(Q, bq) * B * H,)](grad_out, value, shapes, starts, loc, attn, gv, gl, ga,
-                                                           S, Q, H, D, L, P, BLOCK_Q=bq, BLOCK_D=bd,
-                                                           WRITE_GV=not deterministic, num_warps=4)
-        if deterministic:
-            gv = deform_pool_grad_value_deterministic(grad_out, value, shapes, starts, loc, attn)
+    launched = _launch_tiles(_deform_pool_bwd_kernel, value, loc, grad_out, value, shapes, starts, loc, attn, gv, gl,
+                             ga, WRITE_GV=not deterministic)
+    if launched and deterministic:  # the kernel skipped grad value's atomics
+        gv = deform_pool_grad_value_deterministic(grad_out, value, shapes, starts, loc, attn)
     return gv.to(value.dtype), gl, ga
 
 
@@ -373,32 +392,17 @@ def sample_locations_weights(shapes, ref, offsets, logits):
 
 def deform_sample_fwd(value, shapes, starts, ref, offsets, logits) -> torch.Tensor:
     """Fused forward on contiguous inputs. Returns [B, Q, H * D] in value's dtype."""
-    B, S, H, D = value.shape
-    Q, L, P = offsets.shape[1], offsets.shape[3], offsets.shape[4]
-    out = torch.empty(B, Q, H * D, dtype=value.dtype, device=value.device)
-    if out.numel() == 0:
-        return out
-    if L == 0 or P == 0:
-        return out.zero_()
-    bq, bd = _blocks(Q, D)
-    _deform_sample_fwd_kernel[(triton.cdiv(Q, bq) * B * H,)](value, shapes, starts, ref, offsets, logits, out, S, Q, H,
-                                                         D, L, P, BLOCK_Q=bq, BLOCK_D=bd, num_warps=4)
-    return out
+    return _forward(_deform_sample_fwd_kernel, value, offsets, shapes, starts, ref, offsets, logits)
 
 
 def deform_sample_bwd(grad_out, value, shapes, starts, ref, offsets, logits, deterministic: bool = False):
     """Fused backward. Returns (grad_value, grad_offsets, grad_logits) in value's / offsets' / logits' dtypes."""
-    B, S, H, D = value.shape
-    Q, L, P = offsets.shape[1], offsets.shape[3], offsets.shape[4]
-    gv = torch.zeros(B, S, H, D, dtype=torch.float32, device=value.device)
+    gv = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
     go = torch.zeros(offsets.shape, dtype=offsets.dtype, device=offsets.device)
     gl = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-    if B * Q * H * D and L and P:
-        bq, bd = _blocks(Q, D)
-        _deform_sample_bwd_kernel[(triton.cdiv(Q, bq) * B * H,)](grad_out, value, shapes, starts, ref, offsets, logits,
-                                                             gv, go, gl, S, Q, H, D, L, P, BLOCK_Q=bq, BLOCK_D=bd,
-                                                             WRITE_GV=not deterministic, num_warps=4)
-        if deterministic:
-            loc, w = sample_locations_weights(shapes, ref, offsets, logits)
-            gv = deform_pool_grad_value_deterministic(grad_out, value, shapes, starts, loc, w)
+    launched = _launch_tiles(_deform_sample_bwd_kernel, value, offsets, grad_out, value, shapes, starts, ref, offsets,
+                             logits, gv, go, gl, WRITE_GV=not deterministic)
+    if launched and deterministic:  # the kernel skipped grad value's atomics
+        loc, w = sample_locations_weights(shapes, ref, offsets, logits)
+        gv = deform_pool_grad_value_deterministic(grad_out, value, shapes, starts, loc, w)
     return gv.to(value.dtype), go, gl.to(logits.dtype)
