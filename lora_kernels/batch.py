@@ -14,12 +14,16 @@ Semantics:
       ``num_valid`` (tokens with an adapter) and ``num_invalid`` (ids out of range), as 1-element views.
 
     ``A = min(max_adapters, max_tokens)`` bounds the number of active adapters. Every field is a view into one
-    preallocated int32 buffer (``meta``), so building a batch allocates nothing, never syncs with the host and
-    can be captured in a CUDA graph; ops receive the single ``meta`` tensor.
+    preallocated int32 buffer (``meta``); the work plan (``plan``, :mod:`lora_kernels.plan`) is another. A rebuild
+    writes both in place (they are never reallocated), the builders never sync with the host, and it can be
+    captured in a CUDA graph; the ops receive ``meta`` (and the kernels that use it, ``plan``). A rebuild is not
+    allocation-free: the torch builder and the plan's builder allocate device temporaries on every call (from
+    the caching allocator, or the graph's pool under capture), and ids that are not int32 are narrowed into a new
+    tensor. (:meth:`LoRABatch.build`'s id validation, on by default, syncs once for ids on a GPU.)
 
-The builder is a CUDA kernel (``csrc/kernels/lora_batch.cuh``) when the compiled extension is present, and the
-torch implementation below otherwise (same outputs, also sync-free). Both are exposed through the custom op
-``torch.ops.lora_kernels.build_batch_``.
+The builder is a CUDA kernel (``csrc/kernels/lora_batch.cuh``) when the compiled extension is present and verified
+on this GPU model (or forced; :mod:`lora_kernels.backends`), and the torch implementation below otherwise (same
+outputs, also sync-free). Both are exposed through the custom op ``torch.ops.lora_kernels.build_batch_``.
 
 Ids of any integer dtype (int8/16/32/64, uint8/16/32/64) are accepted. Both builders read int32, so wider ids
 are first narrowed by :func:`ids_to_int32`, which saturates instead of truncating (a device op, no host sync):
@@ -29,12 +33,14 @@ becoming id 1, another adapter. Floating, complex and bool ids are refused (Type
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ._validation import check, check_int, check_tensor
+from .layouts import META, offsets_class
 from .plan import PlanLayout, build_plan_
 
 __all__ = ["LoRABatch", "MetaLayout", "build_batch_torch_", "ids_to_int32", "check_ids_range", "check_ids_dtype",
@@ -47,14 +53,19 @@ _FITS_INT32 = frozenset((torch.int8, torch.int16, torch.int32, torch.uint8, torc
 _INT64_MAX = 2**63 - 1
 #: Largest meta buffer the builders and kernels index with int32 (also the CUDA builder's limit).
 MAX_META_ELEMENTS = 2**31 - 1
-#: Largest token capacity whose metadata fits MAX_META_ELEMENTS (2 * Tc + 3 * Tc + 4 entries at worst).
-MAX_TOKENS = (MAX_META_ELEMENTS - 4) // 5
+# The metadata's size is linear in its capacities (lora_kernels.layouts.META): size = _C0 + _CT Tc + _CA Ac.
+_C0 = META.offsets(max_tokens=0, max_active=0)["size"]
+_CT = META.offsets(max_tokens=1, max_active=0)["size"] - _C0
+_CA = META.offsets(max_tokens=0, max_active=1)["size"] - _C0
+_SIZE_TEXT = META.offset_expr("size").replace("max_active", "min(max_tokens, max_adapters)")
+#: Largest token capacity whose metadata fits MAX_META_ELEMENTS (Ac = Tc at worst).
+MAX_TOKENS = (MAX_META_ELEMENTS - _C0) // (_CT + _CA)
 
 
 def max_capacity(max_adapters: int) -> int:
-    """Largest ``max_tokens`` of a batch with ``max_adapters`` slots: its metadata (``2 Tc + 3 min(Tc, N) + 4``
-    int32 entries) must fit :data:`MAX_META_ELEMENTS`."""
-    c1 = (MAX_META_ELEMENTS - 4 - 3 * max_adapters) // 2  # Tc >= N
+    """Largest ``max_tokens`` of a batch with ``max_adapters`` slots: its metadata (``META.size`` with
+    ``max_active = min(Tc, N)`` int32 entries) must fit :data:`MAX_META_ELEMENTS`."""
+    c1 = (MAX_META_ELEMENTS - _C0 - _CA * max_adapters) // _CT  # Tc >= N
     return c1 if c1 >= max_adapters else min(MAX_TOKENS, max_adapters)
 
 
@@ -77,13 +88,14 @@ def _as_int64(t: torch.Tensor) -> torch.Tensor:
 
 
 def ids_to_int32(adapter_ids: torch.Tensor, max_adapters: int) -> torch.Tensor:
-    """Adapter ids of any integer dtype as the int32 ids the builders read, **without aliasing**.
+    """Adapter ids of any integer dtype as the int32 ids the builders read, **without aliasing** (no id ever
+    becomes another adapter's).
 
     Semantics: an id in ``[-1, max_adapters)`` is kept; any other id (whatever its width) becomes a value that is
     still out of range in int32 (``-2`` below, ``max_adapters`` above), so the builders serve it as ``-1`` and count
-    it in ``num_invalid``. int32 ids are returned as they are and the other dtypes that fit int32 are only cast;
-    wider ones are range-masked in int64 *before* narrowing (``clamp`` then cast: device ops, no host sync,
-    capturable). ``max_adapters`` must be < 2**31 - 1 (:class:`LoRABatch` checks it).
+    it in ``num_invalid``. int32 ids are returned as they are (the same tensor) and the other dtypes that fit
+    int32 are only cast; wider ones are range-masked in int64 *before* narrowing (``clamp`` then cast: device ops,
+    no host sync, capturable). ``max_adapters`` must be < 2**31 - 1 (:class:`LoRABatch` checks it).
 
     Raises:
         TypeError naming adapter_ids for a non-integer dtype.
@@ -97,50 +109,38 @@ def ids_to_int32(adapter_ids: torch.Tensor, max_adapters: int) -> torch.Tensor:
     return _as_int64(adapter_ids).clamp(-2, max_adapters).to(torch.int32)
 
 
+@offsets_class(META)
 @dataclass(frozen=True)
 class MetaLayout:
     """Offsets of each field inside the int32 ``meta`` buffer of a batch with capacities (Tc, Ac).
 
-    The layout is shared with the CUDA builder and the Triton kernels: change both if it changes.
+    One property per field of :data:`lora_kernels.layouts.META` (``token_adapter``, ``sorted_token_ids``,
+    ``active_adapters``, ``seg_start``, ``seg_len``, ``num_active``, ``max_rank``, ``num_valid``, ``num_invalid``)
+    and ``size``: the layout is described there once; the CUDA builder reads the generated
+    ``csrc/kernels/layouts.h`` and the Triton kernels receive these offsets as arguments.
     """
 
     max_tokens: int
     max_active: int
 
     @property
-    def token_adapter(self) -> int:
-        return 0
-
-    @property
-    def sorted_token_ids(self) -> int:
-        return self.max_tokens
-
-    @property
-    def active_adapters(self) -> int:
-        return 2 * self.max_tokens
-
-    @property
-    def seg_start(self) -> int:
-        return 2 * self.max_tokens + self.max_active
-
-    @property
-    def seg_len(self) -> int:
-        return 2 * self.max_tokens + 2 * self.max_active
-
-    @property
     def scalars(self) -> int:
-        """num_active, max_rank, num_valid, num_invalid, in that order."""
-        return 2 * self.max_tokens + 3 * self.max_active
-
-    @property
-    def size(self) -> int:
-        return self.scalars + 4
+        """Offset of the four scalars: num_active, max_rank, num_valid, num_invalid, in that order."""
+        return self.num_active
 
     @staticmethod
     def from_meta(meta: torch.Tensor, max_tokens: int) -> "MetaLayout":
         """Recover the layout from a meta buffer and its token capacity (ops receive only these)."""
-        max_active = (meta.numel() - 4 - 2 * max_tokens) // 3
-        return MetaLayout(max_tokens, max_active)
+        return _layout_of(meta.numel(), max_tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_of(numel: int, max_tokens: int) -> MetaLayout:
+    """The layout of a meta buffer of ``numel`` entries: META's size is linear in max_active, so invert it (cached:
+    launchers ask per call)."""
+    base = MetaLayout(max_tokens, 0).size
+    per = MetaLayout(max_tokens, 1).size - base
+    return MetaLayout(max_tokens, (numel - base) // per)
 
 
 def check_ids_range(adapter_ids: torch.Tensor, max_adapters: int, name: str = "adapter_ids") -> None:
@@ -164,11 +164,13 @@ def build_batch_torch_(
     max_tokens: int,
     max_adapters: int,
 ) -> None:
-    """Torch implementation of the batch builder (CPU, or CUDA without the extension). No host sync.
+    """Torch implementation of the batch builder (CPU, or CUDA without the verified extension). No host sync.
 
     Writes every field of ``meta`` (layout :class:`MetaLayout`) for ``adapter_ids`` [T] of any integer dtype
-    (narrowed by :func:`ids_to_int32`: never aliased). ``ranks`` is int32 [S, N] or [N] (N >= max_adapters) or
-    None.
+    (narrowed by :func:`ids_to_int32`: no id becomes another adapter's). ``ranks`` is int32 [S, N] or [N]
+    (N >= max_adapters) or None. Device ops only, but not allocation-free: every call allocates temporaries of
+    O(T + max_adapters) elements (masks and sort keys, the sort's permutation, per-adapter counts, the compaction
+    buffers), plus copies of the ids / ranks when they are on another device or of another dtype.
     """
     lay = MetaLayout.from_meta(meta, max_tokens)
     T = adapter_ids.shape[0]
@@ -232,7 +234,7 @@ class LoRABatch:
         layout = MetaLayout(max_tokens, min(max_tokens, max_adapters))
         check(layout.size <= MAX_META_ELEMENTS, "max_tokens",
               f"at most {max_capacity(max_adapters)} tokens for max_adapters={max_adapters} (the metadata, "
-              f"2 * max_tokens + 3 * min(max_tokens, max_adapters) + 4 int32 entries, must fit {MAX_META_ELEMENTS})",
+              f"{_SIZE_TEXT} int32 entries, must fit {MAX_META_ELEMENTS})",
               max_tokens)
         self.max_tokens = max_tokens
         self.max_adapters = max_adapters
@@ -298,7 +300,9 @@ class LoRABatch:
 
         ``adapter_ids`` may have any integer dtype (int8/16/32/64, uint8/16/32/64); it is range-checked at its
         full width before being narrowed to int32 (:func:`ids_to_int32`), so no id is ever served by another
-        adapter. ``ranks`` (int32 [N] or [S, N], e.g. ``LoRAWeights.ranks``) fills ``max_rank``.
+        adapter. ``ranks`` (int32 [N] or [S, N] with N >= max_adapters, e.g. ``LoRAWeights.ranks``) fills
+        ``max_rank``. Rewrites ``meta`` and (except for a batch on the meta device) the work plan ``plan`` in
+        place; the module docstring says what a rebuild allocates.
 
         With ``validate`` (the default) ids outside ``[-1, max_adapters)`` raise ``ValueError`` and the batch is
         left unchanged: free when the ids are on the CPU, one host sync when they are on the GPU; skipped while a
@@ -308,8 +312,9 @@ class LoRABatch:
         Raises:
             TypeError: ``adapter_ids`` is not a tensor of an integer dtype (floating, bool, complex ids), or
                 ``ranks`` is not int32.
-            ValueError: wrong ndim, T > max_tokens, ids on the meta device for a batch that is not, or ids out of
-                range (with ``validate``). Nothing is changed when it raises.
+            ValueError: wrong ndim, T > max_tokens, ids or ranks on the meta device for a batch that is not,
+                ``ranks`` with a last dim < max_adapters, or ids out of range (with ``validate``). Nothing is
+                changed when it raises.
         """
         from .ops.batch_ops import build_batch_
 
@@ -336,7 +341,8 @@ class LoRABatch:
 
     def workspace(self, nbytes: int) -> torch.Tensor:
         """A byte buffer of at least ``nbytes`` on the batch's device, owned by the batch and reused by every
-        op on it (the persistent kernel's partial sums and h). Grows (one allocation) only when a larger one is
+        op on it (the partial sums and h of the Triton persistent kernel and the CUDA decode kernel, the fused LoRA
+        linear's workspace; contents irrelevant between calls). Grows (one allocation) only when a larger one is
         asked for, e.g. on the first call with wider weights: warm up once before capturing a CUDA graph."""
         if self._workspace.numel() < nbytes:
             self._workspace = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -388,12 +394,13 @@ class LoRABatch:
         """Batch for tokens already grouped: segment k is ``seg_lens[k]`` consecutive tokens of adapter
         ``seg_adapters[k]`` (``-1`` allowed). Segments of the same adapter need not be adjacent.
 
-        ``T = seg_lens.sum()`` is read on the host (with the lengths' range: one sync when they are on a GPU);
-        the per-token ids are then expanded on the device (``repeat_interleave`` with that static size) and built
-        as usual. ``max_tokens`` is the capacity (default T; any value >= T works, for a batch later rebuilt
-        with more tokens). ``seg_adapters`` follow the rules of :meth:`build`'s ids: any integer dtype, checked
-        at full width; with ``validate`` an id outside ``[-1, max_adapters)`` raises (zero-length segments too),
-        without it the tokens of such a segment are served as -1 and counted in ``num_invalid``.
+        ``T = seg_lens.sum()`` is read on the host (two reads: the lengths' range with the count of bad ids,
+        then the sum; each a sync when the lengths are on a GPU); the per-token ids are then expanded on the
+        device (``repeat_interleave`` with that static size) and built as usual. ``max_tokens`` is the capacity
+        (default T; any value >= T works, for a batch later rebuilt with more tokens). ``seg_adapters`` follow the
+        rules of :meth:`build`'s ids: any integer dtype, checked at full width; with ``validate`` an id outside
+        ``[-1, max_adapters)`` raises (zero-length segments too), without it the tokens of such a segment are
+        served as -1 and counted in ``num_invalid``.
 
         Raises:
             TypeError: non-tensor or non-integer seg_lens / seg_adapters, non-integer max_tokens / max_adapters.

@@ -15,7 +15,8 @@ Semantics (one *family* per tile height ``BM`` in :data:`PLAN_BLOCK_M`):
     ``len`` (1..BM) and ``adapter``. ``n_real`` counts the tiles of real segments, ``n_all`` adds the virtual
     ones. Entries past ``n_all`` hold ``len = 0``, ``adapter = -1``.
 
-Layout of the int32 ``plan`` buffer (:class:`PlanLayout`):
+Layout of the int32 ``plan`` buffer (:class:`PlanLayout`, described once in :data:`lora_kernels.layouts.PLAN`,
+from which the CUDA kernels' ``csrc/kernels/layouts.h`` is generated):
     ``[counters (n_cnt) | done (1) | per family: n_real, n_all, pos0[n_max], len[n_max], adapter[n_max] |
     decode counters (DECODE_COUNTERS) | fused counters (FUSED_COUNTERS)]``
     with ``n_max(BM) = (Tc + (Ac + 1)(BM - 1)) // BM`` (an upper bound on the tiles of any batch of capacity Tc
@@ -31,8 +32,9 @@ Layout of the int32 ``plan`` buffer (:class:`PlanLayout`):
     resets what it used), so one batch's ops must be ordered on one stream, as a model's layers are (use one
     batch per concurrent stream).
 
-The builder is torch ops on the batch's device (no host sync, no allocation outside the buffer, capturable in a
-CUDA graph together with :meth:`~lora_kernels.LoRABatch.build`).
+The builder is torch ops on the batch's device: no host sync, capturable in a CUDA graph together with
+:meth:`~lora_kernels.LoRABatch.build`; it writes only into the plan buffer, but its torch ops allocate small
+temporaries per build (per step, not per layer; from the caching allocator, so no cudaMalloc after warm-up).
 """
 
 from __future__ import annotations
@@ -41,66 +43,64 @@ from dataclasses import dataclass
 
 import torch
 
+from .layouts import DECODE_COUNTERS, FUSED_COUNTERS, PLAN, PLAN_BLOCK_M, PLAN_FAMILY, function, offsets_class
+
+plan_n_max = function("plan_n_max")
+
 __all__ = ["DECODE_COUNTERS", "FUSED_COUNTERS", "PLAN_BLOCK_M", "PlanLayout", "build_plan_", "decode_counters",
            "fused_counters"]
 
-#: Tile heights a plan lists tiles for (the persistent kernel's BLOCK_M must be one of them): 16 for decode
-#: (tl.dot's minimum), 64 and 128 for prefill (taller tiles re-read the adapters' A and B less often).
-PLAN_BLOCK_M = (16, 64, 128)
-#: Counters of the compiled decode kernel at the end of the plan (64 tokens x 8 slices), zero between calls.
-DECODE_COUNTERS = 64 * 8
-#: Counters of the compiled fused LoRA linear after the decode ones: counter[0] (the shrink's) and one per tile of 8
-#: output features, so layers with out <= 32768 features; zero between calls.
-FUSED_COUNTERS = 1 + 32768 // 8
+def _from_end(name: str) -> int:
+    """Distance from the end of the plan of a tail field (its and the later fields' lengths are constants, so a
+    kernel given only the plan tensor finds it)."""
+    off = PLAN.offsets(max_tokens=0, max_active=0)
+    later = [f for f in PLAN.fields[[f.name for f in PLAN.fields].index(name):]]
+    if not all(f.length.isdigit() for f in later):
+        raise AssertionError(f"plan field {name}: the fields from it to the end must have constant lengths")
+    return off["size"] - off[name]
 
 
+_DECODE_FROM_END = _from_end("decode_counters")
+_FUSED_FROM_END = _from_end("fused_counters")
+
+
+@offsets_class(PLAN)
 @dataclass(frozen=True)
 class PlanLayout:
-    """Offsets inside the plan buffer of a batch with capacities (Tc tokens, Ac active adapters)."""
+    """Offsets inside the plan buffer of a batch with capacities (Tc tokens, Ac active adapters): one property per
+    field of :data:`lora_kernels.layouts.PLAN` (``counters``, ``done``, ``f16_n_real`` ... ``fused_counters``) and
+    ``size``; :meth:`family` and :meth:`n_max` name a tile family's part."""
 
     max_tokens: int
     max_active: int
 
     def n_max(self, bm: int) -> int:
         """Upper bound on the tiles of height ``bm`` (virtual segment included)."""
-        return (self.max_tokens + (self.max_active + 1) * (bm - 1)) // bm
+        return plan_n_max(self.max_tokens, self.max_active, bm)
 
     @property
     def n_counters(self) -> int:
         return self.n_max(min(PLAN_BLOCK_M))
 
-    @property
-    def done(self) -> int:
-        """Offset of the 'programs finished' counter."""
-        return self.n_counters
-
     def family(self, bm: int) -> int:
-        """Offset of family ``bm``: ``n_real, n_all`` then ``pos0``, ``len``, ``adapter`` arrays of n_max(bm)."""
+        """Offset of family ``bm`` (layout :data:`~lora_kernels.layouts.PLAN_FAMILY`: ``n_real, n_all`` then the
+        ``pos0``, ``len``, ``adapter`` arrays of n_max(bm) entries)."""
         if bm not in PLAN_BLOCK_M:
             raise ValueError(f"BLOCK_M: expected one of {PLAN_BLOCK_M} for a planned kernel, got {bm!r}")
-        off = self.n_counters + 1
-        for b in PLAN_BLOCK_M:
-            if b == bm:
-                return off
-            off += 2 + 3 * self.n_max(b)
-        raise AssertionError  # unreachable
-
-    @property
-    def size(self) -> int:
-        return (self.n_counters + 1 + sum(2 + 3 * self.n_max(b) for b in PLAN_BLOCK_M) + DECODE_COUNTERS
-                + FUSED_COUNTERS)
+        return getattr(self, f"f{bm}_n_real")
 
 
 def decode_counters(plan: torch.Tensor) -> torch.Tensor:
     """The compiled decode kernel's counters: the :data:`DECODE_COUNTERS` entries of a batch's plan before the
     fused kernel's."""
-    end = plan.numel() - FUSED_COUNTERS
-    return plan[end - DECODE_COUNTERS : end]
+    start = plan.numel() - _DECODE_FROM_END
+    return plan[start : start + DECODE_COUNTERS]
 
 
 def fused_counters(plan: torch.Tensor) -> torch.Tensor:
     """The compiled fused LoRA linear's counters: the last :data:`FUSED_COUNTERS` entries of a batch's plan."""
-    return plan[plan.numel() - FUSED_COUNTERS :]
+    start = plan.numel() - _FUSED_FROM_END
+    return plan[start : start + FUSED_COUNTERS]
 
 
 def build_plan_(plan: torch.Tensor, meta: torch.Tensor, layout, T: int) -> None:
@@ -130,8 +130,9 @@ def build_plan_(plan: torch.Tensor, meta: torch.Tensor, layout, T: int) -> None:
         pos0 = torch.where(live, starts[seg_c] + m0, torch.zeros_like(m0))
         ln = torch.where(live, (lens[seg_c] - m0).clamp(max=bm), torch.zeros_like(m0))
         ad = torch.where(live, adapters[seg_c], torch.full_like(adapters[seg_c], -1))
-        plan[off : off + 1].copy_(cum[A - 1 : A] if A > 0 else cum[:1] * 0)
-        plan[off + 1 : off + 2].copy_(cum[A : A + 1])
-        plan[off + 2 : off + 2 + n].copy_(pos0)
-        plan[off + 2 + n : off + 2 + 2 * n].copy_(ln)
-        plan[off + 2 + 2 * n : off + 2 + 3 * n].copy_(ad)
+        f = PLAN_FAMILY.offsets(n_max=n)
+        plan[off + f["n_real"] : off + f["n_real"] + 1].copy_(cum[A - 1 : A] if A > 0 else cum[:1] * 0)
+        plan[off + f["n_all"] : off + f["n_all"] + 1].copy_(cum[A : A + 1])
+        plan[off + f["pos0"] : off + f["pos0"] + n].copy_(pos0)
+        plan[off + f["len"] : off + f["len"] + n].copy_(ln)
+        plan[off + f["adapter"] : off + f["adapter"] + n].copy_(ad)
