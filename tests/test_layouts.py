@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from lora_kernels import layouts
+from lora_kernels import gen_layouts, layouts
 from lora_kernels.batch import MetaLayout
 from lora_kernels.plan import PlanLayout, decode_counters, fused_counters
 
@@ -20,16 +20,16 @@ CAPS = [(1, 1), (8, 4), (64, 64), (1000, 7), (4096, 512)]
 
 
 def test_header_is_current():
-    """The checked-in header is exactly what the description generates (regenerate: python -m lora_kernels.layouts)."""
-    assert layouts.HEADER.read_text() == layouts.render_header(), "run `python -m lora_kernels.layouts`"
-    assert layouts.main(["--check"]) == 0
+    """The checked-in header is exactly what the description generates (regenerate: python -m lora_kernels.gen_layouts)."""
+    assert layouts.HEADER.read_text() == layouts.render_header(), "run `python -m lora_kernels.gen_layouts`"
+    assert gen_layouts.main(["--check"]) == 0
 
 
 def test_check_fails_on_a_stale_header(tmp_path, capsys):
     stale = tmp_path / "layouts.h"
     stale.write_text(layouts.render_header().replace("seg_len() const { return 2 * max_tokens + 2 * max_active",
                                                      "seg_len() const { return 2 * max_tokens + 3 * max_active"))
-    assert layouts.main(["--check", "--out", str(stale)]) == 1
+    assert gen_layouts.main(["--check", "--out", str(stale)]) == 1
     assert "stale" in capsys.readouterr().err
 
 
