@@ -166,8 +166,8 @@ MIXED_ENTRIES = (  # where mixed mode is decided: the Triton launcher, and the o
     Entry("lora_kernels.triton.sgmv", "add_lora_", "y"),
     Entry("lora_kernels.ops.sgmv", "_add_lora_impl", "y", gate=_sgmv_on_cpu),
 )
-MERGE_ENTRIES = (Entry("lora_kernels.ops.merge", "_merge_impl", "return", gate=_merge_on_cpu),)
-UNMERGE_ENTRIES = (Entry("lora_kernels.ops.merge", "_unmerge_impl", "Ws", "bwd", gate=_merge_on_cpu),)
+MERGE_ENTRIES = (Entry("lora_kernels.ops.merge.dispatch", "_merge_impl", "return", gate=_merge_on_cpu),)
+UNMERGE_ENTRIES = (Entry("lora_kernels.ops.merge.dispatch", "_unmerge_impl", "Ws", "bwd", gate=_merge_on_cpu),)
 DEFORM_ENTRIES = (
     Entry("lora_kernels.triton.deform", "deform_pool_fwd", "return"),
     Entry("lora_kernels.triton.deform", "deform_sample_fwd", "return"),

@@ -23,6 +23,7 @@ import lora_kernels as lk
 from lora_kernels import reference
 from lora_kernels.ops import merge as M
 from lora_kernels.ops import merge_plan as MP
+from lora_kernels.ops.merge import checks, dispatch
 from lora_kernels.triton import merge as tmerge
 
 _INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -308,12 +309,13 @@ def _layers():
     return ws, W0
 
 
-MERGE_STEPS = [(M, "_plan_many"), (M, "_check_live"), (M, "_new_records"), (MP, "store"), (M, "_register_live"),
-               (M, "_tables"), (tmerge, "launch_merge_grouped"), (reference, "merge_delta"), (reference, "pack_codes"),
-               (reference, "escape_indices"), (M, "_escape_merged_values"), (M, "_scatter"), (M, "_split_outs"),
-               (M, "_merged_nonfinite")]
-UNMERGE_STEPS = [(M, "_tables"), (tmerge, "launch_merge_grouped"), (reference, "merge_delta"),
-                 (reference, "unpack_codes"), (M, "_scatter")]
+MERGE_STEPS = [(checks, "_plan_many"), (checks, "_check_live"), (checks, "_new_records"), (MP, "store"),
+               (checks, "_register_live"), (dispatch, "_tables"), (tmerge, "launch_merge_grouped"),
+               (reference, "merge_delta"), (reference, "pack_codes"), (reference, "escape_indices"),
+               (dispatch, "_escape_merged_values"), (dispatch, "_scatter"), (dispatch, "_split_outs"),
+               (dispatch, "_merged_nonfinite")]
+UNMERGE_STEPS = [(dispatch, "_tables"), (tmerge, "launch_merge_grouped"), (reference, "merge_delta"),
+                 (reference, "unpack_codes"), (dispatch, "_scatter")]
 # (internal steps an implementation does not have are skipped: the same tests run against older code)
 MERGE_STEPS = [(m, a) for m, a in MERGE_STEPS if hasattr(m, a)]
 UNMERGE_STEPS = [(m, a) for m, a in UNMERGE_STEPS if hasattr(m, a)]

@@ -15,6 +15,7 @@ from helpers import assert_close_rule
 import lora_kernels as lk
 from lora_kernels import reference as ref
 from lora_kernels.ops import merge as M
+from lora_kernels.ops.merge import checks, dispatch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT = {2: torch.int16, 4: torch.int32}
@@ -460,9 +461,9 @@ def test_version_bumped_by_merge():
 # ---- custom ops ----------------------------------------------------------------------------------------------
 def test_opcheck():
     w, W = _setup(torch.float16)
-    p = M._plan(W, w, [0, 1], [1.0, 0.5], "W")
-    t1, c1 = M._terms_tensors([p["terms"]], [p["coefs"]])
-    t2, c2 = M._terms_tensors([p["terms"]] * 2, [p["coefs"]] * 2)
+    p = checks._plan(W, w, [0, 1], [1.0, 0.5], "W")
+    t1, c1 = dispatch._terms_tensors([p["terms"]], [p["coefs"]])
+    t2, c2 = dispatch._terms_tensors([p["terms"]] * 2, [p["coefs"]] * 2)
     for exact in (True, False):
         torch.library.opcheck(torch.ops.lora_kernels.merge_.default, (W.clone(), w.a, w.b, t1, c1, exact, "reference"))
         torch.library.opcheck(torch.ops.lora_kernels.merge_many_.default,

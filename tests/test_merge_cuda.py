@@ -10,13 +10,14 @@ from test_merge import adversarial_W, assert_bits_equal, bits, check_merge_many_
 import lora_kernels as lk
 from lora_kernels import reference as ref
 from lora_kernels.ops import merge as M
+from lora_kernels.ops.merge import dispatch
 
 pytestmark = pytest.mark.cuda
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _cuda_backend_or_skip():
-    if M._cuda_ops() is None:
+    if dispatch._cuda_ops() is None:
         pytest.skip("the compiled extension has no merge kernel (rebuild it)")
 
 

@@ -25,6 +25,7 @@ import torch
 
 from lora_kernels import reference as ref
 from lora_kernels.ops import merge as M
+from lora_kernels.ops.merge import dispatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INT = {2: torch.int16, 4: torch.int32}
@@ -154,14 +155,14 @@ def check_against_reference(ops, exact: bool, seed: int = 0, device: str = "cpu"
     W0 = [W.clone() for W in Ws]
     stores0 = [L["W_store"].clone().cpu() for L in layers]
     a_list, b_list = [L["a"] for L in layers], [L["b"] for L in layers]
-    terms, coefs = M._terms_tensors([L["terms"] for L in layers], [L["coefs"] for L in layers])
+    terms, coefs = dispatch._terms_tensors([L["terms"] for L in layers], [L["coefs"] for L in layers])
     want = []
     for L, w0 in zip(layers, W0):
         Wr = w0.cpu().clone()
         code, idx, val = ref.merge_(Wr, L["a"].cpu(), L["b"].cpu(), L["terms"], L["coefs"], exact)
         want.append((Wr, code, idx, val))
     launches0 = ops.launches if ops is not None else 0
-    outs = M._merge_impl(Ws, a_list, b_list, terms, coefs, exact, "cuda")
+    outs = dispatch._merge_impl(Ws, a_list, b_list, terms, coefs, exact, "cuda")
     n = len(Ws)
     codes, idxs, vals = outs[:n], outs[n : 2 * n], outs[2 * n : 3 * n]
     if device != "cpu":
@@ -194,14 +195,14 @@ def check_against_reference(ops, exact: bool, seed: int = 0, device: str = "cpu"
         assert ops.launches - launches0 == groups  # one grouped launch per (W dtype, adapter dtype)
     if device != "cpu":
         codes, idxs, vals = outs[:n], outs[n : 2 * n], outs[2 * n : 3 * n]
-        M._unmerge_impl(W_dev, a_list, b_list, terms, coefs, codes, idxs, vals, "cuda")
+        dispatch._unmerge_impl(W_dev, a_list, b_list, terms, coefs, codes, idxs, vals, "cuda")
         torch.cuda.synchronize()
         Ws = [W.cpu() for W in W_dev]
         for L, st in zip(layers, store_dev):
             L["W_store"] = st.cpu()
         W0 = [w.cpu() for w in W0]
     else:
-        M._unmerge_impl(Ws, a_list, b_list, terms, coefs, codes, idxs, vals, "cuda")
+        dispatch._unmerge_impl(Ws, a_list, b_list, terms, coefs, codes, idxs, vals, "cuda")
     for li, (L, W, w0) in enumerate(zip(layers, Ws, W0)):
         if exact:
             assert torch.equal(_bits(W), _bits(w0)), f"layer {li}: not restored"
@@ -227,7 +228,7 @@ def keep_all(idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def emu_ops(emu_lib, monkeypatch):
     ops = EmuOps(emu_lib)
-    monkeypatch.setattr(M, "_cuda_ops", lambda: ops)
+    monkeypatch.setattr(dispatch, "_cuda_ops", lambda: ops)
     return ops
 
 
@@ -248,11 +249,11 @@ def test_emulated_kernel_grid_larger_than_tables(emu_ops):
     W = store[: out * in_f].view(out, in_f)
     W.copy_(L["W"])
     store0 = store.clone()
-    terms, coefs = M._terms_tensors([L["terms"]], [L["coefs"]])
+    terms, coefs = dispatch._terms_tensors([L["terms"]], [L["coefs"]])
     Wr = W.clone()
     ref.merge_(Wr, L["a"], L["b"], L["terms"], L["coefs"], False)
-    (groups,) = [M._tables("cuda", [W], [L["a"]], [L["b"]], terms, coefs, [0], [0], [W.shape[1] % 4 == 0], None,
-                           ("merge", False))]
+    (groups,) = [dispatch._tables("cuda", [W], [L["a"]], [L["b"]], terms, coefs, [0], [0], [W.shape[1] % 4 == 0],
+                                  None, ("merge", False))]
     (_, _, jobs, ts, tt, cf, tiles, _, _), = groups
     counter = torch.zeros(1, dtype=torch.int32)
     emu_ops.merge_grouped_(jobs, ts, tt, cf, counter, tiles + 7, _KIND[W.dtype], _KIND[L["a"].dtype], False, False)
@@ -277,7 +278,7 @@ def test_emulated_kernel_through_public_api(emu_ops, monkeypatch):
         ws.append(w)
         Ws.append(_adversarial(dt, (sum(outs), in_f), g))
     W0 = [W.clone() for W in Ws]
-    monkeypatch.setattr(M, "_select", lambda device: "cuda")
+    monkeypatch.setattr(dispatch, "_select", lambda device: "cuda")
     for _ in range(2):
         Wr = [W.clone() for W in W0]
         with lk.backends.use_backend("reference"):
@@ -309,9 +310,9 @@ def test_emulated_kernel_under_address_sanitizer(tmp_path):
     env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
                PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]))
     code = ("import test_merge_emu as t\n"
-            "from lora_kernels.ops import merge as M\n"
+            "from lora_kernels.ops.merge import dispatch\n"
             f"ops = t.EmuOps({lib!r})\n"
-            "M._cuda_ops = lambda: ops\n"
+            "dispatch._cuda_ops = lambda: ops\n"
             "for exact in (True, False):\n"
             "    s = t.check_against_reference(ops, exact, seed=2)\n"
             "print('ASAN-CLEAN', s['launches'])\n")
@@ -324,7 +325,7 @@ def test_compiled_kernel_matches_reference_bitwise():
     """On a GPU: the compiled kernel (not the emulator) on the same layers, bit for bit against the CPU reference
     (IEEE fp32 mul / add with round-to-nearest and no FMA on both sides; no flush-to-zero: the extension is built
     without --use_fast_math)."""
-    if M._cuda_ops() is None:
+    if dispatch._cuda_ops() is None:
         pytest.fail("the compiled extension has no merge kernel")
     stats = check_against_reference(None, True, seed=4, device="cuda")
     assert stats["escapes"] > 0

@@ -13,6 +13,7 @@ from test_merge import adversarial_W, assert_bits_equal, make_weights
 
 import lora_kernels as lk
 from lora_kernels.ops import merge as M
+from lora_kernels.ops.merge import checks, dispatch
 from lora_kernels.ops import merge_plan as MP
 
 SHAPES = [(16, (8, 4, 4)), (12, (20,)), (7, (5,)), (32, (16, 16))]  # fused slices; in % 4 != 0 (unpacked codes)
@@ -66,9 +67,9 @@ def test_vectorised_tables_equal_reference(tile):
     """build_tables_vec == build_tables (the per-layer Python packing), for every layer and for a subset
     (one dtype group), with ranks 0 in some slices (terms skipped, jobs kept)."""
     ws, W0s = _layers(torch.float32)
-    plans = [M._plan(W, w, [1, 0], [0.5, -1.5], "W") for W, w in zip(W0s, ws)]
+    plans = [checks._plan(W, w, [1, 0], [0.5, -1.5], "W") for W, w in zip(W0s, ws)]
     plans[1]["terms"][0][4] = 0  # a rank-0 term: its job stays, the term is dropped
-    terms, coefs = M._terms_tensors([p["terms"] for p in plans], [p["coefs"] for p in plans])
+    terms, coefs = dispatch._terms_tensors([p["terms"] for p in plans], [p["coefs"] for p in plans])
     codes = [torch.empty((W.numel() + 3) // 4, dtype=torch.uint8) for W in W0s]
     packed = [W.shape[1] % 4 == 0 for W in W0s]
     for layers in (list(range(len(W0s))), [1, 3]):
@@ -273,11 +274,11 @@ def test_vectorised_plan_equals_per_layer_plan(lambdas):
     for w in ws:
         off[id(w)] = pos
         pos += w.scales.numel()
-    fast = M._plan_fast(W0s, ws, [1, 0], lambdas, flat, off)
+    fast = checks._plan_fast(W0s, ws, [1, 0], lambdas, flat, off)
     assert fast is not None
     plans, terms, coefs = fast
-    slow = [M._plan(W, w, [1, 0], lambdas, "W") for W, w in zip(W0s, ws)]
-    t_ref, c_ref = M._terms_tensors([p["terms"] for p in slow], [p["coefs"] for p in slow])
+    slow = [checks._plan(W, w, [1, 0], lambdas, "W") for W, w in zip(W0s, ws)]
+    t_ref, c_ref = dispatch._terms_tensors([p["terms"] for p in slow], [p["coefs"] for p in slow])
     assert torch.equal(terms, t_ref)
     assert torch.equal(coefs.view(torch.int32), c_ref.view(torch.int32))
     for p, q in zip(plans, slow):
@@ -286,10 +287,10 @@ def test_vectorised_plan_equals_per_layer_plan(lambdas):
         assert [math.copysign(1.0, c) for c in p["coefs"]] == [math.copysign(1.0, c) for c in q["coefs"]]
         assert p["coefs"] == q["coefs"]
     # lambda * scale overflowing fp32, or a layer failing a cheap check: the per-layer path raises, naming it.
-    assert M._plan_fast(W0s, ws, [1, 0], [3e38, 1e38], flat, off) is None
+    assert checks._plan_fast(W0s, ws, [1, 0], [3e38, 1e38], flat, off) is None
     with pytest.raises(ValueError, match="lambda \\* scale finite"):
         M.merge_many_([W.clone() for W in W0s], ws, [1, 0], [3e38, 1e38])
-    assert M._plan_fast([W0s[0], W0s[1].t()], ws[:2], [1], None, flat, off) is None
+    assert checks._plan_fast([W0s[0], W0s[1].t()], ws[:2], [1], None, flat, off) is None
     with pytest.raises(ValueError, match=r"Ws\[1\]"):
         M.merge_many_([W0s[0].clone(), W0s[1].clone()[:, :-1]], ws[:2], [1])
 
@@ -305,9 +306,9 @@ def test_bench_host_planning_field_leaves_weights_and_launch_alone():
         lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
         lin.weight = torch.nn.Parameter(W, requires_grad=False)
         layers.append(LoRALinear(lin, w))
-    run, select = M._run, M._select
+    run, select = dispatch._run, dispatch._select
     hp = host_planning(Ws, ws, layers, 0, 1, reps=2)
-    assert M._run is run and M._select is select
+    assert dispatch._run is run and dispatch._select is select
     assert hp["weights"] == len(Ws)
     for op in ("merge", "unmerge", "switch", "set_mode"):
         assert 0 < hp[op + "_warm_ms"] < 1e4 and 0 < hp[op + "_cold_ms"] < 1e4
@@ -339,7 +340,7 @@ def test_cuda_cached_and_uncached_bit_identical(backend):
     uncached merges give the same W, codes and escapes, over several cycles; bf16, fused slices, in % 4 != 0."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    if backend == "cuda" and M._cuda_ops() is None:
+    if backend == "cuda" and dispatch._cuda_ops() is None:
         pytest.skip("the compiled extension has no merge kernel (rebuild it)")
     dt = torch.bfloat16
     shapes = [(512, (256, 128, 128)), (98, (33,)), (1376, (512,))]

@@ -210,7 +210,7 @@ def _spec_snapshot():
 _TRITON_MODULES = ("lora_kernels.triton.sgmv", "lora_kernels.triton.deform", "lora_kernels.triton.dual_lora",
                    "lora_kernels.triton.sgmv_backward", "lora_kernels.triton.merge")
 _OPS_MODULES = ("lora_kernels.ops.sgmv", "lora_kernels.ops.deform", "lora_kernels.ops.dual_lora",
-                "lora_kernels.ops.lora_linear", "lora_kernels.ops.merge")
+                "lora_kernels.ops.lora_linear", "lora_kernels.ops.merge.dispatch")
 _GATED = [(e.module, e.attr) for e in mutants.MIXED_ENTRIES + mutants.MERGE_ENTRIES + mutants.UNMERGE_ENTRIES
           if e.gate is not None]
 

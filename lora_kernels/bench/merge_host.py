@@ -1,7 +1,7 @@
 """Host planning time of a whole-model merge / unmerge / switch (``lora-bench merge``'s ``host_planning`` field).
 
 What is timed: ``merge_many_`` / ``unmerge_many_`` / ``ModeController.set_mode`` with the grouped kernel launch
-stubbed out (:func:`lora_kernels.ops.merge._run` replaced by a no-op, on the Triton or CUDA path; the reference
+stubbed out (:func:`lora_kernels.ops.merge.dispatch._run` replaced by a no-op, on the Triton or CUDA path; the reference
 backend is replaced by Triton's host path on the CPU), so the numbers are the host work of a switch: validation,
 the plan (cached or not), the descriptor tables, the per-call code-column rebase, the escape-count read
 (one host sync; on a GPU it then waits for nothing but the counter's zero-fill) and the records. The weights
@@ -22,16 +22,16 @@ __all__ = ["host_planning"]
 
 @contextlib.contextmanager
 def _stubbed_launch(device: torch.device):
-    from ..ops import merge as M
+    from ..ops.merge import dispatch
 
-    run, select = M._run, M._select
-    M._run = lambda *a, **k: None
+    run, select = dispatch._run, dispatch._select
+    dispatch._run = lambda *a, **k: None
     if device.type == "cpu":  # the reference backend has no tables: time Triton's host path (never launched)
-        M._select = lambda dev: "triton"
+        dispatch._select = lambda dev: "triton"
     try:
         yield
     finally:
-        M._run, M._select = run, select
+        dispatch._run, dispatch._select = run, select
 
 
 def _time(fn: Callable[[], None], reps: int, sync: Callable[[], None]) -> float:

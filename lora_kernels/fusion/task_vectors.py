@@ -26,6 +26,18 @@ Result = Union[torch.Tensor, LoRAFactors]
 _CHUNK_ELEMS = 1 << 24  # default chunk: about this many elements of dense task vectors at once
 
 
+def _positive_int(name: str, value: Any, want: str, show_value: bool) -> int:
+    """``check_int(name, value, lo=1)`` with its errors reworded to list everything ``name`` accepts (``want``);
+    ``show_value``: a TypeError also shows the value (a ValueError always does)."""
+    try:
+        return check_int(name, value, lo=1)
+    except TypeError:
+        got = f"{type(value).__name__} {value!r:.40}" if show_value else type(value).__name__
+        raise TypeError(f"{name}: expected {want}, got {got}") from None
+    except ValueError:
+        raise ValueError(f"{name}: expected {want}, got {value!r:.40}") from None
+
+
 def _check_rank(rank: Any, allow_exact: bool) -> Any:
     """None, ``"exact"`` (when allowed) or an integer >= 1 of any integer type (returned as a Python int)."""
     if rank is None or (allow_exact and isinstance(rank, str) and rank == "exact"):
@@ -33,23 +45,13 @@ def _check_rank(rank: Any, allow_exact: bool) -> Any:
     want = "None (dense), an int >= 1" + (" or 'exact'" if allow_exact else "")
     if isinstance(rank, str):  # (a str is a rank's type when it is 'exact': another one is a bad value)
         raise ValueError(f"rank: expected {want}, got {rank!r:.40}")
-    try:
-        return check_int("rank", rank, lo=1)
-    except TypeError:
-        raise TypeError(f"rank: expected {want}, got {type(rank).__name__} {rank!r:.40}") from None
-    except ValueError:
-        raise ValueError(f"rank: expected {want}, got {rank!r:.40}") from None
+    return _positive_int("rank", rank, want, show_value=True)
 
 
 def _check_chunk_rows(chunk_rows: Any) -> Any:
     if chunk_rows is None:
         return None
-    try:
-        return check_int("chunk_rows", chunk_rows, lo=1)
-    except TypeError:
-        raise TypeError(f"chunk_rows: expected None or an int >= 1, got {type(chunk_rows).__name__}") from None
-    except ValueError:
-        raise ValueError(f"chunk_rows: expected None or an int >= 1, got {chunk_rows!r:.40}") from None
+    return _positive_int("chunk_rows", chunk_rows, "None or an int >= 1", show_value=False)
 
 
 def _check_density(density: Any) -> float:

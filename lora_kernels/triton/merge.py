@@ -37,6 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
+# Columns of the job table (J_W ... J_PACKED: the kernel's loads below read them at these positions; defined in
+# lora_kernels.ops.merge.tables, mirrored by csrc/kernels/merge.cuh).
+from ..ops.merge.tables import (J_A, J_B, J_CODE, J_IN, J_LAYER, J_NT, J_NTN, J_PACKED, J_ROW0, J_ROWS,  # noqa: F401
+                                J_SA, J_SB, J_T0, J_TILE0, J_W, JOB_COLS)
+
 __all__ = ["launch_merge_grouped", "TILE_M", "TILE_N"]
 
 # Tile shape of the launcher (the wrapper needs it to build tile_start). BLOCK_N must be a multiple of 4.
@@ -45,10 +50,6 @@ TILE_N = 64
 BLOCK_R = 16
 
 _KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-
-# Columns of the job table (shared with csrc/kernels/merge.cuh).
-J_W, J_CODE, J_ROW0, J_ROWS, J_IN, J_A, J_SA, J_B, J_SB, J_T0, J_NT, J_TILE0, J_LAYER, J_NTN, J_PACKED = range(15)
-JOB_COLS = 16
 
 
 @triton.jit
