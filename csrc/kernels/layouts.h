@@ -73,24 +73,24 @@ struct PlanLayout {
   LK_LAYOUT_FN int64_t size() const { return 4 * plan_n_max(max_tokens, max_active, 16) + 3 * plan_n_max(max_tokens, max_active, 64) + 3 * plan_n_max(max_tokens, max_active, 128) + 4616; }
 };
 
-// A row of the merge job table.
+// A row of the merge job table (int64 [n_jobs, size]).
 struct MergeJob {
-  static constexpr int W = 0;  // address of the base weight
-  static constexpr int code = 1;  // address of the escape-code buffer (0: none)
-  static constexpr int row0 = 2;  // first row of W the slice covers
-  static constexpr int rows = 3;  // rows of the slice
-  static constexpr int in_features = 4;  // columns of W
-  static constexpr int A = 5;  // address of the slice's A
+  static constexpr int W = 0;  // address of W (element [0, 0])
+  static constexpr int code = 1;  // address of the job's layer's code buffer (0: none); a cached table holds an offset
+  static constexpr int row0 = 2;  // the job's first row of W (the slice's col_s)
+  static constexpr int rows = 3;  // rows of the job (the slice's width)
+  static constexpr int in_features = 4;  // in_features (row length of W and of A)
+  static constexpr int A = 5;  // address of A[slice, 0, 0]
   static constexpr int stride_A = 6;  // A's row stride (elements)
-  static constexpr int B = 7;  // address of the slice's B at row0
+  static constexpr int B = 7;  // address of B[0, row0]
   static constexpr int stride_B = 8;  // B's row stride (elements)
-  static constexpr int term0 = 9;  // first row of the term table
-  static constexpr int n_terms = 10;  // terms of the job
-  static constexpr int tile0 = 11;  // first tile of the job in the grid
-  static constexpr int layer = 12;  // layer index (escape counters)
-  static constexpr int col_tiles = 13;  // column tiles per row tile
-  static constexpr int packed = 14;  // 1: escape codes packed in the kernel
-  static constexpr int spare = 15;  // unused (keeps rows 128 bytes)
+  static constexpr int term0 = 9;  // the job's first term (row of the term table)
+  static constexpr int n_terms = 10;  // how many terms (adapters with rank > 0)
+  static constexpr int tile0 = 11;  // the job's first tile (== tile_start[job])
+  static constexpr int layer = 12;  // the layer's index in the call (its escape counter)
+  static constexpr int col_tiles = 13;  // tiles across a row of W (ceil(in / tile_n))
+  static constexpr int packed = 14;  // 1: codes packed 4 per byte in-kernel; 0: one code byte per weight (packed by the wrapper)
+  static constexpr int spare = 15;  // unused
   static constexpr int size = 16;
 };
 

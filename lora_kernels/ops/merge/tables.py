@@ -48,27 +48,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ...layouts import MERGE_JOB
+
 __all__ = ["J_W", "J_CODE", "J_ROW0", "J_ROWS", "J_IN", "J_A", "J_SA", "J_B", "J_SB", "J_T0", "J_NT", "J_TILE0",
            "J_LAYER", "J_NTN", "J_PACKED", "JOB_COLS", "build_tables", "build_tables_vec", "code_column",
            "PlanEntry", "plan_key", "lookup", "store", "discard", "clear", "info", "set_enabled", "active", "activate"]
 
 # ---- columns of the job table (int64 [n_jobs, JOB_COLS]) ---------------------------------------------------------
-J_W = 0  # address of W (element [0, 0])
-J_CODE = 1  # address of the job's layer's code buffer (0: none); a cached table holds an offset (code_column)
-J_ROW0 = 2  # the job's first row of W (the slice's col_s)
-J_ROWS = 3  # rows of the job (the slice's width)
-J_IN = 4  # in_features (row length of W and of A)
-J_A = 5  # address of A[slice, 0, 0]
-J_SA = 6  # A's row stride (elements)
-J_B = 7  # address of B[0, row0]
-J_SB = 8  # B's row stride (elements)
-J_T0 = 9  # the job's first term (row of the term table)
-J_NT = 10  # how many terms (adapters with rank > 0)
-J_TILE0 = 11  # the job's first tile (== tile_start[job])
-J_LAYER = 12  # the layer's index in the call (its escape counter)
-J_NTN = 13  # tiles across a row of W (ceil(in / tile_n))
-J_PACKED = 14  # 1: codes packed 4 per byte in-kernel; 0: one code byte per weight (packed by the wrapper)
-JOB_COLS = 16  # (one spare column)
+# Described once in lora_kernels.layouts.MERGE_JOB (field docs there), from which csrc/kernels/layouts.h is generated.
+_COL = MERGE_JOB.columns()
+J_W, J_CODE, J_ROW0, J_ROWS, J_IN = _COL["W"], _COL["code"], _COL["row0"], _COL["rows"], _COL["in_features"]
+J_A, J_SA, J_B, J_SB = _COL["A"], _COL["stride_A"], _COL["B"], _COL["stride_B"]
+J_T0, J_NT, J_TILE0 = _COL["term0"], _COL["n_terms"], _COL["tile0"]
+J_LAYER, J_NTN, J_PACKED = _COL["layer"], _COL["col_tiles"], _COL["packed"]
+JOB_COLS = _COL["size"]
 
 
 def build_tables(layers: Sequence[dict], tile_m: int, tile_n: int, device: torch.device):
