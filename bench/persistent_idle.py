@@ -3,7 +3,7 @@
 The proxy (../shared/anchors/proxy) calls a program idle when it stored nothing and issued no ``tl.dot``; every
 program of the persistent kernel updates the plan's counters (atomics count as stores there), so its ``idle``
 column is 0 by construction and says nothing. This script replays the kernel's work assignment in Python from
-the batch's plan (``lora_kernels.plan``) and the launch parameters (``triton.sgmv.persistent_plan``), exactly
+the batch's plan (``lora_kernels.plan``) and the launch parameters (``triton.sgmv.persistent_plan_of``), exactly
 as the kernel derives them on the device, and counts per role the programs none of whose items moves data:
 
 * shrink: no item whose tile's adapter has rank > 0 in the item's slice (mixed mode: or the merged adapter);
@@ -41,10 +41,8 @@ def idle_programs(w, batch, x, y, merged: int = -1) -> dict:
     c = cfg["persistent"]
     mixed = merged >= 0
     lay = batch.layout
-    p = sgmv.persistent_plan(T, K, tuple(w.slice_outs), w.num_slices, w.max_rank, x.element_size(),
-                             y.element_size(), w.a.element_size(), batch.max_tokens, lay.max_active, mixed,
-                             sgmv._sms(x.device), c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["N_K"],
-                             c["CTAS_PER_SM"])
+    p = sgmv.persistent_plan_of(x, y, w.a, tuple(w.slice_outs), w.max_rank, c, batch.max_tokens, lay.max_active,
+                                mixed)
     bm, bn, S, n_k = c["BLOCK_M"], c["BLOCK_N"], w.num_slices, p["N_K"]
     tiles = _tiles(batch, bm, mixed)
     ranks = w.ranks.tolist()

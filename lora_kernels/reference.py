@@ -27,12 +27,19 @@ def _adapter_groups(token_adapter: torch.Tensor):
             yield i, (ids == i).nonzero().flatten().to(token_adapter.device)
 
 
+def _adapter_slices(token_adapter, offsets, ranks, scales, slice_cols, slice_outs):
+    """Yield ``(token index tensor, slices)`` for every adapter present, ``slices`` being its ``(s, first column,
+    width, first storage row, rank, scale)`` in every slice s where its rank is nonzero (host loop: the spec)."""
+    offs = offsets.to("cpu").tolist()
+    rk = ranks.to("cpu").tolist()
+    sc = scales.to("cpu").tolist()
+    for i, toks in _adapter_groups(token_adapter):
+        yield toks, [(s, c0, n, offs[i], rk[s][i], sc[s][i])
+                     for s, (c0, n) in enumerate(zip(slice_cols, slice_outs)) if rk[s][i]]
+
+
 def shrink(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    token_adapter: torch.Tensor,
+    x: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor, token_adapter: torch.Tensor,
     r_cap: int,
 ) -> torch.Tensor:
     """``h[s, t, :r] = x[t] @ A_{s,i}^T`` with ``i = token_adapter[t]``, ``r = ranks[s, i]``; every other
@@ -52,43 +59,22 @@ def shrink(
 
 
 def expand_(
-    y: torch.Tensor,
-    h: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_adapter: torch.Tensor,
-    slice_cols: Sequence[int],
-    slice_outs: Sequence[int],
+    y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    token_adapter: torch.Tensor, slice_cols: Sequence[int], slice_outs: Sequence[int],
 ) -> torch.Tensor:
     """``y[t, col_s : col_s + out_s] += scales[s, i] * h[s, t, :r] @ B_{s,i}^T`` for every slice s, with
     ``i = token_adapter[t]`` and ``r = ranks[s, i]``; tokens with -1 and adapters of rank 0 are untouched.
     The sum is formed in fp32 and rounded once into y's dtype. Returns y."""
-    offs = offsets.to("cpu").tolist()
-    rk = ranks.to("cpu").tolist()
-    sc = scales.to("cpu").tolist()
-    for i, toks in _adapter_groups(token_adapter):
-        for s, (c0, n) in enumerate(zip(slice_cols, slice_outs)):
-            r = rk[s][i]
-            if r:
-                B = b[offs[i] : offs[i] + r, c0 : c0 + n].float()
-                d = sc[s][i] * (h[s, toks, :r].float() @ B)
-                y[toks, c0 : c0 + n] = (y[toks, c0 : c0 + n].float() + d).to(y.dtype)
+    for toks, slices in _adapter_slices(token_adapter, offsets, ranks, scales, slice_cols, slice_outs):
+        for s, c0, n, o, r, scale in slices:
+            d = scale * (h[s, toks, :r].float() @ b[o : o + r, c0 : c0 + n].float())
+            y[toks, c0 : c0 + n] = (y[toks, c0 : c0 + n].float() + d).to(y.dtype)
     return y
 
 
 def add_lora_(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_adapter: torch.Tensor,
-    slice_cols: Sequence[int],
-    slice_outs: Sequence[int],
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,
+    scales: torch.Tensor, token_adapter: torch.Tensor, slice_cols: Sequence[int], slice_outs: Sequence[int],
 ) -> torch.Tensor:
     """``y[t, cols_s] += scales[s, i] * (x[t] @ A_{s,i}^T) @ B_{s,i}^T``: :func:`shrink` then :func:`expand_`
     with the intermediate kept in fp32. Returns y."""
@@ -350,16 +336,8 @@ __all__ += ["deform_pool"]
 
 
 def dual_lora_delta(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    ln_w: torch.Tensor,
-    ln_b: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_adapter: torch.Tensor,
-    eps: float = 1e-5,
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, offsets: torch.Tensor,
+    ranks: torch.Tensor, scales: torch.Tensor, token_adapter: torch.Tensor, eps: float = 1e-5,
 ) -> torch.Tensor:
     """Dual-LoRA delta, fp32 [T, out] (fp64 for fp64 x): ``d[t] = s_i * B_i (ReLU(T_i x[t]) * LN_r(A_i x[t]))``
     with ``i = token_adapter[t]`` (0 for -1 and rank-0 slots), ``LN_r`` the LayerNorm over the r features
@@ -387,17 +365,8 @@ def dual_lora_delta(
 
 
 def dual_lora_(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    ln_w: torch.Tensor,
-    ln_b: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_adapter: torch.Tensor,
-    eps: float = 1e-5,
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
+    offsets: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, token_adapter: torch.Tensor, eps: float = 1e-5,
 ) -> torch.Tensor:
     """``y[t] += dual_lora_delta(...)[t]`` in place, formed in fp32 and rounded once; rows of tokens with -1 or a
     rank-0 adapter stay bit-identical. Returns y."""
@@ -424,17 +393,11 @@ def lora_add(y0, x, a, b, offsets, ranks, scales, token_adapter, slice_cols, sli
     to add (tokens with -1, rank-0 slices) are y0's values bit for bit."""
     acc = _acc_dtype(y0, x, a, b)
     out = y0.to(acc, copy=True)
-    offs = offsets.to("cpu").tolist()
-    rk = ranks.to("cpu").tolist()
-    sc = scales.to("cpu").tolist()
-    for i, toks in _adapter_groups(token_adapter):
+    for toks, slices in _adapter_slices(token_adapter, offsets, ranks, scales, slice_cols, slice_outs):
         xs = x[toks].to(acc)
-        for s, (c0, n) in enumerate(zip(slice_cols, slice_outs)):
-            r = rk[s][i]
-            if r:
-                A = a[s, offs[i] : offs[i] + r].to(acc)
-                Bt = b[offs[i] : offs[i] + r, c0 : c0 + n].to(acc)
-                out[toks, c0 : c0 + n] += sc[s][i] * ((xs @ A.t()) @ Bt)
+        for s, c0, n, o, r, scale in slices:
+            A = a[s, o : o + r].to(acc)
+            out[toks, c0 : c0 + n] += scale * ((xs @ A.t()) @ b[o : o + r, c0 : c0 + n].to(acc))
     return out.to(y0.dtype)
 
 
@@ -454,26 +417,19 @@ def lora_add_backward(dy, x, a, b, offsets, ranks, scales, token_adapter, slice_
     dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     da = torch.zeros(a.shape, dtype=acc, device=a.device) if need_a else None
     db = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
-    offs = offsets.to("cpu").tolist()
-    rk = ranks.to("cpu").tolist()
-    sc = scales.to("cpu").tolist()
-    for i, toks in _adapter_groups(token_adapter):
+    for toks, slices in _adapter_slices(token_adapter, offsets, ranks, scales, slice_cols, slice_outs):
         xs = x[toks].to(acc)
-        for s, (c0, n) in enumerate(zip(slice_cols, slice_outs)):
-            r = rk[s][i]
-            if not r:
-                continue
-            o = offs[i]
+        for s, c0, n, o, r, scale in slices:
             A = a[s, o : o + r].to(acc)
             Bt = b[o : o + r, c0 : c0 + n].to(acc)
             g = dy[toks, c0 : c0 + n].to(acc)
             gh = g @ Bt.t()
             if need_x:
-                dx[toks] += sc[s][i] * (gh @ A)
+                dx[toks] += scale * (gh @ A)
             if need_a:
-                da[s, o : o + r] += sc[s][i] * (gh.t() @ xs)
+                da[s, o : o + r] += scale * (gh.t() @ xs)
             if need_b:
-                db[o : o + r, c0 : c0 + n] += sc[s][i] * ((xs @ A.t()).t() @ g)
+                db[o : o + r, c0 : c0 + n] += scale * ((xs @ A.t()).t() @ g)
     # distinct empty tensors: a custom op's outputs may not alias each other
     return (dx.to(x.dtype) if need_x else x.new_empty(0), da.to(a.dtype) if need_a else x.new_empty(0),
             db.to(b.dtype) if need_b else x.new_empty(0))

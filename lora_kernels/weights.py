@@ -109,8 +109,11 @@ class LoRAWeights:
         # (so B's and y's rows) in multiples of 8 elements and the storage 16-byte aligned. The SGMV launchers
         # pick their vectorised (ALIGNED) variant only when this holds and the call's x / y pointers and row
         # strides do too; otherwise the compiled fallback variant runs (same results, narrower accesses).
+        # The storage's row strides are part of it (a from_padded storage may have any), exactly as the launchers'
+        # own derivation from raw tensors (triton/sgmv.py::_weights_aligned), so both paths pick the same variant.
         self.vector_aligned: bool = (in_features % 8 == 0 and all(v % 8 == 0 for v in cols + list(outs))
-                                     and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+                                     and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+                                     and a.stride(1) % 8 == 0 and b.stride(0) % 8 == 0 and b.stride(1) == 1)
         # Host mirror of the allocation, so that adding/removing never reads the device.
         self._alloc: Dict[int, Tuple[int, int]] = {}
         self._host_ranks: Dict[int, Tuple[int, ...]] = {}

@@ -543,7 +543,7 @@ def _wrapper(entries, perturb, roles=("fwd", "bwd")) -> Callable[[Patcher, str],
     return lambda p, scope: _apply(p, scope, entries, perturb, roles)
 
 
-_SGMV_SPLIT_DROPPED = [("for kc2 in range(N_K):", "for kc2 in range(1, N_K):", 2)]
+_SGMV_SPLIT_DROPPED = [("for kc2 in range(N_K):", "for kc2 in range(1, N_K):", 1)]  # _sum_partials
 _SGMV_COUNTERS_KEPT = [("tl.store(plan_ptr + i + offs, tl.zeros((256,), dtype=tl.int32), mask=(i + offs) < n_t)",
                         "tl.store(plan_ptr + i + offs, tl.full((256,), 1, dtype=tl.int32), mask=(i + offs) < n_t)",
                         1)]

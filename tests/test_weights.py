@@ -126,3 +126,18 @@ def test_constructor_refusals():
         lk.LoRAWeights(8, [6, 0], max_adapters=2, max_rank=2)
     with pytest.raises(TypeError, match="dtype"):
         lk.LoRAWeights(8, 6, max_adapters=2, max_rank=2, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("in_f,out,pad_in,pad_out", [(16, 8, 0, 0), (16, 8, 4, 0), (16, 8, 0, 4), (12, 8, 4, 0),
+                                                     (16, 12, 0, 0), (24, 16, 8, 8)])
+def test_vector_aligned_is_the_launchers_contract(in_f, out, pad_in, pad_out):
+    """``vector_aligned`` (recorded at creation, read by the eager path) equals what the launchers derive from the
+    raw tensors (the custom-op path), row strides included: both paths must pick the same kernel variant."""
+    sgmv = pytest.importorskip("lora_kernels.triton.sgmv")
+    N, r = 3, 8
+    a = torch.zeros(N, r, in_f + pad_in, dtype=torch.float16)[:, :, :in_f]  # row stride in_f + pad_in
+    b = torch.zeros(N, r, out + pad_out, dtype=torch.float16)[:, :, :out]
+    w = lk.LoRAWeights.from_padded(a, b, ranks=torch.tensor([8, 4, 0], dtype=torch.int32))
+    derived = w.in_features % 8 == 0 and sgmv._weights_aligned(w.a, w.b, w.slice_outs)
+    assert w.vector_aligned == derived
+    assert w.vector_aligned == (in_f % 8 == 0 and out % 8 == 0 and pad_in % 8 == 0 and pad_out % 8 == 0)

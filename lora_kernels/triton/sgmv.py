@@ -114,6 +114,112 @@ def _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF, NVALID
 
 
 @triton.jit
+def _program_segment(meta_ptr, n_seg, m_tiles, T, ACT_OFF, SSTART_OFF, SLEN_OFF, NVALID_OFF, BLOCK_M: tl.constexpr,
+                     SEG_P2: tl.constexpr, MIXED: tl.constexpr):
+    """(tile within its segment, first position in sorted_token_ids, length, adapter id) of this program's
+    segment tile (grid axis 0: ``_segment_tile``, ``_segment_info``). A program past the last segment gets
+    length 0, so ``tile * BLOCK_M >= length`` says "no work" for it as for a tile past its segment's tokens."""
+    seg, m = _segment_tile(meta_ptr, tl.program_id(0), n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M, SEG_P2,
+                           MIXED)
+    # past the last segment: read the last one's metadata (a valid index; n_seg >= 1), then report length 0.
+    # Branch-free on purpose: an if around these loads cost the shrink kernel up to 24 more registers on sm_90
+    # (ptxas, as tests/test_triton_compile.py reports them)
+    start, length, adapter = _segment_info(meta_ptr, tl.minimum(seg, n_seg + MIXED - 1), n_seg, T, ACT_OFF,
+                                           SSTART_OFF, SLEN_OFF, NVALID_OFF, MIXED)
+    return m, start, tl.where(seg < n_seg + MIXED, length, 0), adapter
+
+
+@triton.jit
+def _slice_ranks(rank_ptr, s, adapter, merged, stride_rs, MIXED: tl.constexpr):
+    """(rank of the segment's adapter, rank of the merged adapter) in slice s. MIXED: the virtual segment's
+    adapter (-1) has rank 0; otherwise the merged rank is 0 (the segment's adapter is always >= 0)."""
+    if MIXED:
+        rank = tl.load(rank_ptr + s * stride_rs + adapter, mask=adapter >= 0, other=0)
+        rank_m = tl.load(rank_ptr + s * stride_rs + merged)
+    else:
+        rank = tl.load(rank_ptr + s * stride_rs + adapter)
+        rank_m = 0
+    return rank, rank_m
+
+
+@triton.jit
+def _slice_factors(off_ptr, scale_ptr, s, adapter, merged, stride_ss, MIXED: tl.constexpr):
+    """(first storage row, scale) of the segment's adapter and (MIXED) of the merged adapter in slice s (0 / 0.0
+    for the virtual segment's -1, and for the merged part when not MIXED). Read after :func:`_slice_ranks` said
+    there is work: a program with nothing to add exits before these loads."""
+    if MIXED:
+        has = adapter >= 0
+        off = tl.load(off_ptr + adapter, mask=has, other=0)
+        scale = tl.load(scale_ptr + s * stride_ss + adapter, mask=has, other=0.0)
+        off_m = tl.load(off_ptr + merged)
+        scale_m = tl.load(scale_ptr + s * stride_ss + merged)
+    else:
+        off = tl.load(off_ptr + adapter)
+        scale = tl.load(scale_ptr + s * stride_ss + adapter)
+        off_m = 0
+        scale_m = 0.0
+    return off, scale, off_m, scale_m
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32 (``acc`` None: ``a @ b``), fp32 operands as IEEE products (TF32 would
+    break the 2x-of-PyTorch rule). UPCAST (CPU interpreter, bf16 only): both tiles widened to fp32 first, after
+    their rounding to the compute dtype (module docstring)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _add_into(y_ptrs, upd, mask):
+    """``y[y_ptrs] += upd`` where ``mask``: y read and added in fp32, rounded once to y's dtype."""
+    yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (yt + upd).to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _shrink_acc(acc, acc_m, x_ptr, a_rows, am_rows, rows, row_mask, r_mask, rm_mask, col0, k_from, k_to, k_end,
+                stride_xm, stride_xk, stride_ak, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                TWO: tl.constexpr):
+    """The shrink's K loop: ``(acc + x[rows, K_] @ A^T, acc_m + x[rows, K_] @ A_m^T)`` over the columns
+    ``K_ = {col0 + k + j}`` of ``in`` for ``k in range(k_from, k_to, BLOCK_K)``, ``j < BLOCK_K``; A's row i at
+    ``a_rows[i]`` (pointers, [R]), read only where ``r_mask``. Columns at or past ``k_end`` read as 0 (EVEN_K: no
+    block reaches past it, no column mask). The weight tile is cast to x's dtype before the dot. TWO: a second
+    weight tile (``am_rows`` / ``rm_mask``: the merged adapter of mixed mode) against the same x tile, into
+    ``acc_m``; otherwise ``acc_m`` comes back as given.
+
+    A split's first column may go in ``col0`` (loop from 0: the persistent kernel) or in ``k_from`` (loop from
+    it: the split-K shrink kernel): the same columns, and each caller keeps the form whose code it compiled to
+    before this loop was shared (ptxas registers, tests/test_triton_compile.py)."""
+    offs_k = col0 + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_from + offs_k)[None, :] * stride_xk
+    a_ptrs = a_rows[None, :] + (k_from + offs_k)[:, None] * stride_ak
+    if TWO:
+        am_ptrs = am_rows[None, :] + (k_from + offs_k)[:, None] * stride_ak
+    for kk in range(k_from, k_to, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+            if TWO:
+                amt = tl.load(am_ptrs, mask=rm_mask[None, :], other=0.0)
+        else:
+            k_mask = (offs_k + kk) < k_end
+            xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            if TWO:
+                amt = tl.load(am_ptrs, mask=rm_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _dot(xt, at.to(xt.dtype), acc, UPCAST)
+        if TWO:
+            acc_m = _dot(xt, amt.to(xt.dtype), acc_m, UPCAST)
+            am_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    return acc, acc_m
+
+
+@triton.jit
 def _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m0, BLOCK_M: tl.constexpr):
     """(int64 token rows, row mask) of the BLOCK_M positions from ``m0`` of the segment starting at ``seg_start``
     of ``sorted_token_ids``; positions past ``seg_len`` are masked (row 0)."""
@@ -162,15 +268,11 @@ def _sgmv_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SEG_P2: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, MIXED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_z = tl.program_id(1)
-    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
-    if seg >= n_seg + MIXED:
-        return
-    seg_start, seg_len, adapter = _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
-                                                NVALID_OFF, MIXED)
+    m, seg_start, seg_len, adapter = _program_segment(meta_ptr, n_seg, m_tiles, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
+                                                      NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
     if m * BLOCK_M >= seg_len:
         return
+    pid_z = tl.program_id(1)
     # pid_z = ((s * SPLIT_K + kid) * (1 + MIXED) + part) * N_RB + rb
     s = pid_z // (SPLIT_K * (1 + MIXED) * N_RB)
     kid = (pid_z // ((1 + MIXED) * N_RB)) % SPLIT_K
@@ -195,30 +297,14 @@ def _sgmv_shrink_kernel(
     rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m * BLOCK_M, BLOCK_M)
     offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    offs_k = tl.arange(0, BLOCK_K)
 
     k_lo = kid * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
-    # A^T tile [BLOCK_K, BLOCK_R]: a[s, off + r, k]
-    a_ptrs = (a_ptr + s.to(tl.int64) * stride_as + (off + offs_r)[None, :] * stride_ar
-              + (k_lo + offs_k)[:, None] * stride_ak)
+    # A's rows a[s, off + r, :]; the K loop walks this split's columns [k_lo, k_hi)
+    a_rows = a_ptr + s.to(tl.int64) * stride_as + (off + offs_r) * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < k_hi
-            xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        at = at.to(xt.dtype)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            at = at.to(tl.float32)
-        acc = tl.dot(xt, at, acc, input_precision="ieee")
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc, _ = _shrink_acc(acc, acc, x_ptr, a_rows, a_rows, rows, row_mask, r_mask, r_mask, 0, k_lo, k_hi, k_hi,
+                         stride_xm, stride_xk, stride_ak, BLOCK_K, EVEN_K, UPCAST, False)
 
     h_ptrs = h_base + s.to(tl.int64) * stride_hs + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr
     mask = row_mask[:, None] & r_mask[None, :]
@@ -238,10 +324,7 @@ def _expand_part(acc, h_ptrs, b_ptrs, rank, row_mask, n_mask, stride_hr, stride_
         # h is fp32; rounding it to y's dtype is what PyTorch in that dtype does, and feeds the tensor cores.
         ht = tl.load(h_ptrs, mask=row_mask[:, None] & rr_mask[None, :], other=0.0).to(Y_DTYPE)
         bt = tl.load(b_ptrs, mask=rr_mask[:, None] & n_mask[None, :], other=0.0).to(Y_DTYPE)
-        if UPCAST:
-            ht = ht.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(ht, bt, acc, input_precision="ieee")
+        acc = _dot(ht, bt, acc, UPCAST)
         h_ptrs += BLOCK_R * stride_hr
         b_ptrs += BLOCK_R * stride_bk
     return acc
@@ -260,36 +343,21 @@ def _sgmv_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     SEG_P2: tl.constexpr, UPCAST: tl.constexpr, MIXED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
-    if seg >= n_seg + MIXED:
-        return
-    seg_start, seg_len, adapter = _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
-                                                NVALID_OFF, MIXED)
+    m, seg_start, seg_len, adapter = _program_segment(meta_ptr, n_seg, m_tiles, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
+                                                      NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
     if m * BLOCK_M >= seg_len:
         return
+    pid_n = tl.program_id(1)
     s, col0, width, blk = _slice_of_block(sinfo_ptr, stride_si, pid_n, NUM_SLICES, BLOCK_N)
     if s < 0:
         return
     if MIXED:
         if adapter == merged:
             return
-        has = adapter >= 0
-        rank = tl.load(rank_ptr + s * stride_rs + adapter, mask=has, other=0)
-        rank_m = tl.load(rank_ptr + s * stride_rs + merged)
-        if rank + rank_m == 0:  # nothing to add in this slice: y stays bit-identical
-            return
-        off = tl.load(off_ptr + adapter, mask=has, other=0)
-        scale = tl.load(scale_ptr + s * stride_ss + adapter, mask=has, other=0.0)
-        off_m = tl.load(off_ptr + merged)
-        scale_m = tl.load(scale_ptr + s * stride_ss + merged)
-    else:
-        rank = tl.load(rank_ptr + s * stride_rs + adapter)
-        if rank == 0:  # spec: rank-0 slots leave y untouched (even -0.0 stays -0.0)
-            return
-        off = tl.load(off_ptr + adapter)
-        scale = tl.load(scale_ptr + s * stride_ss + adapter)
+    rank, rank_m = _slice_ranks(rank_ptr, s, adapter, merged, stride_rs, MIXED)
+    if rank + rank_m == 0:  # spec: nothing to add in this slice leaves y bit-identical (even -0.0 stays -0.0)
+        return
+    off, scale, off_m, scale_m = _slice_factors(off_ptr, scale_ptr, s, adapter, merged, stride_ss, MIXED)
 
     rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m * BLOCK_M, BLOCK_M)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -311,10 +379,8 @@ def _sgmv_expand_kernel(
     else:
         upd = acc * scale
 
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
-    mask = row_mask[:, None] & n_mask[None, :]
-    yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (yt + upd).to(y_ptr.dtype.element_ty), mask=mask)
+    _add_into(y_ptr + rows[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn, upd,
+              row_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["merged"])
@@ -332,15 +398,11 @@ def _sgmv_fused_kernel(
     SEG_P2: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_X: tl.constexpr, UPCAST_Y: tl.constexpr,
     MIXED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_z = tl.program_id(1)
-    seg, m = _segment_tile(meta_ptr, pid, n_seg, m_tiles, T, SLEN_OFF, NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
-    if seg >= n_seg + MIXED:
-        return
-    seg_start, seg_len, adapter = _segment_info(meta_ptr, seg, n_seg, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
-                                                NVALID_OFF, MIXED)
+    m, seg_start, seg_len, adapter = _program_segment(meta_ptr, n_seg, m_tiles, T, ACT_OFF, SSTART_OFF, SLEN_OFF,
+                                                      NVALID_OFF, BLOCK_M, SEG_P2, MIXED)
     if m * BLOCK_M >= seg_len:
         return
+    pid_z = tl.program_id(1)
     s = pid_z // N_SPLIT
     g = pid_z % N_SPLIT
     col0 = tl.load(sinfo_ptr + s * stride_si)
@@ -351,66 +413,26 @@ def _sgmv_fused_kernel(
     if MIXED:
         if adapter == merged:
             return
-        has = adapter >= 0
-        rank = tl.load(rank_ptr + s * stride_rs + adapter, mask=has, other=0)
-        rank_m = tl.load(rank_ptr + s * stride_rs + merged)
-        if rank + rank_m == 0:
-            return
-        off = tl.load(off_ptr + adapter, mask=has, other=0)
-        scale = tl.load(scale_ptr + s * stride_ss + adapter, mask=has, other=0.0)
-        off_m = tl.load(off_ptr + merged)
-        scale_m = tl.load(scale_ptr + s * stride_ss + merged)
-    else:
-        rank = tl.load(rank_ptr + s * stride_rs + adapter)
-        if rank == 0:
-            return
-        off = tl.load(off_ptr + adapter)
-        scale = tl.load(scale_ptr + s * stride_ss + adapter)
+    rank, rank_m = _slice_ranks(rank_ptr, s, adapter, merged, stride_rs, MIXED)
+    if rank + rank_m == 0:
+        return
+    off, scale, off_m, scale_m = _slice_factors(off_ptr, scale_ptr, s, adapter, merged, stride_ss, MIXED)
 
     rows, row_mask = _tile_rows(meta_ptr, SORTED_OFF, seg_start, seg_len, m * BLOCK_M, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
-    offs_k = tl.arange(0, BLOCK_K)
 
     # Phase 1: h = x_tile @ A^T over the whole of `in`, [BLOCK_M, R_PAD] in registers. The MMA is R_PAD wide
     # whatever the rank (register tiles are static), but loads stop at the rank, and the fused path is for
     # small T where the bytes, not the MMAs, set the time. MIXED: a second h tile for the merged adapter m,
     # from the same x tile (conceptually h = [x A_j^T, x A_m^T], expanded against [s_j B_j ; -s_m B_m]).
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    a_ptrs = (a_ptr + s.to(tl.int64) * stride_as + (off + offs_r)[None, :] * stride_ar
-              + offs_k[:, None] * stride_ak)
+    a_s = a_ptr + s.to(tl.int64) * stride_as
+    a_rows = a_s + (off + offs_r) * stride_ar
+    rm_mask = offs_r < rank_m  # (the merged adapter's rows: read only when MIXED)
+    am_rows = a_s + (off_m + offs_r) * stride_ar
     acc_h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    if MIXED:
-        rm_mask = offs_r < rank_m
-        am_ptrs = (a_ptr + s.to(tl.int64) * stride_as + (off_m + offs_r)[None, :] * stride_ar
-                   + offs_k[:, None] * stride_ak)
-        acc_hm = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < K
-            xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        at = at.to(xt.dtype)
-        if MIXED:
-            if EVEN_K:
-                amt = tl.load(am_ptrs, mask=rm_mask[None, :], other=0.0)
-            else:
-                amt = tl.load(am_ptrs, mask=rm_mask[None, :] & k_mask[:, None], other=0.0)
-            amt = amt.to(xt.dtype)
-            if UPCAST_X:
-                amt = amt.to(tl.float32)
-        if UPCAST_X:
-            xt = xt.to(tl.float32)
-            at = at.to(tl.float32)
-        acc_h = tl.dot(xt, at, acc_h, input_precision="ieee")
-        if MIXED:
-            acc_hm = tl.dot(xt, amt, acc_hm, input_precision="ieee")
-            am_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc_h, acc_hm = _shrink_acc(acc_h, acc_h, x_ptr, a_rows, am_rows, rows, row_mask, r_mask, rm_mask, 0, 0, K, K,
+                                stride_xm, stride_xk, stride_ak, BLOCK_K, EVEN_K, UPCAST_X, MIXED)
     h = acc_h.to(y_ptr.dtype.element_ty)
     if UPCAST_Y:
         h = h.to(tl.float32)
@@ -440,10 +462,7 @@ def _sgmv_fused_kernel(
             upd = acc * scale - tl.dot(hm, bmt, input_precision="ieee") * scale_m
         else:
             upd = acc * scale
-        mask = row_mask[:, None] & n_mask[None, :]
-        y_ptrs = y_rows + cols[None, :] * stride_yn
-        yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (yt + upd).to(y_ptr.dtype.element_ty), mask=mask)
+        _add_into(y_rows + cols[None, :] * stride_yn, upd, row_mask[:, None] & n_mask[None, :])
 
 
 # ---- the persistent kernel (strategy "persistent") ------------------------------------------------------------
@@ -457,24 +476,9 @@ def _shrink_part(x_ptr, a_rows, rank, rows, row_mask, k_lo, K, KPS, stride_xm, s
     if rank > 0:
         offs_r = tl.arange(0, R_PAD)
         r_mask = offs_r < rank
-        offs_k = k_lo + tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        a_ptrs = a_rows + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
-        for kk in range(0, KPS, BLOCK_K):
-            if EVEN_K:
-                xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-                at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
-            else:
-                k_mask = (offs_k + kk) < K
-                xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-            at = at.to(xt.dtype)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
-            acc = tl.dot(xt, at, acc, input_precision="ieee")
-            x_ptrs += BLOCK_K * stride_xk
-            a_ptrs += BLOCK_K * stride_ak
+        a_ptrs = a_rows + offs_r * stride_ar
+        acc, _ = _shrink_acc(acc, acc, x_ptr, a_ptrs, a_ptrs, rows, row_mask, r_mask, r_mask, k_lo, 0, KPS, K,
+                             stride_xm, stride_xk, stride_ak, BLOCK_K, EVEN_K, UPCAST, False)
         # the masked A rows are 0, but inf * 0 is nan: h's pad columns [rank, _r8(rank)) are stored, keep them 0
         acc = tl.where(r_mask[None, :], acc, 0.0)
     return acc
@@ -518,6 +522,51 @@ def _adapter_of(off_ptr, rank_ptr, scale_ptr, s, who, use, stride_rs, stride_ss)
     off = tl.load(off_ptr + who, mask=use, other=0)
     scale = tl.load(scale_ptr + s * stride_ss + who, mask=use, other=0.0)
     return rank, off, scale
+
+
+@triton.jit
+def _served(adapter, merged, MIXED: tl.constexpr):
+    """(whether a tile of ``adapter`` gets its own adapter's delta, whether it gets the merged adapter's): not
+    MIXED, tiles with an adapter (>= 0) get theirs; MIXED, tiles of the merged adapter get neither and tiles with
+    no adapter (-1) only the merged one's (its negated delta). Not MIXED, the second flag is unused."""
+    use = adapter >= 0
+    use_m = use
+    if MIXED:
+        use = use & (adapter != merged)
+        use_m = adapter != merged
+    return use, use_m
+
+
+@triton.jit
+def _store_shrunk(acc, part_ptr, offs_p, hbuf_ptr, offs_h, mask, split):
+    """Where a shrink item's fp32 tile goes: the partial-sum buffer at ``offs_p`` as is (``split``: N_K > 1, the
+    reduce role sums the splits), else h at ``offs_h``, rounded to h's dtype."""
+    if split:
+        tl.store(part_ptr + offs_p, acc, mask=mask)
+    else:
+        tl.store(hbuf_ptr + offs_h, acc.to(hbuf_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _h_dot(h_rows, row_mask, b_ptr, off, rank, offs_r, cols, n_mask, stride_bk, stride_bn, Y_DTYPE: tl.constexpr,
+           UPCAST: tl.constexpr):
+    """``h[rows, :rank] @ B[off : off + rank, cols]`` (fp32) of an h tile (``h_rows + offs_r``: stored by other
+    programs of this launch, so read past L1; columns masked at ``_r8(rank)``: the pad columns are zeros) and
+    B's tile, both rounded to y's dtype."""
+    ht = tl.load(h_rows, mask=row_mask[:, None] & (offs_r < _r8(rank))[None, :], other=0.0, cache_modifier=".cg")
+    bt = tl.load(b_ptr + (off + offs_r)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                 mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0).to(Y_DTYPE)
+    return _dot(ht.to(Y_DTYPE), bt, None, UPCAST)
+
+
+@triton.jit
+def _sum_partials(src, dst, mask, N_K, plane, ROWS: tl.constexpr, R_PAD: tl.constexpr):
+    """``dst = sum_{kc < N_K} src[kc * plane]`` over a [ROWS, R_PAD] tile where ``mask``: the fp32 partial sums
+    added in split order (deterministic whoever wrote them first), rounded once to dst's dtype."""
+    h = tl.zeros((ROWS, R_PAD), dtype=tl.float32)
+    for kc2 in range(N_K):
+        h += tl.load(src + kc2 * plane, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(dst, h.to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["merged", "P_S", "P_R", "FAM", "N_MAX", "DONE_OFF", "SORTED_OFF", "TC", "N_K", "KPS"])
@@ -585,11 +634,7 @@ def _sgmv_persistent_kernel(
             s = rem // N_K
             kc = rem - s * N_K
             pos0, rows, row_mask, adapter = _tile_of(plan_ptr, meta_ptr, t, FAM, N_MAX, SORTED_OFF, BLOCK_M)
-            if MIXED:
-                use = (adapter >= 0) & (adapter != merged)
-                use_m = adapter != merged
-            else:
-                use = adapter >= 0
+            use, use_m = _served(adapter, merged, MIXED)
             rank, off, scale = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, adapter, use, stride_rs, stride_ss)
             k_lo = tl.multiple_of(kc * KPS, 16)  # KPS is a multiple of BLOCK_K (>= 16): x / A loads stay 16 B
             a_s = a_ptr + s.to(tl.int64) * stride_as
@@ -599,10 +644,7 @@ def _sgmv_persistent_kernel(
             cmask = row_mask[:, None] & (offs_c < _r8(rank))[None, :]
             offs_h = (s * TC + pos)[:, None] * R2 + offs_c[None, :]  # h[s, pos, :] (y's dtype)
             offs_p = ((s * N_K + kc) * TC + pos)[:, None] * R2 + offs_c[None, :]  # partial[s, kc, pos, :] (fp32)
-            if split:
-                tl.store(part_ptr + offs_p, acc, mask=cmask)
-            else:
-                tl.store(hbuf_ptr + offs_h, acc.to(hbuf_ptr.dtype.element_ty), mask=cmask)
+            _store_shrunk(acc, part_ptr, offs_p, hbuf_ptr, offs_h, cmask, split)
             if MIXED:
                 rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
                                                      stride_ss)
@@ -610,10 +652,7 @@ def _sgmv_persistent_kernel(
                                      stride_xm, stride_xk, stride_ar, stride_ak, BLOCK_M, BLOCK_K, R_PAD, EVEN_K,
                                      UPCAST_X)
                 cmask_m = row_mask[:, None] & (offs_c < _r8(rank_m))[None, :]
-                if split:
-                    tl.store(part_ptr + offs_p + R_PAD, acc_m, mask=cmask_m)
-                else:
-                    tl.store(hbuf_ptr + offs_h + R_PAD, acc_m.to(hbuf_ptr.dtype.element_ty), mask=cmask_m)
+                _store_shrunk(acc_m, part_ptr, offs_p + R_PAD, hbuf_ptr, offs_h + R_PAD, cmask_m, split)
             # publish: every thread's stores happen before the counter's release (bar.sync + release atomic)
             tl.debug_barrier()
             tl.atomic_add(plan_ptr + t, 1, sem="release")
@@ -633,31 +672,20 @@ def _sgmv_persistent_kernel(
                 offs_g = g * RROWS + tl.arange(0, RROWS)
                 gmask = offs_g < tlen
                 pos = (pos0 + offs_g).to(tl.int64)
-                if MIXED:
-                    use = (adapter >= 0) & (adapter != merged)
-                    use_m = adapter != merged
-                else:
-                    use = adapter >= 0
+                use, use_m = _served(adapter, merged, MIXED)
                 rank, off, scale = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, adapter, use, stride_rs, stride_ss)
                 ready = tl.atomic_add(plan_ptr + t, 0, sem="acquire")
                 while ready < NUM_SLICES * N_K:
                     ready = tl.atomic_add(plan_ptr + t, 0, sem="acquire")
                 tl.debug_barrier()
-                msk = gmask[:, None] & (offs_c < _r8(rank))[None, :]
                 src = part_ptr + ((s * N_K) * TC + pos)[:, None] * R2 + offs_c[None, :]
-                h = tl.zeros((RROWS, R_PAD), dtype=tl.float32)
-                for kc2 in range(N_K):
-                    h += tl.load(src + kc2 * TC * R2, mask=msk, other=0.0, cache_modifier=".cg")
                 hdst = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
-                tl.store(hdst, h.to(hbuf_ptr.dtype.element_ty), mask=msk)
-                if MIXED:
+                _sum_partials(src, hdst, gmask[:, None] & (offs_c < _r8(rank))[None, :], N_K, TC * R2, RROWS, R_PAD)
+                if MIXED:  # the merged adapter's part: columns [R_PAD, 2 R_PAD) of the same rows
                     rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
                                                          stride_ss)
-                    mskm = gmask[:, None] & (offs_c < _r8(rank_m))[None, :]
-                    hm = tl.zeros((RROWS, R_PAD), dtype=tl.float32)
-                    for kc2 in range(N_K):
-                        hm += tl.load(src + R_PAD + kc2 * TC * R2, mask=mskm, other=0.0, cache_modifier=".cg")
-                    tl.store(hdst + R_PAD, hm.to(hbuf_ptr.dtype.element_ty), mask=mskm)
+                    _sum_partials(src + R_PAD, hdst + R_PAD, gmask[:, None] & (offs_c < _r8(rank_m))[None, :], N_K,
+                                  TC * R2, RROWS, R_PAD)
                 tl.debug_barrier()
             tl.atomic_add(plan_ptr + t, 1, sem="release")
     else:
@@ -674,11 +702,7 @@ def _sgmv_persistent_kernel(
                 col0 = _mult8(col0)
                 width = _mult8(width)
             pos0, rows, row_mask, adapter = _tile_of(plan_ptr, meta_ptr, t, FAM, N_MAX, SORTED_OFF, BLOCK_M)
-            if MIXED:
-                use = (adapter >= 0) & (adapter != merged)
-                use_m = adapter != merged
-            else:
-                use = adapter >= 0
+            use, use_m = _served(adapter, merged, MIXED)
             rank, off, scale = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, adapter, use, stride_rs, stride_ss)
             if MIXED:
                 rank_m, off_m, scale_m = _adapter_of(off_ptr, rank_ptr, scale_ptr, s, merged, use_m, stride_rs,
@@ -696,30 +720,13 @@ def _sgmv_persistent_kernel(
                 cols = col0 + offs_n
                 pos = (pos0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 h_rows = hbuf_ptr + (s * TC + pos)[:, None] * R2 + offs_c[None, :]
-                ht = tl.load(h_rows, mask=row_mask[:, None] & (offs_c < _r8(rank))[None, :], other=0.0,
-                             cache_modifier=".cg")
-                bt = tl.load(b_ptr + (off + offs_r)[:, None] * stride_bk + cols[None, :] * stride_bn,
-                             mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0).to(y_ptr.dtype.element_ty)
-                ht = ht.to(y_ptr.dtype.element_ty)
-                if UPCAST_Y:
-                    ht = ht.to(tl.float32)
-                    bt = bt.to(tl.float32)
-                upd = tl.dot(ht, bt, input_precision="ieee") * scale
-                if MIXED:
-                    hmt = tl.load(h_rows + R_PAD, mask=row_mask[:, None] & (offs_c < _r8(rank_m))[None, :],
-                                  other=0.0, cache_modifier=".cg")
-                    bmt = tl.load(b_ptr + (off_m + offs_r)[:, None] * stride_bk + cols[None, :] * stride_bn,
-                                  mask=(offs_r < rank_m)[:, None] & n_mask[None, :],
-                                  other=0.0).to(y_ptr.dtype.element_ty)
-                    hmt = hmt.to(y_ptr.dtype.element_ty)
-                    if UPCAST_Y:
-                        hmt = hmt.to(tl.float32)
-                        bmt = bmt.to(tl.float32)
-                    upd = upd - tl.dot(hmt, bmt, input_precision="ieee") * scale_m
+                upd = _h_dot(h_rows, row_mask, b_ptr, off, rank, offs_r, cols, n_mask, stride_bk, stride_bn,
+                             y_ptr.dtype.element_ty, UPCAST_Y) * scale
+                if MIXED:  # the merged adapter's part (h columns [R_PAD, 2 R_PAD)), subtracted
+                    upd = upd - _h_dot(h_rows + R_PAD, row_mask, b_ptr, off_m, rank_m, offs_r, cols, n_mask,
+                                       stride_bk, stride_bn, y_ptr.dtype.element_ty, UPCAST_Y) * scale_m
                 mask = row_mask[:, None] & n_mask[None, :]
-                y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-                yt = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(y_ptrs, (yt + upd).to(y_ptr.dtype.element_ty), mask=mask)
+                _add_into(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, upd, mask)
     # ---- the last program out resets the counters (zero between calls) ----
     tl.debug_barrier()
     out_before = tl.atomic_add(plan_ptr + DONE_OFF, 1, sem="acq_rel")
@@ -977,6 +984,27 @@ def _aligned(*tensors_and_ints) -> bool:
     return True
 
 
+def _weights_aligned(a, b, outs) -> bool:
+    """The weights' part of the 16-byte contract, from their tensors: a and b 16-byte aligned, their row strides
+    and the slices' widths ``outs`` (so their first columns) multiples of 8 elements, b's columns unit-stride.
+    What ``LoRAWeights.vector_aligned`` records when the weights are created; this serves callers that pass the
+    raw tensors (the plain launch behind the custom op)."""
+    return _aligned(a, b, b.stride(0), a.stride(1), *outs) and b.stride(1) == 1
+
+
+def persistent_plan_of(x, y, a, outs: tuple, r_cap: int, cfg: dict, max_tokens: int, max_active: int,
+                       mixed: bool) -> dict:
+    """:func:`persistent_plan` of one call: T, ``in`` and the element sizes from x [T, in], y [T, out] and the
+    weight storage a [S, R, in] (S from it), the slices' widths ``outs`` (a tuple of ints: the plan's cache key),
+    the largest rank ``r_cap``, the persistent config ``cfg`` (BLOCK_M, BLOCK_N, BLOCK_K, N_K, CTAS_PER_SM), the
+    batch's capacities (``max_tokens``, ``max_active``: :class:`~lora_kernels.batch.MetaLayout`), the mode, and
+    the SM count of x's device."""
+    T, K = x.shape
+    return persistent_plan(T, K, outs, a.shape[0], r_cap, x.element_size(), y.element_size(), a.element_size(),
+                           max_tokens, max_active, mixed, _sms(x.device), cfg["BLOCK_M"], cfg["BLOCK_N"],
+                           cfg["BLOCK_K"], cfg["N_K"], cfg["CTAS_PER_SM"])
+
+
 def workspace_bytes(y, x, a, b, r_cap: int, meta, max_tokens: int, outs, merged: int = -1, config=None) -> int:
     """Bytes of workspace :func:`add_lora_` needs for these arguments with the config it would use (0 unless the
     strategy is "persistent"): partial sums and h, laid out per :func:`persistent_plan`."""
@@ -986,20 +1014,19 @@ def workspace_bytes(y, x, a, b, r_cap: int, meta, max_tokens: int, outs, merged:
     cfg = _config("add_lora", config, x.dtype, T, K, b.shape[1], r_cap, x.device)
     if cfg["strategy"] != "persistent":
         return 0
-    c = cfg["persistent"]
-    lay = MetaLayout.from_meta(meta, max_tokens)
-    p = persistent_plan(T, K, tuple(int(o) for o in outs), a.shape[0], r_cap, x.element_size(), y.element_size(),
-                        a.element_size(), max_tokens, lay.max_active, merged >= 0, _sms(x.device), c["BLOCK_M"],
-                        c["BLOCK_N"], c["BLOCK_K"], c["N_K"], c["CTAS_PER_SM"])
+    p = persistent_plan_of(x, y, a, tuple(int(o) for o in outs), r_cap, cfg["persistent"], max_tokens,
+                           MetaLayout.from_meta(meta, max_tokens).max_active, merged >= 0)
     return p["part_bytes"] + p["h_bytes"]
 
 
 def _persistent_args(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice_info, r_cap, cfg,
-                     merged: int = -1, plan=None, ws=None, outs=None):
+                     merged: int = -1, plan=None, ws=None, outs=None, weights_aligned: bool | None = None):
     """``(grid, args, options)`` of one persistent launch: ``args`` holds every kernel parameter in the
     kernel's parameter order, constexprs included (what Triton's binder hands the launcher as ``bound_args``),
     ``options`` the compile options. Host arithmetic on shapes, strides and pointers' alignment only; allocates
-    only without ``plan`` / a large enough ``ws`` (direct kernel callers)."""
+    only without ``plan`` / a large enough ``ws`` (direct kernel callers). ``weights_aligned``: the weights' part
+    of the 16-byte contract when the caller holds the LoRAWeights (``vector_aligned``); None: derived from a, b
+    and ``outs`` (:func:`_weights_aligned`). x / y are checked here, per call."""
     T, K = x.shape
     S = a.shape[0]
     mixed = merged >= 0
@@ -1013,17 +1040,17 @@ def _persistent_args(y, x, a, b, offsets, ranks, scales, meta, max_tokens, slice
         outs_key = (b.shape[1] + (S - 1) * (bn - 1),)  # cdiv of this >= sum_s cdiv(out_s, bn)
     else:
         outs_key = tuple(int(o) for o in outs)
-    p = persistent_plan(T, K, outs_key, S, r_cap, x.element_size(), y.element_size(), a.element_size(),
-                        max_tokens, lay.max_active, mixed, _sms(x.device), bm, bn, bk, cfg["N_K"],
-                        cfg["CTAS_PER_SM"])
+    p = persistent_plan_of(x, y, a, outs_key, r_cap, cfg, max_tokens, lay.max_active, mixed)
     need = p["part_bytes"] + p["h_bytes"]
     if ws is None or ws.numel() < need:
         ws = torch.empty(need, dtype=torch.uint8, device=x.device)
     part = ws[: max(p["part_bytes"], 4)].view(torch.float32)
     hbuf = ws[p["part_bytes"] : p["part_bytes"] + p["h_bytes"]].view(y.dtype)
-    cols = None if outs is None else outs_key
-    aligned = (outs is not None and _aligned(y, x, a, b, y.stride(0), x.stride(0), b.stride(0), a.stride(1),
-                                             *cols) and y.stride(1) == 1 and b.stride(1) == 1)
+    if outs is None:  # ALIGNED needs the slices' widths
+        aligned = False
+    else:
+        w_aligned = _weights_aligned(a, b, outs_key) if weights_aligned is None else weights_aligned
+        aligned = w_aligned and _aligned(y, x, y.stride(0), x.stride(0)) and y.stride(1) == 1
     args = (
         y, x, a, b, offsets, ranks, scales, meta, slice_info, plan, part, hbuf,
         K, merged, p["P_S"], p["P_R"], pl.family(bm), pl.n_max(bm), pl.done, lay.sorted_token_ids, max_tokens, p["N_K"],
@@ -1140,7 +1167,7 @@ def _prepare(y, x, weights, batch, merged: int) -> _Prepared | None:
         ws = batch.workspace(n)
         grid, args, opts = _persistent_args(y, x, a, b, weights.offsets, weights.ranks, weights.scales, batch.meta,
                                             batch.max_tokens, weights.slice_info, r_cap, cfg["persistent"], merged,
-                                            batch.plan, ws, weights.slice_outs)
+                                            batch.plan, ws, weights.slice_outs, weights.vector_aligned)
         rec = _Prepared(keep + (ws,), cfg, cfg_args, grid, args, opts)
     if len(_PREPARED) >= _PREPARED_MAX:
         _PREPARED.clear()
@@ -1181,14 +1208,8 @@ def add_lora_prepared_(y, x, weights, batch, merged: int = -1) -> bool:
 
 
 def shrink(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    meta: torch.Tensor,
-    max_tokens: int,
-    h: torch.Tensor,
-    config: dict[str, Any] | None = None,
+    x: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor, meta: torch.Tensor, max_tokens: int,
+    h: torch.Tensor, config: dict[str, Any] | None = None,
 ) -> None:
     """Segmented shrink: ``h[s, t, :r] = x[t] @ A_{s,i}^T`` for every token t of adapter ``i`` (``r =
     ranks[s, i]``); every other entry of h (columns past the rank, tokens with -1, rank-0 slots) is 0.
@@ -1215,16 +1236,8 @@ def shrink(
 
 
 def expand_(
-    y: torch.Tensor,
-    h: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    meta: torch.Tensor,
-    max_tokens: int,
-    slice_info: torch.Tensor,
-    config: dict[str, Any] | None = None,
+    y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    meta: torch.Tensor, max_tokens: int, slice_info: torch.Tensor, config: dict[str, Any] | None = None,
 ) -> None:
     """Segmented expand, in place: ``y[t, col_s : col_s + out_s] += scales[s, i] * h[s, t, :r] @ B_{s,i}^T``
     for every slice s and token t of adapter ``i`` (``r = ranks[s, i]``, B from ``b[off_i : off_i + r,
@@ -1250,22 +1263,10 @@ def expand_(
 
 
 def add_lora_(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    meta: torch.Tensor,
-    max_tokens: int,
-    slice_info: torch.Tensor,
-    r_cap: int,
-    config: dict[str, Any] | None = None,
-    merged: int = -1,
-    plan: torch.Tensor | None = None,
-    ws: torch.Tensor | None = None,
-    outs=None,
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,
+    scales: torch.Tensor, meta: torch.Tensor, max_tokens: int, slice_info: torch.Tensor, r_cap: int,
+    config: dict[str, Any] | None = None, merged: int = -1, plan: torch.Tensor | None = None,
+    ws: torch.Tensor | None = None, outs=None,
 ) -> None:
     """Batched LoRA delta, in place: ``y[t, cols_s] += scales[s, i] * (x[t] @ A_{s,i}^T) @ B_{s,i}^T`` for
     every slice s and token t of adapter i; nothing for -1 tokens or rank-0 slots. h is accumulated in

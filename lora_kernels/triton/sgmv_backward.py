@@ -42,7 +42,7 @@ import triton.language as tl
 from ..backends import interpreting
 from ..batch import MetaLayout
 from . import sgmv as _fwd
-from .sgmv import _slice_of_block
+from .sgmv import _cdiv, _dot, _p2, _slice_of_block
 
 __all__ = ["lora_backward", "outer_", "default_outer_config"]
 
@@ -106,11 +106,7 @@ def _sgmv_outer_kernel(
         # H^T tile [BLOCK_R, BLOCK_M], gathered by the segment's sorted token ids
         ht = tl.load(h_base + rows[None, :] * stride_hm, mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         xt = tl.load(x_cols + rows[:, None] * stride_xm, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        ht = ht.to(x_ptr.dtype.element_ty)
-        if UPCAST:
-            ht = ht.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(ht, xt, acc, input_precision="ieee")
+        acc = _dot(ht.to(x_ptr.dtype.element_ty), xt, acc, UPCAST)
     acc = acc * scale
 
     if PER_SLICE_G:
@@ -123,14 +119,6 @@ def _sgmv_outer_kernel(
         tl.atomic_add(g_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def _p2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def default_outer_config(T: int, n_seg: int, r_cap: int) -> dict[str, Any]:
     """Untuned default for :func:`outer_`. BLOCK_R follows the largest rank (16..64: a rank-8 adapter wastes at
     most one masked 16-row block); SPLIT_M splits a segment's tokens when the batch has few segments for its
@@ -141,16 +129,8 @@ def default_outer_config(T: int, n_seg: int, r_cap: int) -> dict[str, Any]:
 
 
 def outer_(
-    g: torch.Tensor,
-    h: torch.Tensor,
-    x: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    meta: torch.Tensor,
-    max_tokens: int,
-    slice_info: Optional[torch.Tensor],
-    config: Optional[dict[str, Any]] = None,
+    g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    meta: torch.Tensor, max_tokens: int, slice_info: Optional[torch.Tensor], config: Optional[dict[str, Any]] = None,
 ) -> None:
     """Segmented outer-product reduction into a zeroed fp32 gradient buffer ``g`` (see the module docstring).
 
@@ -217,22 +197,9 @@ def _full_width_info(width: int, device: torch.device) -> torch.Tensor:
 
 
 def lora_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    meta: torch.Tensor,
-    max_tokens: int,
-    slice_info: torch.Tensor,
-    slice_cols: Sequence[int],
-    slice_outs: Sequence[int],
-    r_cap: int,
-    need_x: bool = True,
-    need_a: bool = True,
-    need_b: bool = True,
+    dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,
+    scales: torch.Tensor, meta: torch.Tensor, max_tokens: int, slice_info: torch.Tensor, slice_cols: Sequence[int],
+    slice_outs: Sequence[int], r_cap: int, need_x: bool = True, need_a: bool = True, need_b: bool = True,
     config: Optional[dict[str, Any]] = None,
 ):
     """Gradients of the batched LoRA delta (module docstring): ``(dx [T, in] x.dtype, da [S, R, in] a.dtype,
