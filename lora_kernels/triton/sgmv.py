@@ -62,6 +62,7 @@ import triton.language as tl
 from .. import tuning
 from ..backends import interpreting
 from ..batch import MetaLayout
+from ..layouts import PLAN_FAMILY, SLICE_INFO
 from ..plan import PlanLayout, build_plan_
 
 __all__ = ["add_lora_", "expand_", "shrink"]
@@ -69,6 +70,22 @@ __all__ = ["add_lora_", "expand_", "shrink"]
 # Above this many segments, the 2-D (tile, segment) grid replaces the per-program prefix sum: the prefix
 # sum loads and scans next_pow2(n_seg) ints per program, which stops paying for itself around here.
 _FLAT_SEGMENT_LIMIT = 2048
+
+
+# ---- layouts the kernels read (described once in lora_kernels.layouts) --------------------------------------
+def _family_field(name: str):
+    """(constant, per-n_max) parts of a PLAN_FAMILY field's offset: offset = c + k * N_MAX."""
+    c = PLAN_FAMILY.offsets(n_max=0)[name]
+    return tl.constexpr(c), tl.constexpr(PLAN_FAMILY.offsets(n_max=1)[name] - c)
+
+
+_PF_N_REAL, _PF_N_REAL_K = _family_field("n_real")
+_PF_N_ALL, _PF_N_ALL_K = _family_field("n_all")
+_PF_POS0, _PF_POS0_K = _family_field("pos0")
+_PF_LEN, _PF_LEN_K = _family_field("len")
+_PF_ADAPTER, _PF_ADAPTER_K = _family_field("adapter")
+_SI_COL = tl.constexpr(SLICE_INFO.columns()["col"])
+_SI_OUT = tl.constexpr(SLICE_INFO.columns()["out"])
 
 
 # ---- shared device helpers ---------------------------------------------------------------------------------
@@ -242,8 +259,8 @@ def _slice_of_block(sinfo_ptr, stride_si, pid_n, NUM_SLICES: tl.constexpr, BLOCK
     blk = pid_n * 0
     base = pid_n * 0
     for si in tl.static_range(NUM_SLICES):
-        c = tl.load(sinfo_ptr + si * stride_si)
-        w = tl.load(sinfo_ptr + si * stride_si + 1)
+        c = tl.load(sinfo_ptr + si * stride_si + _SI_COL)
+        w = tl.load(sinfo_ptr + si * stride_si + _SI_OUT)
         nb = ((w + (BLOCK_N - 1)) // BLOCK_N).to(tl.int32)
         hit = (pid_n >= base) & (pid_n < base + nb)
         s = tl.where(hit, si, s)
@@ -405,8 +422,8 @@ def _sgmv_fused_kernel(
     pid_z = tl.program_id(1)
     s = pid_z // N_SPLIT
     g = pid_z % N_SPLIT
-    col0 = tl.load(sinfo_ptr + s * stride_si)
-    width = tl.load(sinfo_ptr + s * stride_si + 1)
+    col0 = tl.load(sinfo_ptr + s * stride_si + _SI_COL)
+    width = tl.load(sinfo_ptr + s * stride_si + _SI_OUT)
     n_blocks = ((width + (BLOCK_N - 1)) // BLOCK_N).to(tl.int32)
     if g >= n_blocks:  # a narrow slice has fewer column blocks than groups: skip the shrink too
         return
@@ -504,11 +521,18 @@ def _r8(rank):
 
 
 @triton.jit
+def _plan_tile(plan_ptr, FAM, N_MAX, t):
+    """(first sorted position, rows, adapter) of tile ``t`` of the plan family at ``FAM`` (PLAN_FAMILY)."""
+    pos0 = tl.load(plan_ptr + FAM + _PF_POS0 + _PF_POS0_K * N_MAX + t)
+    tlen = tl.load(plan_ptr + FAM + _PF_LEN + _PF_LEN_K * N_MAX + t)
+    adapter = tl.load(plan_ptr + FAM + _PF_ADAPTER + _PF_ADAPTER_K * N_MAX + t)
+    return pos0, tlen, adapter
+
+
+@triton.jit
 def _tile_of(plan_ptr, meta_ptr, t, FAM, N_MAX, SORTED_OFF, BLOCK_M: tl.constexpr):
     """(first sorted position, int64 token rows, row mask, adapter) of tile ``t`` of the plan's family."""
-    pos0 = tl.load(plan_ptr + FAM + 2 + t)
-    tlen = tl.load(plan_ptr + FAM + 2 + N_MAX + t)
-    adapter = tl.load(plan_ptr + FAM + 2 + 2 * N_MAX + t)
+    pos0, tlen, adapter = _plan_tile(plan_ptr, FAM, N_MAX, t)
     offs_m = tl.arange(0, BLOCK_M)
     row_mask = offs_m < tlen
     rows = tl.load(meta_ptr + SORTED_OFF + pos0 + offs_m, mask=row_mask, other=0).to(tl.int64)
@@ -610,9 +634,9 @@ def _sgmv_persistent_kernel(
     pid = tl.program_id(0)
     R2: tl.constexpr = R_PAD * (1 + MIXED)
     if MIXED:
-        n_t = tl.load(plan_ptr + FAM + 1)
+        n_t = tl.load(plan_ptr + FAM + _PF_N_ALL + _PF_N_ALL_K * N_MAX)
     else:
-        n_t = tl.load(plan_ptr + FAM)
+        n_t = tl.load(plan_ptr + FAM + _PF_N_REAL + _PF_N_REAL_K * N_MAX)
     offs_c = tl.arange(0, R_PAD)
     n_prog = tl.num_programs(0)
     # the shrink role gets min(P_S, shrink items) programs, the expand role all the others: a batch with fewer
@@ -665,9 +689,7 @@ def _sgmv_persistent_kernel(
             rem = w - g * (n_t * NUM_SLICES)
             t = rem // NUM_SLICES
             s = rem - t * NUM_SLICES
-            pos0 = tl.load(plan_ptr + FAM + 2 + t)
-            tlen = tl.load(plan_ptr + FAM + 2 + N_MAX + t)
-            adapter = tl.load(plan_ptr + FAM + 2 + 2 * N_MAX + t)
+            pos0, tlen, adapter = _plan_tile(plan_ptr, FAM, N_MAX, t)
             if g * RROWS < tlen:
                 offs_g = g * RROWS + tl.arange(0, RROWS)
                 gmask = offs_g < tlen
