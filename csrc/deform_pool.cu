@@ -28,7 +28,7 @@ void launch_one(const DeformPoolParams& p, bool backward, bool fused, cudaStream
 // one channel per lane, TPG = D rounded up to a power of two in [4, 32], chunks of TPG channels.
 template <typename T, typename TL>
 void launch_typed(const DeformPoolParams& p, bool aligned, bool backward, bool fused, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
+  constexpr int V = kVecElems<T>;
   if (aligned && p.D == 32) return launch_one<T, TL, V, 32 / V, 32>(p, backward, fused, stream);
   if (aligned && p.D == 64) return launch_one<T, TL, V, 64 / V, 64>(p, backward, fused, stream);
   if (aligned && p.D == 128) return launch_one<T, TL, V, 128 / V, 128>(p, backward, fused, stream);
@@ -55,37 +55,26 @@ inline void deform_dispatch(const DeformPoolParams& p, int kind, bool loc_f32, b
     }
     return;
   }
-  switch (kind) {
-    case 0:
-      if (loc_f32) {
-        launch_typed<__half, float>(p, aligned, backward, fused, stream);
-      } else {
-        launch_typed<__half, __half>(p, aligned, backward, fused, stream);
-      }
-      break;
-    case 1:
-      if (loc_f32) {
-        launch_typed<__nv_bfloat16, float>(p, aligned, backward, fused, stream);
-      } else {
-        launch_typed<__nv_bfloat16, __nv_bfloat16>(p, aligned, backward, fused, stream);
-      }
-      break;
-    default: launch_typed<float, float>(p, aligned, backward, fused, stream); break;
-  }
+  lora_dispatch_kind(kind, [&](auto tag) {
+    using T = typename decltype(tag)::type;  // fp32 value: loc_f32 changes nothing (TL = T = float)
+    if (loc_f32) {
+      launch_typed<T, float>(p, aligned, backward, fused, stream);
+    } else {
+      launch_typed<T, T>(p, aligned, backward, fused, stream);
+    }
+  });
 }
 
 }  // namespace lora_kernels
 
 #ifndef __CUDA_ARCH__
 #include <ATen/core/TensorBase.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <limits>
 
+#include "launch_checks.h"
 #include "ops.h"
 
 namespace lora_kernels {
@@ -93,13 +82,29 @@ namespace {
 
 int kind_of(at::ScalarType st) { return st == at::kHalf ? 0 : st == at::kBFloat16 ? 1 : 2; }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+constexpr const char* kOp = "deform_pool";
 
-void check_t(const at::TensorBase& t, const at::TensorBase& ref, const char* name, at::ScalarType st) {
-  TORCH_CHECK(t.device() == ref.device(), "deform_pool: ", name, ": expected device ", ref.device(), ", got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == st, "deform_pool: ", name, ": expected ", st, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "deform_pool: ", name, ": expected a contiguous tensor");
+// Launches the kernels of p (value's dtype kind, loc / attn in fp32 or not) on the current stream of value's device.
+void launch_deform(const DeformPoolParams& p, const at::TensorBase& value, bool loc_f32, bool aligned, bool backward,
+                   bool baseline, bool fused) {
+  launch_on_current_stream(value.device(), [&](cudaStream_t stream) {
+    deform_dispatch(p, kind_of(value.scalar_type()), loc_f32, aligned, backward, baseline, fused, stream);
+  });
+}
+
+// The backward's outputs (checked by the caller): fp32 grad value (empty: not computed), grad loc, grad attn.
+void bind_grads(DeformPoolParams& p, const at::TensorBase& grad_value, const at::TensorBase& grad_loc,
+                const at::TensorBase& grad_attn, const at::TensorBase& grad_out) {
+  p.grad_out = grad_out.const_data_ptr();
+  p.grad_value = grad_value.numel() ? grad_value.data_ptr<float>() : nullptr;
+  p.grad_loc = grad_loc.data_ptr();
+  p.grad_attn = grad_attn.data_ptr();
+}
+
+// The backward's 16-byte alignment: value, grad_out and (when computed) grad value.
+bool bwd_aligned(const DeformPoolParams& p) {
+  return lora_aligned16(p.value) && lora_aligned16(p.grad_out) &&
+         (p.grad_value == nullptr || lora_aligned16(p.grad_value));
 }
 
 DeformPoolParams make_params(const at::TensorBase& value, const at::TensorBase& shapes, const at::TensorBase& starts,
@@ -109,12 +114,12 @@ DeformPoolParams make_params(const at::TensorBase& value, const at::TensorBase& 
   const auto st = value.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "deform_pool: value: expected float32, float16 or bfloat16, got ", st);
-  check_t(value, value, "value", st);
-  check_t(shapes, value, "spatial_shapes", at::kLong);
-  check_t(starts, value, "level_start_index", at::kLong);
+  check_dense(kOp, value, value, "value", st);
+  check_dense(kOp, shapes, value, "spatial_shapes", at::kLong);
+  check_dense(kOp, starts, value, "level_start_index", at::kLong);
   const auto lst = loc.scalar_type() == at::kFloat ? at::kFloat : st;  // value's dtype, or fp32
-  check_t(loc, value, "sampling_locations", lst);
-  check_t(attn, value, "attention_weights", lst);
+  check_dense(kOp, loc, value, "sampling_locations", lst);
+  check_dense(kOp, attn, value, "attention_weights", lst);
   DeformPoolParams p{};
   p.B = value.size(0);
   p.S = value.size(1);
@@ -151,17 +156,14 @@ void deform_pool_fwd_cuda(const at::TensorBase& out, const at::TensorBase& value
                           const at::TensorBase& starts, const at::TensorBase& loc, const at::TensorBase& attn,
                           bool baseline) {
   DeformPoolParams p = make_params(value, shapes, starts, loc, attn);
-  check_t(out, value, "out", value.scalar_type());
+  check_dense(kOp, out, value, "out", value.scalar_type());
   TORCH_CHECK(out.numel() == p.B * p.Q * p.H * p.D, "deform_pool: out: expected [B, Q, H * D], got ", out.sizes());
   if (out.numel() == 0) return;
   p.out = out.data_ptr();
-  const c10::cuda::CUDAGuard guard(value.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(value.device().index()).stream();
-  const bool aligned = aligned16(p.value) && aligned16(p.out);
   TORCH_CHECK(!baseline || value.scalar_type() == at::kFloat, "deform_pool baseline: expected float32, got ",
               value.scalar_type());
-  deform_dispatch(p, kind_of(value.scalar_type()), loc.scalar_type() == at::kFloat, aligned, false, baseline, false, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool aligned = lora_aligned16(p.value) && lora_aligned16(p.out);
+  launch_deform(p, value, loc.scalar_type() == at::kFloat, aligned, false, baseline, false);
 }
 
 void deform_pool_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBase& grad_loc,
@@ -170,10 +172,10 @@ void deform_pool_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBase
                           const at::TensorBase& attn, bool baseline) {
   DeformPoolParams p = make_params(value, shapes, starts, loc, attn);
   const auto gst = baseline ? at::kFloat : loc.scalar_type();
-  check_t(grad_value, value, "grad_value", at::kFloat);
-  check_t(grad_loc, value, "grad_loc", gst);
-  check_t(grad_attn, value, "grad_attn", gst);
-  check_t(grad_out, value, "grad_out", value.scalar_type());
+  check_dense(kOp, grad_value, value, "grad_value", at::kFloat);
+  check_dense(kOp, grad_loc, value, "grad_loc", gst);
+  check_dense(kOp, grad_attn, value, "grad_attn", gst);
+  check_dense(kOp, grad_out, value, "grad_out", value.scalar_type());
   TORCH_CHECK(grad_value.numel() == value.numel() || (grad_value.numel() == 0 && !baseline),
               "deform_pool: grad_value: expected ", value.sizes(), " (or empty: not computed), got ",
               grad_value.sizes());
@@ -184,24 +186,16 @@ void deform_pool_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBase
   TORCH_CHECK(grad_out.numel() == p.B * p.Q * p.H * p.D, "deform_pool: grad_out: expected [B, Q, H * D], got ",
               grad_out.sizes());
   if (grad_out.numel() == 0 || p.L == 0 || p.P == 0) return;
-  p.grad_out = grad_out.const_data_ptr();
-  p.grad_value = grad_value.numel() ? grad_value.data_ptr<float>() : nullptr;
-  p.grad_loc = grad_loc.data_ptr();
-  p.grad_attn = grad_attn.data_ptr();
-  const c10::cuda::CUDAGuard guard(value.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(value.device().index()).stream();
-  const bool aligned = aligned16(p.value) && aligned16(p.grad_out) && (p.grad_value == nullptr ||
-                                                                       aligned16(p.grad_value));
+  bind_grads(p, grad_value, grad_loc, grad_attn, grad_out);
   TORCH_CHECK(!baseline || value.scalar_type() == at::kFloat, "deform_pool baseline: expected float32, got ",
               value.scalar_type());
-  deform_dispatch(p, kind_of(value.scalar_type()), loc.scalar_type() == at::kFloat, aligned, true, baseline, false, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_deform(p, value, loc.scalar_type() == at::kFloat, bwd_aligned(p), true, baseline, false);
 }
 
 namespace {
 
 void set_ref(DeformPoolParams& p, const at::TensorBase& ref, const at::TensorBase& value) {
-  check_t(ref, value, "ref", at::kFloat);
+  check_dense(kOp, ref, value, "ref", at::kFloat);
   TORCH_CHECK(ref.dim() == 2 && ref.size(0) == p.Q && ref.size(1) == 2, "deform_sample: ref: expected [", p.Q,
               ", 2], got ", ref.sizes());
   p.ref = ref.const_data_ptr<float>();
@@ -215,17 +209,13 @@ void deform_sample_fwd_cuda(const at::TensorBase& out, const at::TensorBase& val
                             const at::TensorBase& logits) {
   DeformPoolParams p = make_params(value, shapes, starts, offsets, logits);
   set_ref(p, ref, value);
-  check_t(out, value, "out", value.scalar_type());
+  check_dense(kOp, out, value, "out", value.scalar_type());
   TORCH_CHECK(out.numel() == p.B * p.Q * p.H * p.D, "deform_sample: out: expected [B, Q, H * D], got ", out.sizes());
   if (out.numel() == 0) return;
   TORCH_CHECK(p.L > 0 && p.P > 0, "deform_sample: expected L, P >= 1 (the caller zero-fills otherwise)");
   p.out = out.data_ptr();
-  const c10::cuda::CUDAGuard guard(value.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(value.device().index()).stream();
-  const bool aligned = aligned16(p.value) && aligned16(p.out);
-  deform_dispatch(p, kind_of(value.scalar_type()), offsets.scalar_type() == at::kFloat, aligned, false, false, true,
-                  stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool aligned = lora_aligned16(p.value) && lora_aligned16(p.out);
+  launch_deform(p, value, offsets.scalar_type() == at::kFloat, aligned, false, false, true);
 }
 
 void deform_sample_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBase& grad_offsets,
@@ -234,10 +224,10 @@ void deform_sample_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBa
                             const at::TensorBase& ref, const at::TensorBase& offsets, const at::TensorBase& logits) {
   DeformPoolParams p = make_params(value, shapes, starts, offsets, logits);
   set_ref(p, ref, value);
-  check_t(grad_value, value, "grad_value", at::kFloat);
-  check_t(grad_offsets, value, "grad_offsets", offsets.scalar_type());
-  check_t(grad_logits, value, "grad_logits", at::kFloat);
-  check_t(grad_out, value, "grad_out", value.scalar_type());
+  check_dense(kOp, grad_value, value, "grad_value", at::kFloat);
+  check_dense(kOp, grad_offsets, value, "grad_offsets", offsets.scalar_type());
+  check_dense(kOp, grad_logits, value, "grad_logits", at::kFloat);
+  check_dense(kOp, grad_out, value, "grad_out", value.scalar_type());
   TORCH_CHECK(grad_value.numel() == value.numel() || grad_value.numel() == 0, "deform_sample: grad_value: expected ",
               value.sizes(), " (or empty: not computed), got ", grad_value.sizes());
   TORCH_CHECK(grad_offsets.numel() == offsets.numel(), "deform_sample: grad_offsets: expected ", offsets.sizes(),
@@ -247,17 +237,8 @@ void deform_sample_bwd_cuda(const at::TensorBase& grad_value, const at::TensorBa
   TORCH_CHECK(grad_out.numel() == p.B * p.Q * p.H * p.D, "deform_sample: grad_out: expected [B, Q, H * D], got ",
               grad_out.sizes());
   if (grad_out.numel() == 0 || p.L == 0 || p.P == 0) return;
-  p.grad_out = grad_out.const_data_ptr();
-  p.grad_value = grad_value.numel() ? grad_value.data_ptr<float>() : nullptr;
-  p.grad_loc = grad_offsets.data_ptr();
-  p.grad_attn = grad_logits.data_ptr();
-  const c10::cuda::CUDAGuard guard(value.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(value.device().index()).stream();
-  const bool aligned = aligned16(p.value) && aligned16(p.grad_out) && (p.grad_value == nullptr ||
-                                                                       aligned16(p.grad_value));
-  deform_dispatch(p, kind_of(value.scalar_type()), offsets.scalar_type() == at::kFloat, aligned, true, false, true,
-                  stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bind_grads(p, grad_value, grad_offsets, grad_logits, grad_out);
+  launch_deform(p, value, offsets.scalar_type() == at::kFloat, bwd_aligned(p), true, false, true);
 }
 
 }  // namespace lora_kernels

@@ -28,6 +28,7 @@ from lora_kernels.weights import LoRAWeights
 __all__ = [
     "DISTRIBUTIONS",
     "assert_close_rule",
+    "check_ptxas_budget",
     "lowp_add_lora_",
     "lowp_expand_",
     "lowp_shrink",
@@ -308,6 +309,62 @@ def run_without_interpreter(argv: Sequence[str], timeout: float = 600):
     env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=root)
+
+
+# ---- nvcc: registers / spills / shared memory of CUDA kernels ---------------------------------------------------
+# (shared by tests/test_sgmv_decode_emu.py and tests/test_fused_lora_linear_emu.py)
+def check_ptxas_budget(tmp_path, source: str, *, expected: int, reg_budget: int) -> list:
+    """Compile ``source`` (CUDA C++ that includes a kernel header as ``"kernels/<name>.cuh"`` and instantiates its
+    kernels explicitly) with nvcc ``-Xptxas -v`` for sm_80 and sm_90a, print one row per kernel and architecture
+    (registers, spill bytes, static shared memory) and assert: ``expected`` rows, no spill stores or loads, at most
+    ``reg_budget`` registers per thread. Skips the test without nvcc (/usr/local/bin/nvcc). Returns the rows: dicts
+    with name (demangled when c++filt is found), arch, regs, spill, smem."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    import pytest
+
+    nvcc = "/usr/local/bin/nvcc"
+    if not os.path.exists(nvcc):
+        pytest.skip("needs nvcc")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    src = tmp_path / "ptxas_budget.cu"
+    src.write_text(source + "\n")
+    cmd = [nvcc, "-std=c++17", "-O3", "-c", "-I", csrc, "-gencode", "arch=compute_80,code=sm_80",
+           "-gencode", "arch=compute_90a,code=sm_90a", "-Xptxas", "-v", str(src), "-o", str(tmp_path / "inst.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows, cur = [], None
+    for line in (r.stdout + r.stderr).splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\w+)'", line)
+        if m:
+            cur = {"name": m.group(1), "arch": m.group(2)}
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur is not None:
+            cur["spill"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        if m and cur is not None:
+            cur["regs"], cur["smem"] = int(m.group(1)), int(m.group(2))
+            rows.append(cur)
+            cur = None
+    assert len(rows) == expected, f"expected {expected} kernels, parsed {len(rows)}"
+    filt = shutil.which("c++filt")
+    if filt:
+        names = subprocess.run([filt], input="\n".join(row["name"] for row in rows), capture_output=True,
+                               text=True).stdout.splitlines()
+        for row, nm in zip(rows, names):
+            row["name"] = re.sub(r"\(lora_kernels::\w+\)$", "", nm).replace("lora_kernels::", "")
+    width = max(len(row["name"]) for row in rows)
+    print(f"\n{'kernel':<{width}} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>6}")
+    for row in rows:
+        print(f"{row['name']:<{width}} {row['arch']:>5} {row['regs']:>5} {row.get('spill', -1):>6} {row['smem']:>6}")
+    for row in rows:
+        assert row.get("spill") == 0, f"{row['name']} sm_{row['arch']}: spills"
+        assert row["regs"] <= reg_budget, f"{row['name']} sm_{row['arch']}: {row['regs']} registers > {reg_budget}"
+    return rows
 
 
 # (shared by tests/test_mixed.py and tests/test_triton_sgmv.py)

@@ -21,14 +21,13 @@ import copy
 import itertools
 import math
 import os
-import re
 import shutil
 import subprocess
 import types
 
 import pytest
 import torch
-from helpers import assert_close_rule, lowp_expand_, lowp_shrink
+from helpers import assert_close_rule, check_ptxas_budget, lowp_expand_, lowp_shrink
 
 from lora_kernels import reference
 from lora_kernels.ops.sgmv import _reference_mixed_
@@ -264,42 +263,8 @@ _CT = {F16: "__half", BF16: "__nv_bfloat16", F32: "float"}
 
 def test_nvcc_resource_usage(tmp_path):
     """Every instantiation compiled for sm_80 and sm_90a: no spills, registers <= _REG_BUDGET; prints the table."""
-    nvcc = "/usr/local/bin/nvcc"
-    if not os.path.exists(nvcc):
-        pytest.skip("needs nvcc")
     lines = ['#include "kernels/sgmv_decode.cuh"']
     for (tx, tw, ty), vec in itertools.product(_COMBOS, (True, False)):
         lines.append(f"template __global__ void lora_kernels::sgmv_decode_kernel<{_CT[tx]}, {_CT[tw]}, {_CT[ty]}, "
                      f"{str(vec).lower()}>(const lora_kernels::SgmvDecodeParams);")
-    src = tmp_path / "sgmv_decode_inst.cu"
-    src.write_text("\n".join(lines) + "\n")
-    cmd = [nvcc, "-std=c++17", "-O3", "-c", "-I", os.path.join(REPO, "csrc"), "-gencode", "arch=compute_80,code=sm_80",
-           "-gencode", "arch=compute_90a,code=sm_90a", "-Xptxas", "-v", str(src), "-o", str(tmp_path / "inst.o")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows, cur = [], None
-    for line in (r.stdout + r.stderr).splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\w+)'", line)
-        if m:
-            cur = {"name": m.group(1), "arch": m.group(2)}
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur is not None:
-            cur["spill"] = int(m.group(1)) + int(m.group(2))
-        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
-        if m and cur is not None:
-            cur["regs"], cur["smem"] = int(m.group(1)), int(m.group(2))
-            rows.append(cur)
-            cur = None
-    assert len(rows) == 2 * 54, f"expected 108 kernels, parsed {len(rows)}"
-    names = [row["name"] for row in rows]
-    filt = shutil.which("c++filt")
-    if filt:
-        names = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    print(f"\n{'kernel':<100} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>6}")
-    for row, nm in zip(rows, names):
-        nm = nm.replace("lora_kernels::", "").replace("(lora_kernels::SgmvDecodeParams)", "")
-        print(f"{nm:<100} {row['arch']:>5} {row['regs']:>5} {row.get('spill', -1):>6} {row['smem']:>6}")
-    for row, nm in zip(rows, names):
-        assert row.get("spill") == 0, f"{nm} sm_{row['arch']}: spills"
-        assert row["regs"] <= _REG_BUDGET, f"{nm} sm_{row['arch']}: {row['regs']} registers > {_REG_BUDGET}"
+    check_ptxas_budget(tmp_path, "\n".join(lines), expected=2 * 54, reg_budget=_REG_BUDGET)

@@ -38,23 +38,20 @@
 // only as the benchmark's stand-in for the op the official VCE code runs.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "lora_common.cuh"
+
 namespace lora_kernels {
 
 constexpr int kDeformThreads = 256;
 
-// Test hook: tests/deform_pool_emu.cpp defines it to assert that every value read lies inside value's buffer
-// (the row guard below); nothing on the device.
-#ifndef DEFORM_CHECK_VALUE_READ
-#define DEFORM_CHECK_VALUE_READ(ptr, bytes)
-#endif
-
+// Reads of value (the row guard below protects them), of grad_out and the stores of out go through
+// LORA_CHECK_ACCESS (lora_common.cuh; tests/deform_pool_emu.cpp checks each against its buffer): kBufValue,
+// kBufGradOut, kBufOut.
 struct DeformPoolParams {
   const void* value;
   const int64_t* shapes;
@@ -72,62 +69,15 @@ struct DeformPoolParams {
   int64_t B, S, Q, H, D, L, P;
 };
 
-template <typename T>
-struct DeformFmt;
-template <>
-struct DeformFmt<float> {
-  static __device__ __forceinline__ float to_f(float x) { return x; }
-  static __device__ __forceinline__ float from_f(float x) { return x; }
-};
-template <>
-struct DeformFmt<__half> {
-  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-};
-template <>
-struct DeformFmt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-};
-
-// VEC consecutive elements -> fp32 (one 128-bit load when VEC * sizeof(T) == 16; the caller guarantees alignment).
+// A value read of one row's VEC channels (the reads the row guard protects) and one fp32 value read (the baseline).
 template <typename T, int VEC>
-__device__ __forceinline__ void deform_load(const T* __restrict__ p, float (&v)[VEC]) {
-  if constexpr (VEC * sizeof(T) == 16) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = DeformFmt<T>::to_f(e[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = DeformFmt<T>::to_f(p[j]);
-  }
-}
-
-// deform_load of value rows (the reads the row guard protects; the emulator checks them).
-template <typename T, int VEC>
-__device__ __forceinline__ void deform_load_value(const T* __restrict__ p, float (&v)[VEC]) {
-  DEFORM_CHECK_VALUE_READ(p, VEC * sizeof(T));
-  deform_load<T, VEC>(p, v);
+__device__ __forceinline__ void deform_load_value(const T* p, float (&v)[VEC]) {
+  lora_load<T, VEC>(kBufValue, p, v);
 }
 
 __device__ __forceinline__ float deform_value_read(const float* p) {
-  DEFORM_CHECK_VALUE_READ(p, sizeof(float));
+  LORA_CHECK_ACCESS(kBufValue, p, sizeof(float));
   return *p;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void deform_store(T* __restrict__ p, const float (&v)[VEC]) {
-  if constexpr (VEC * sizeof(T) == 16) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) e[j] = DeformFmt<T>::from_f(v[j]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) p[j] = DeformFmt<T>::from_f(v[j]);
-  }
 }
 
 // p[j] += scale * v[j] for j < VEC, atomically per element. sm_90+: 128-bit float4 atomics when VEC % 4 == 0 (the
@@ -198,23 +148,29 @@ struct DeformSampler {
       rx = p.ref[2 * q];
       ry = p.ref[2 * q + 1];
       const TL* lg = attn + group * n;
-      mx = n > 0 ? DeformFmt<TL>::to_f(lg[0]) : 0.f;
-      for (int64_t i = 1; i < n; ++i) mx = fmaxf(mx, DeformFmt<TL>::to_f(lg[i]));
+      mx = n > 0 ? LoraFmt<TL>::to_f(lg[0]) : 0.f;
+      for (int64_t i = 1; i < n; ++i) mx = fmaxf(mx, LoraFmt<TL>::to_f(lg[i]));
       sum = 0.f;
-      for (int64_t i = 0; i < n; ++i) sum += expf(DeformFmt<TL>::to_f(lg[i]) - mx);
+      for (int64_t i = 0; i < n; ++i) sum += expf(LoraFmt<TL>::to_f(lg[i]) - mx);
     }
   }
   // Normalised location (x, y) of sample idx (= (group * L + l) * P + p) on a level of W x H.
   __device__ __forceinline__ void location(int64_t idx, int64_t wl, int64_t hl, float& lx, float& ly) const {
-    lx = DeformFmt<TL>::to_f(loc[2 * idx]);
-    ly = DeformFmt<TL>::to_f(loc[2 * idx + 1]);
+    lx = LoraFmt<TL>::to_f(loc[2 * idx]);
+    ly = LoraFmt<TL>::to_f(loc[2 * idx + 1]);
     if constexpr (FUSED) {
       lx = rx + lx / static_cast<float>(wl);
       ly = ry + ly / static_cast<float>(hl);
     }
   }
+  // Geometry of sample idx on a level of W x H (start row st; value has S rows).
+  __device__ __forceinline__ DeformSample geometry(int64_t idx, int64_t wl, int64_t hl, int64_t st, int64_t S) const {
+    float lx, ly;
+    location(idx, wl, hl, lx, ly);
+    return deform_geometry(lx, ly, hl, wl, st, S);
+  }
   __device__ __forceinline__ float weight(int64_t idx) const {
-    const float v = DeformFmt<TL>::to_f(attn[idx]);
+    const float v = LoraFmt<TL>::to_f(attn[idx]);
     if constexpr (FUSED) {
       return expf(v - mx) / sum;
     } else {
@@ -245,9 +201,7 @@ __device__ __forceinline__ void deform_fwd_body(const DeformPoolParams& p) {
       const int64_t hl = __ldg(p.shapes + 2 * l), wl = __ldg(p.shapes + 2 * l + 1), st = __ldg(p.starts + l);
       for (int64_t pt = 0; pt < P; ++pt) {
         const int64_t idx = (group * L + l) * P + pt;
-        float lx, ly;
-        src.location(idx, wl, hl, lx, ly);
-        const DeformSample s = deform_geometry(lx, ly, hl, wl, st, p.S);
+        const DeformSample s = src.geometry(idx, wl, hl, st, p.S);
         if (!s.ok) continue;
         const float a = src.weight(idx);
         const float w[4] = {a * (1.f - s.fx) * (1.f - s.fy), a * s.fx * (1.f - s.fy), a * (1.f - s.fx) * s.fy,
@@ -264,25 +218,8 @@ __device__ __forceinline__ void deform_fwd_body(const DeformPoolParams& p) {
         }
       }
     }
-    deform_store<T, VEC>(out + c0, acc);
+    lora_store<T, VEC>(kBufOut, out + c0, acc);
   }
-}
-
-template <typename T, typename TL, int VEC, int TPG, int DC>
-__global__ void __launch_bounds__(kDeformThreads) deform_pool_fwd_kernel(DeformPoolParams p) {
-  deform_fwd_body<T, TL, VEC, TPG, DC, false>(p);
-}
-
-template <typename T, typename TL, int VEC, int TPG, int DC>
-__global__ void __launch_bounds__(kDeformThreads) deform_sample_fwd_kernel(DeformPoolParams p) {
-  deform_fwd_body<T, TL, VEC, TPG, DC, true>(p);
-}
-
-template <int TPG>
-__device__ __forceinline__ float deform_group_sum(float v) {
-#pragma unroll
-  for (int off = TPG / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // Backward. Every lane of a warp reaches every shuffle: groups past the end compute on a clamped group and do
@@ -309,14 +246,12 @@ __device__ __forceinline__ void deform_bwd_body(const DeformPoolParams& p) {
   float dot = 0.f;  // fused: sum_j a_j * grad a_j over the group's samples (the softmax backward)
   constexpr bool kOneChunk = DC != 0;
   float g1[VEC];  // the lane's grad_out channels when they fit in one chunk (fast paths)
-  if (kOneChunk) deform_load<T, VEC>(gout + lane * VEC, g1);
+  if (kOneChunk) lora_load<T, VEC>(kBufGradOut, gout + lane * VEC, g1);
   for (int64_t l = 0; l < L; ++l) {
     const int64_t hl = __ldg(p.shapes + 2 * l), wl = __ldg(p.shapes + 2 * l + 1), st = __ldg(p.starts + l);
     for (int64_t pt = 0; pt < P; ++pt) {
       const int64_t idx = (group * L + l) * P + pt;
-      float lx, ly;
-      src.location(idx, wl, hl, lx, ly);
-      const DeformSample s = deform_geometry(lx, ly, hl, wl, st, p.S);
+      const DeformSample s = src.geometry(idx, wl, hl, st, p.S);
       const float a = src.weight(idx);
       float ga = 0.f, gx = 0.f, gy = 0.f;
       if (s.ok) {
@@ -328,7 +263,7 @@ __device__ __forceinline__ void deform_bwd_body(const DeformPoolParams& p) {
 #pragma unroll
             for (int j = 0; j < VEC; ++j) g[j] = g1[j];
           } else {
-            deform_load<T, VEC>(gout + c0, g);
+            lora_load<T, VEC>(kBufGradOut, gout + c0, g);
           }
           float v00[VEC], v01[VEC], v10[VEC], v11[VEC];
 #pragma unroll
@@ -355,19 +290,19 @@ __device__ __forceinline__ void deform_bwd_body(const DeformPoolParams& p) {
           }
         }
       }
-      ga = deform_group_sum<TPG>(ga);
-      gx = deform_group_sum<TPG>(gx);
-      gy = deform_group_sum<TPG>(gy);
+      ga = lora_lane_sum<TPG>(ga);
+      gx = lora_lane_sum<TPG>(gx);
+      gy = lora_lane_sum<TPG>(gy);
       if (live && lane == 0) {
         if constexpr (FUSED) {  // d loc / d offset = 1 / W_l (1 / H_l) cancels the W_l (H_l) of d x / d loc
           gattn[idx] = ga;  // grad a, turned into grad logit below
           dot = fmaf(a, ga, dot);
-          gloc[2 * idx] = DeformFmt<TL>::from_f(gx * a);
-          gloc[2 * idx + 1] = DeformFmt<TL>::from_f(gy * a);
+          gloc[2 * idx] = LoraFmt<TL>::from_f(gx * a);
+          gloc[2 * idx + 1] = LoraFmt<TL>::from_f(gy * a);
         } else {
-          gattn[idx] = DeformFmt<TL>::from_f(ga);
-          gloc[2 * idx] = DeformFmt<TL>::from_f(gx * a * static_cast<float>(wl));
-          gloc[2 * idx + 1] = DeformFmt<TL>::from_f(gy * a * static_cast<float>(hl));
+          gattn[idx] = LoraFmt<TL>::from_f(ga);
+          gloc[2 * idx] = LoraFmt<TL>::from_f(gx * a * static_cast<float>(wl));
+          gloc[2 * idx + 1] = LoraFmt<TL>::from_f(gy * a * static_cast<float>(hl));
         }
       }
     }
@@ -379,15 +314,17 @@ __device__ __forceinline__ void deform_bwd_body(const DeformPoolParams& p) {
   }
 }
 
-template <typename T, typename TL, int VEC, int TPG, int DC>
-__global__ void __launch_bounds__(kDeformThreads) deform_pool_bwd_kernel(DeformPoolParams p) {
-  deform_bwd_body<T, TL, VEC, TPG, DC, false>(p);
-}
-
-template <typename T, typename TL, int VEC, int TPG, int DC>
-__global__ void __launch_bounds__(kDeformThreads) deform_sample_bwd_kernel(DeformPoolParams p) {
-  deform_bwd_body<T, TL, VEC, TPG, DC, true>(p);
-}
+// The four entry kernels, one per body and form (FUSED: the deform_sample kernels).
+#define LORA_DEFORM_KERNEL(name, body, fused)                                  \
+  template <typename T, typename TL, int VEC, int TPG, int DC>                 \
+  __global__ void __launch_bounds__(kDeformThreads) name(DeformPoolParams p) { \
+    body<T, TL, VEC, TPG, DC, fused>(p);                                       \
+  }
+LORA_DEFORM_KERNEL(deform_pool_fwd_kernel, deform_fwd_body, false)
+LORA_DEFORM_KERNEL(deform_sample_fwd_kernel, deform_fwd_body, true)
+LORA_DEFORM_KERNEL(deform_pool_bwd_kernel, deform_bwd_body, false)
+LORA_DEFORM_KERNEL(deform_sample_bwd_kernel, deform_bwd_body, true)
+#undef LORA_DEFORM_KERNEL
 
 // ---- baseline: Deformable-DETR's layout (fp32, one thread per output channel) -----------------------------------
 // v points at the level's first row (start_l); rows st + ... outside [0, S) read as zero (unvalidated metadata).

@@ -59,11 +59,11 @@
 // Not measured on a GPU yet: the ~15 % target over the base GEMV is a design goal backed by the bytes model only.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "lora_common.cuh"
 
 namespace lora_kernels {
 
@@ -81,15 +81,8 @@ constexpr int kFllMaxSlices = 8;
 // enough 16-byte W0 loads in flight; without it ptxas (CUDA 13) picked ~72 registers and spilled in the GEMV.
 constexpr int kFllMinBlocks = 4;
 
-// Test hook: tests/fused_lora_linear_emu.cpp defines it to check every global access against its buffer.
-enum FllBuf : int {
-  kFllBufX = 0, kFllBufY, kFllBufW0, kFllBufBias, kFllBufA, kFllBufB, kFllBufMeta, kFllBufPartial, kFllBufHfin,
-  kFllBufBase, kFllBufCounter, kFllBufCount
-};
-#ifndef FLL_CHECK_ACCESS
-#define FLL_CHECK_ACCESS(buf, ptr, bytes)
-#endif
-
+// Global accesses go through LORA_CHECK_ACCESS (lora_common.cuh; tests/fused_lora_linear_emu.cpp checks each against
+// its buffer): kBufX, kBufY, kBufW0, kBufBias, kBufA, kBufB, kBufMeta, kBufPartial, kBufHfin, kBufBase, kBufCounter.
 struct FusedLoraLinearParams {
   const void* x;                 // [T, in] rows x_stride apart (TA)
   void* y;                       // [T, out] rows y_stride apart (TA), fully overwritten
@@ -111,132 +104,13 @@ struct FusedLoraLinearParams {
   int64_t merged;                // mixed mode: the merged adapter (-1: off)
 };
 
-template <typename T>
-struct FllFmt;
-template <>
-struct FllFmt<float> {
-  static __device__ __forceinline__ float to_f(float x) { return x; }
-  static __device__ __forceinline__ float from_f(float x) { return x; }
-};
-template <>
-struct FllFmt<__half> {
-  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-};
-template <>
-struct FllFmt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-};
-
-// N consecutive read-only elements -> fp32: 16-byte loads when N * sizeof(T) is a multiple of 16, one 8-byte load
-// when it is 8, else scalar (the caller guarantees the alignment of the vector cases).
-template <typename T, int N>
-__device__ __forceinline__ void fll_load(int buf, const T* __restrict__ p, float (&v)[N]) {
-  FLL_CHECK_ACCESS(buf, p, N * sizeof(T));
-  constexpr int kBytes = N * static_cast<int>(sizeof(T));
-  if constexpr (kBytes % 16 == 0) {
-#pragma unroll
-    for (int q = 0; q < kBytes / 16; ++q) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + q);
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int j = 0; j < 16 / static_cast<int>(sizeof(T)); ++j) v[q * (16 / sizeof(T)) + j] = FllFmt<T>::to_f(e[j]);
-    }
-  } else if constexpr (kBytes == 8) {
-    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < N; ++j) v[j] = FllFmt<T>::to_f(e[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) v[j] = FllFmt<T>::to_f(__ldg(p + j));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T fll_meta(const T* p) {
-  FLL_CHECK_ACCESS(kFllBufMeta, p, sizeof(T));
-  return __ldg(p);
-}
-
-// Workspace written by other blocks of this launch: through L2 (not the non-coherent read-only path).
-__device__ __forceinline__ float fll_ws_load(int buf, const float* p) {
-  FLL_CHECK_ACCESS(buf, p, sizeof(float));
-  return __ldcg(p);
-}
-__device__ __forceinline__ void fll_ws_store(int buf, float* p, float v) {
-  FLL_CHECK_ACCESS(buf, p, sizeof(float));
-  *p = v;
-}
-__device__ __forceinline__ int fll_count(int32_t* c, int v) {
-  FLL_CHECK_ACCESS(kFllBufCounter, c, sizeof(int32_t));
-  return atomicAdd(c, v);
-}
-__device__ __forceinline__ void fll_reset(int32_t* c) {
-  FLL_CHECK_ACCESS(kFllBufCounter, c, sizeof(int32_t));
-  atomicExch(c, 0);
-}
-
-__device__ __forceinline__ float fll_warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// The rows of one (token, slice): own adapter i (r_i rows from off_i), then the merged adapter m (r_m rows).
-struct FllRows {
-  int64_t off_i, off_m;
-  int r_i, r_m;
-  float sc_i, sc_m;
-};
-
-__device__ __forceinline__ int fll_rank(const FusedLoraLinearParams& p, int64_t s, int64_t id) {
-  const int r = fll_meta(p.ranks + s * p.N + id);
-  int64_t cap = p.merged >= 0 ? p.rows_cap / 2 : p.rows_cap;
-  cap = cap < kFllMaxRank ? cap : kFllMaxRank;
-  return r < 0 ? 0 : (r > cap ? static_cast<int>(cap) : r);  // clamped: never past the workspace
-}
-
-__device__ __forceinline__ FllRows fll_rows(const FusedLoraLinearParams& p, int64_t t, int64_t s) {
-  FllRows q{0, 0, 0, 0, 0.f, 0.f};
-  int64_t id = fll_meta(p.token_adapter + t);
-  if (id < 0 || id >= p.N) id = -1;
-  const int64_t m = p.merged;
-  if (m >= 0 && id == m) return q;  // mixed mode: tokens of the merged adapter get no delta
-  if (id >= 0) {
-    q.r_i = fll_rank(p, s, id);
-    if (q.r_i > 0) {
-      q.off_i = fll_meta(p.offsets + id);
-      q.sc_i = fll_meta(p.scales + s * p.N + id);
-    }
-  }
-  if (m >= 0) {
-    q.r_m = fll_rank(p, s, m);
-    if (q.r_m > 0) {
-      q.off_m = fll_meta(p.offsets + m);
-      q.sc_m = fll_meta(p.scales + s * p.N + m);
-    }
-  }
-  return q;
-}
-
-__device__ __forceinline__ int64_t fll_row(const FllRows& q, int k) {
-  return k < q.r_i ? q.off_i + k : q.off_m + (k - q.r_i);
-}
-
-template <typename TW, bool VEC>
-struct FllVec {
-  static constexpr int V = VEC ? 16 / static_cast<int>(sizeof(TW)) : 1;  // W0 / A / x elements per load
-};
-
 // True when some (token, slice) has adapter rows: the same answer in every block (metadata only).
 __device__ __forceinline__ bool fll_any_delta(const FusedLoraLinearParams& p) {
   __shared__ int s_any;
   if (threadIdx.x == 0) s_any = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < p.T * p.S; i += kFllThreads) {
-    const FllRows q = fll_rows(p, i / p.S, i % p.S);
+    const LoraRows q = lora_rows<kFllMaxRank>(p, i / p.S, i % p.S);
     if (q.r_i + q.r_m > 0) s_any = 1;  // benign race: every writer stores 1
   }
   __syncthreads();
@@ -247,47 +121,25 @@ __device__ __forceinline__ bool fll_any_delta(const FusedLoraLinearParams& p) {
 // Rows are dealt to the warps round robin across slices (rank-1 adapters still use all warps).
 template <typename TA, typename TW, bool VEC>
 __device__ __forceinline__ void fll_shrink_unit(const FusedLoraLinearParams& p, int64_t c, int64_t t) {
-  constexpr int V = FllVec<TW, VEC>::V;
+  constexpr int V = kVecElems<TW, VEC>;
   constexpr int G = kFllPerLane / V;  // loads per lane per row
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t c0 = c * kFllChunk;
   int rot = 0;  // rows dealt so far (mod kFllWarps)
-  const TA* xr = static_cast<const TA*>(p.x) + t * p.x_stride;
   float xv[G][V];
   bool loaded = false;
   for (int64_t s = 0; s < p.S; ++s) {
-    const FllRows q = fll_rows(p, t, s);
+    const LoraRows q = lora_rows<kFllMaxRank>(p, t, s);
     const int rows = q.r_i + q.r_m;
     if (rows > 0 && !loaded) {  // uniform: x of token t only when it has rows
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const int64_t e = c0 + (static_cast<int64_t>(g) * 32 + lane) * V;
-        if (e < p.in) {  // the vector variant has in % V == 0: a group is all in or all out
-          fll_load<TA, V>(kFllBufX, xr + e, xv[g]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) xv[g][j] = 0.f;
-        }
-      }
+      lora_shrink_load_x<TA, V, G>(static_cast<const TA*>(p.x) + t * p.x_stride, c0, p.in, lane, xv);
       loaded = true;
     }
     const TW* as = static_cast<const TW*>(p.a) + s * p.a_slice_stride;
     float* part = p.partial + ((c * p.T + t) * p.S + s) * p.rows_cap;
     for (int k = (warp - rot % kFllWarps + kFllWarps) % kFllWarps; k < rows; k += kFllWarps) {
-      const TW* ar = as + fll_row(q, k) * p.a_row_stride;
-      float acc = 0.f;
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const int64_t e = c0 + (static_cast<int64_t>(g) * 32 + lane) * V;
-        if (e < p.in) {
-          float av[V];
-          fll_load<TW, V>(kFllBufA, ar + e, av);
-#pragma unroll
-          for (int j = 0; j < V; ++j) acc += xv[g][j] * av[j];
-        }
-      }
-      acc = fll_warp_sum(acc);
-      if (lane == 0) fll_ws_store(kFllBufPartial, part + k, acc);
+      const float acc = lora_shrink_dot<TW, V, G>(as + lora_row(q, k) * p.a_row_stride, c0, p.in, lane, xv);
+      if (lane == 0) lora_ws_store(kBufPartial, part + k, acc);
     }
     rot += rows;
   }
@@ -298,15 +150,14 @@ template <typename TA>
 __device__ __forceinline__ void fll_finish_h(const FusedLoraLinearParams& p) {
   for (int64_t i = 0; i < p.T * p.S; ++i) {
     const int64_t t = i / p.S, s = i % p.S;
-    const FllRows q = fll_rows(p, t, s);
+    const LoraRows q = lora_rows<kFllMaxRank>(p, t, s);
     const int rows = q.r_i + q.r_m;
     for (int k = threadIdx.x; k < rows; k += kFllThreads) {
       float acc = 0.f;
       for (int64_t c = 0; c < p.chunks; ++c) {
-        acc += fll_ws_load(kFllBufPartial, p.partial + ((c * p.T + t) * p.S + s) * p.rows_cap + k);
+        acc += lora_ws_load(kBufPartial, p.partial + ((c * p.T + t) * p.S + s) * p.rows_cap + k);
       }
-      const float h = FllFmt<TA>::to_f(FllFmt<TA>::from_f(acc));
-      fll_ws_store(kFllBufHfin, p.hfin + i * p.rows_cap + k, h * (k < q.r_i ? q.sc_i : -q.sc_m));
+      lora_ws_store(kBufHfin, p.hfin + i * p.rows_cap + k, lora_scaled_h<TA>(acc, q, k));
     }
   }
 }
@@ -314,7 +165,7 @@ __device__ __forceinline__ void fll_finish_h(const FusedLoraLinearParams& p) {
 // Base GEMV of tile b: s_base[t * kFllTile + j] = sum_e x[t, e] * W0[8b + j, e] (+ bias), fp32, for all T tokens.
 template <typename TA, typename TW, bool VEC>
 __device__ __forceinline__ void fll_gemv_tile(const FusedLoraLinearParams& p, int64_t tile, float* s_base) {
-  constexpr int V = FllVec<TW, VEC>::V;
+  constexpr int V = kVecElems<TW, VEC>;
   constexpr int R = kFllRowsPerWarp;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t o0 = tile * kFllTile + warp * R;
@@ -333,7 +184,7 @@ __device__ __forceinline__ void fll_gemv_tile(const FusedLoraLinearParams& p, in
 #pragma unroll
       for (int j = 0; j < R; ++j) {
         if (o0 + j < p.out) {
-          fll_load<TW, V>(kFllBufW0, w0 + (o0 + j) * p.w0_stride + e, wv[j]);
+          lora_load_ro<TW, V>(kBufW0, w0 + (o0 + j) * p.w0_stride + e, wv[j]);
         } else {
 #pragma unroll
           for (int v = 0; v < V; ++v) wv[j][v] = 0.f;
@@ -343,7 +194,7 @@ __device__ __forceinline__ void fll_gemv_tile(const FusedLoraLinearParams& p, in
       for (int u = 0; u < kFllTokGroup; ++u) {
         if (u < nt) {
           float xv[V];
-          fll_load<TA, V>(kFllBufX, xb + (t0 + u) * p.x_stride + e, xv);
+          lora_load_ro<TA, V>(kBufX, xb + (t0 + u) * p.x_stride + e, xv);
 #pragma unroll
           for (int j = 0; j < R; ++j) {
 #pragma unroll
@@ -356,14 +207,12 @@ __device__ __forceinline__ void fll_gemv_tile(const FusedLoraLinearParams& p, in
     for (int j = 0; j < R; ++j) {
       float bj = 0.f;
       if (p.bias != nullptr && o0 + j < p.out) {
-        const TW* bp = static_cast<const TW*>(p.bias) + o0 + j;
-        FLL_CHECK_ACCESS(kFllBufBias, bp, sizeof(TW));
-        bj = FllFmt<TW>::to_f(__ldg(bp));
+        bj = LoraFmt<TW>::to_f(lora_ldg(kBufBias, static_cast<const TW*>(p.bias) + o0 + j));
       }
 #pragma unroll
       for (int u = 0; u < kFllTokGroup; ++u) {
         if (u < nt) {  // warp-uniform: every lane shuffles
-          const float v = fll_warp_sum(acc[j][u]);
+          const float v = lora_lane_sum(acc[j][u]);
           if (lane == 0) s_base[(t0 + u) * kFllTile + warp * R + j] = v + bj;
         }
       }
@@ -380,22 +229,21 @@ __device__ __forceinline__ void fll_finish_tile(const FusedLoraLinearParams& p, 
   for (int64_t i = threadIdx.x; i < p.T * kFllTile; i += kFllThreads) {
     const int64_t t = i / kFllTile, o = tile * kFllTile + i % kFllTile;
     if (o >= p.out) continue;
-    const float base = ws ? fll_ws_load(kFllBufBase, p.base + t * p.out + o) : s_base[i];
+    const float base = ws ? lora_ws_load(kBufBase, p.base + t * p.out + o) : s_base[i];
     float d = 0.f;
     int64_t s = 0;
     while (s < p.S && !(o >= p.col[s] && o < p.col[s] + p.outs[s])) ++s;
     if (delta && s < p.S) {
-      const FllRows q = fll_rows(p, t, s);
+      const LoraRows q = lora_rows<kFllMaxRank>(p, t, s);
       const float* c = p.hfin + (t * p.S + s) * p.rows_cap;
       for (int k = 0; k < q.r_i + q.r_m; ++k) {
-        const TW* bp = bw + fll_row(q, k) * p.b_stride + o;
-        FLL_CHECK_ACCESS(kFllBufB, bp, sizeof(TW));
-        d += fll_ws_load(kFllBufHfin, c + k) * FllFmt<TW>::to_f(__ldg(bp));
+        const float bk = LoraFmt<TW>::to_f(lora_ldg(kBufB, bw + lora_row(q, k) * p.b_stride + o));
+        d += lora_ws_load(kBufHfin, c + k) * bk;
       }
     }
     TA* yp = static_cast<TA*>(p.y) + t * p.y_stride + o;
-    FLL_CHECK_ACCESS(kFllBufY, yp, sizeof(TA));
-    *yp = FllFmt<TA>::from_f(base + d);
+    LORA_CHECK_ACCESS(kBufY, yp, sizeof(TA));
+    *yp = LoraFmt<TA>::from_f(base + d);
   }
 }
 
@@ -405,13 +253,13 @@ __device__ __forceinline__ void fll_h_party(const FusedLoraLinearParams& p) {
   __shared__ int s_second[kFllThreads];
   for (int64_t t0 = 0; t0 < p.tiles; t0 += kFllThreads) {
     const int64_t b = t0 + threadIdx.x;
-    s_second[threadIdx.x] = b < p.tiles && fll_count(p.counter + 1 + b, 1) == 1;
+    s_second[threadIdx.x] = b < p.tiles && lora_count(p.counter + 1 + b, 1) == 1;
     __syncthreads();
     for (int j = 0; j < kFllThreads && t0 + j < p.tiles; ++j) {
       if (!s_second[j]) continue;  // block-uniform
       __threadfence();             // acquire: that tile's base
       fll_finish_tile<TA, TW>(p, t0 + j, nullptr, true, true);
-      if (threadIdx.x == 0) fll_reset(p.counter + 1 + t0 + j);
+      if (threadIdx.x == 0) lora_reset(p.counter + 1 + t0 + j);
     }
     __syncthreads();  // s_second is rewritten next round
   }
@@ -428,12 +276,12 @@ __global__ void __launch_bounds__(kFllThreads, kFllMinBlocks) fused_lora_linear_
     for (int64_t u = tile; u < p.chunks * p.T; u += p.tiles) fll_shrink_unit<TA, TW, VEC>(p, u / p.T, u % p.T);
     __threadfence();  // release: this block's partials
     __syncthreads();
-    if (threadIdx.x == 0) s_flag = fll_count(p.counter, 1) == static_cast<int>(p.shrink_blocks) - 1;
+    if (threadIdx.x == 0) s_flag = lora_count(p.counter, 1) == static_cast<int>(p.shrink_blocks) - 1;
     __syncthreads();
     if (s_flag) {       // block-uniform: the h-finisher
       __threadfence();  // acquire: every block's partials
       fll_finish_h<TA>(p);
-      if (threadIdx.x == 0) fll_reset(p.counter);
+      if (threadIdx.x == 0) lora_reset(p.counter);
       __threadfence();  // release: hfin before the handshakes
       __syncthreads();
       fll_h_party<TA, TW>(p);
@@ -447,16 +295,16 @@ __global__ void __launch_bounds__(kFllThreads, kFllMinBlocks) fused_lora_linear_
   }
   for (int64_t i = threadIdx.x; i < p.T * kFllTile; i += kFllThreads) {  // publish the base for the h-finisher
     const int64_t o = tile * kFllTile + i % kFllTile;
-    if (o < p.out) fll_ws_store(kFllBufBase, p.base + (i / kFllTile) * p.out + o, s_base[i]);
+    if (o < p.out) lora_ws_store(kBufBase, p.base + (i / kFllTile) * p.out + o, s_base[i]);
   }
   __threadfence();  // release: base
   __syncthreads();
-  if (threadIdx.x == 0) s_flag = fll_count(p.counter + 1 + tile, 1) == 1;
+  if (threadIdx.x == 0) s_flag = lora_count(p.counter + 1 + tile, 1) == 1;
   __syncthreads();
   if (!s_flag) return;  // block-uniform: the h-finisher will finish this tile
   __threadfence();      // acquire: hfin
   fll_finish_tile<TA, TW>(p, tile, s_base, false, true);
-  if (threadIdx.x == 0) fll_reset(p.counter + 1 + tile);
+  if (threadIdx.x == 0) lora_reset(p.counter + 1 + tile);
 }
 
 // ---- host side (no torch) -------------------------------------------------------------------------------------
@@ -504,8 +352,8 @@ inline void fused_lora_linear_bind(FusedLoraLinearParams& p, const FusedLoraLine
 // True when the VEC = true variant may run: x, W0, a 16-byte aligned and every element offset the vector loads form
 // (`in`, row strides) a multiple of 16 bytes in TW (so V = 16 / sizeof(TW) divides them) and in TA (x's loads).
 inline bool fll_can_vectorize(const FusedLoraLinearParams& p, int64_t sa, int64_t sw) {
-  auto a16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  auto m16 = [](int64_t n, int64_t size) { return (n * size) % 16 == 0; };
+  const auto a16 = lora_aligned16;
+  const auto m16 = lora_bytes16;
   return a16(p.x) && a16(p.w0) && a16(p.a) && m16(p.in, sw) && m16(p.in, sa) && m16(p.x_stride, sa) &&
          m16(p.x_stride, sw) && m16(p.w0_stride, sw) && m16(p.a_slice_stride, sw) && m16(p.a_row_stride, sw);
 }

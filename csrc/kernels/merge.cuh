@@ -17,11 +17,11 @@
 // "Step" = neighbour in the total order of bit patterns (key(): -0 -> -1, +0 -> 0).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "lora_common.cuh"
 
 namespace lora_kernels {
 
@@ -33,51 +33,44 @@ enum MergeJobCol : int {
 constexpr int kMergeThreads = 256;
 constexpr int kMergeCols = 4 * kMergeThreads;  // columns per tile (must match _CUDA_TILE_N in ops/merge.py)
 
+// Bit patterns of the weight types (sign and magnitude): Bits, the integer of the same width, and its sign bit.
 template <typename T>
-struct MergeFmt;
-
+struct MergeBits;
 template <>
-struct MergeFmt<float> {
-  static __device__ __forceinline__ float to_f(float x) { return x; }
-  static __device__ __forceinline__ float from_f(float x) { return x; }
-  static __device__ __forceinline__ int64_t key(float x) {
-    const int64_t b = static_cast<int64_t>(__float_as_int(x));
-    const int64_t mag = b & 0x7FFFFFFFLL;
-    return b < 0 ? -mag - 1 : mag;
-  }
-  static __device__ __forceinline__ float from_key(int64_t k) {
-    const int64_t mag = k < 0 ? -k - 1 : k;
-    return __int_as_float(static_cast<int32_t>(k < 0 ? mag - 2147483648LL : mag));
-  }
+struct MergeBits<float> {
+  using Bits = int32_t;
+  static constexpr int64_t kSign = 2147483648LL;
+  static __device__ __forceinline__ Bits to_bits(float x) { return __float_as_int(x); }
+  static __device__ __forceinline__ float from_bits(Bits b) { return __int_as_float(b); }
+};
+struct MergeBits16 {
+  using Bits = short;
+  static constexpr int64_t kSign = 32768;
+};
+template <>
+struct MergeBits<__half> : MergeBits16 {
+  static __device__ __forceinline__ Bits to_bits(__half x) { return __half_as_short(x); }
+  static __device__ __forceinline__ __half from_bits(Bits b) { return __short_as_half(b); }
+};
+template <>
+struct MergeBits<__nv_bfloat16> : MergeBits16 {
+  static __device__ __forceinline__ Bits to_bits(__nv_bfloat16 x) { return __bfloat16_as_short(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_bits(Bits b) { return __short_as_bfloat16(b); }
 };
 
-template <>
-struct MergeFmt<__half> {
-  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ int64_t key(__half x) {
-    const int64_t b = static_cast<int64_t>(__half_as_short(x));
-    const int64_t mag = b & 0x7FFF;
+// LoraFmt's conversions plus key(): the position of x in the total order of bit patterns (-0 -> -1, +0 -> 0;
+// one step = the neighbouring pattern) and from_key(), its inverse.
+template <typename T>
+struct MergeFmt : LoraFmt<T> {
+  static __device__ __forceinline__ int64_t key(T x) {
+    const int64_t b = static_cast<int64_t>(MergeBits<T>::to_bits(x));
+    const int64_t mag = b & (MergeBits<T>::kSign - 1);
     return b < 0 ? -mag - 1 : mag;
   }
-  static __device__ __forceinline__ __half from_key(int64_t k) {
+  static __device__ __forceinline__ T from_key(int64_t k) {
     const int64_t mag = k < 0 ? -k - 1 : k;
-    return __short_as_half(static_cast<short>(k < 0 ? mag - 32768 : mag));
-  }
-};
-
-template <>
-struct MergeFmt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ int64_t key(__nv_bfloat16 x) {
-    const int64_t b = static_cast<int64_t>(__bfloat16_as_short(x));
-    const int64_t mag = b & 0x7FFF;
-    return b < 0 ? -mag - 1 : mag;
-  }
-  static __device__ __forceinline__ __nv_bfloat16 from_key(int64_t k) {
-    const int64_t mag = k < 0 ? -k - 1 : k;
-    return __short_as_bfloat16(static_cast<short>(k < 0 ? mag - 32768 : mag));
+    using Bits = typename MergeBits<T>::Bits;
+    return MergeBits<T>::from_bits(static_cast<Bits>(k < 0 ? mag - MergeBits<T>::kSign : mag));
   }
 };
 

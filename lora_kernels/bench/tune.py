@@ -359,6 +359,83 @@ def _verify_deform_cuda(device: torch.device, ext) -> Optional[str]:
     return verify_cuda(device, ext)
 
 
+# ---- the decode kernels' verifiers (sgmv_decode_cuda, fused_linear_cuda) ------------------------------------------
+def _decode_weights(in_f: int, outs, ranks, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    """LoRAWeights with one adapter per entry of ``ranks`` (alpha = 2 r; A and B scaled to unit-size products)."""
+    import lora_kernels as lk
+
+    w = lk.LoRAWeights(in_f, list(outs), max_adapters=len(ranks), max_rank=max(ranks), dtype=dtype, device=device)
+    for r in ranks:
+        w.add([torch.randn(r, in_f, generator=gen) / in_f**0.5 for _ in outs],
+              [torch.randn(o, r, generator=gen) / r**0.5 for o in outs], alpha=2.0 * r)
+    return w
+
+
+def _decode_batch(T: int, n_adapters: int, merged: Optional[int], device: torch.device, gen: torch.Generator):
+    """(ids on the CPU, LoRABatch on ``device``): T tokens, about a quarter of them -1, token 0 served (by adapter 0,
+    or 1 when 0 is the merged one)."""
+    import lora_kernels as lk
+
+    ids = torch.randint(0, n_adapters, (T,), generator=gen, dtype=torch.int32)
+    ids[torch.rand(T, generator=gen) < 0.25] = -1
+    ids[0] = 0 if merged != 0 else 1  # every case serves a token
+    return ids, lk.LoRABatch.from_ids(ids.to(device), n_adapters)
+
+
+def _reference_delta_(want: torch.Tensor, x: torch.Tensor, w, ids: torch.Tensor, m: int) -> torch.Tensor:
+    """``want`` (fp32, CPU) plus the fp32 reference delta of x (mixed mode when m >= 0: delta_j - delta_m)."""
+    from lora_kernels import reference
+    from lora_kernels.ops import sgmv as S
+
+    args = (x.float().cpu(), w.a.float().cpu(), w.b.float().cpu(), w.offsets.cpu(), w.ranks.cpu(), w.scales.cpu(),
+            ids, w.slice_cols, w.slice_outs)
+    return reference.add_lora_(want, *args) if m < 0 else S._reference_mixed_(want, *args, m)
+
+
+def _decode_verdict(name: str, got: List[torch.Tensor], counters: torch.Tensor, want: torch.Tensor,
+                    replaced: torch.Tensor, replaced_name: str, untouched=None) -> Optional[str]:
+    """What both decode verifiers require of a case's two runs ``got``: the counters back to zero, the runs
+    bit-identical (deterministic), ``untouched`` = (rows, their original values) unchanged when given, and an error
+    vs the fp32 reference ``want`` at most twice that of ``replaced`` (the path the kernel replaces) plus one ulp of
+    max |want|. None when it passes, else why not."""
+    dt = got[0].dtype
+    if not bool((counters == 0).all()):
+        return f"counters not reset to zero ({name})"
+    bits = torch.int16 if dt != torch.float32 else torch.int32
+    if not torch.equal(got[0].view(bits), got[1].view(bits)):
+        return f"two runs differ (not deterministic) ({name})"
+    if untouched is not None:
+        rows, orig = untouched
+        if not torch.equal(got[0].cpu()[rows], orig.cpu()[rows]):
+            return f"rows it must not touch changed ({name})"
+    err = float((got[0].float().cpu() - want).abs().max())
+    err_rep = float((replaced.float().cpu() - want).abs().max())
+    bound = 2 * err_rep + torch.finfo(dt).eps * float(want.abs().max())
+    if not err <= bound:
+        return (f"error {err:.3g} vs the fp32 reference exceeds {bound:.3g} ({replaced_name}: {err_rep:.3g}) "
+                f"({name})")
+    return None
+
+
+def _verify_decode_cases(device: torch.device, ext, op_name: str, missing: str, seed: int, cases,
+                         check_case: Callable) -> Optional[str]:
+    """The case loop of a decode verifier: the extension's op ``op_name`` (``missing`` when it has none), then
+    ``check_case(op, device, case, gen)`` per case, one generator seeded ``seed`` for all; the first failure's
+    reason, or None."""
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device}"
+    try:
+        op = getattr(ext, op_name)
+    except (AttributeError, RuntimeError):
+        return missing
+    gen = torch.Generator().manual_seed(seed)
+    for case in cases:
+        why = check_case(op, device, case, gen)
+        if why is not None:
+            return why
+    return None
+
+
 # (in, outs, ranks, x/y dtype, weights dtype, T, merged): decode shapes (T <= 64) incl. fused slices, mixed mode,
 # a rank-256 adapter, odd widths (the scalar fallback) and weights in another dtype than x / y.
 _DECODE_CASES = (
@@ -372,65 +449,42 @@ _DECODE_CASES = (
 )
 
 
+def _check_sgmv_decode_case(op, device: torch.device, case, gen: torch.Generator) -> Optional[str]:
+    """One case of :func:`_verify_sgmv_decode_cuda`."""
+    from ..plan import decode_counters
+
+    import lora_kernels as lk
+    from lora_kernels.ops import sgmv as S
+
+    in_f, outs, ranks, dt, wdt, T, merged = case
+    name = f"in={in_f} outs={outs} ranks={ranks} {dt}/{wdt} T={T} merged={merged}"
+    w = _decode_weights(in_f, outs, ranks, wdt, device, gen)
+    ids, batch = _decode_batch(T, len(ranks), merged, device, gen)
+    x = torch.randn(T, in_f, generator=gen).to(device, dt)
+    y0 = torch.randn(T, w.out_features, generator=gen).to(device, dt)
+    m = -1 if merged is None else merged
+    got = []
+    for _ in range(2):
+        y = y0.clone()
+        S._decode_(op, y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, w.slice_outs, w.max_rank, m,
+                   batch.plan, None)
+        got.append(y)
+    y_tr = y0.clone()
+    with torch.no_grad(), lk.backends.use_backend("triton"):
+        lk.add_lora_(y_tr, x, w, batch, merged=merged)
+    torch.cuda.synchronize(device)
+    want = _reference_delta_(y0.float().cpu(), x, w, ids, m)
+    keep = ids == (m if m >= 0 else -1)  # rows the op must not touch
+    return _decode_verdict(name, got, decode_counters(batch.plan), want, y_tr, "Triton path", untouched=(keep, y0))
+
+
 def _verify_sgmv_decode_cuda(device: torch.device, ext) -> Optional[str]:
     """The compiled decode LoRA kernel (what add_lora_ runs for T <= 64 once verified) vs the fp32 reference on
     the CPU: per case an error at most twice the Triton path's it replaces (plus one ulp of the largest output),
     rows it must not touch (tokens with -1; in mixed mode the merged adapter's tokens) bit-identical, a second run
     bit-identical to the first (deterministic), and the counters back to zero."""
-    from ..plan import decode_counters
-
-    import lora_kernels as lk
-    from lora_kernels import reference
-    from lora_kernels.ops import sgmv as S
-
-    if device.type != "cuda":
-        return f"needs a CUDA device, got {device}"
-    try:
-        op = ext.sgmv_decode_
-    except (AttributeError, RuntimeError):
-        return "the extension has no sgmv_decode kernel"
-    gen = torch.Generator().manual_seed(2)
-    for in_f, outs, ranks, dt, wdt, T, merged in _DECODE_CASES:
-        name = f"in={in_f} outs={outs} ranks={ranks} {dt}/{wdt} T={T} merged={merged}"
-        w = lk.LoRAWeights(in_f, list(outs), max_adapters=len(ranks), max_rank=max(ranks), dtype=wdt, device=device)
-        for r in ranks:
-            w.add([torch.randn(r, in_f, generator=gen) / in_f**0.5 for _ in outs],
-                  [torch.randn(o, r, generator=gen) / r**0.5 for o in outs], alpha=2.0 * r)
-        ids = torch.randint(0, len(ranks), (T,), generator=gen, dtype=torch.int32)
-        ids[torch.rand(T, generator=gen) < 0.25] = -1
-        ids[0] = 0 if merged != 0 else 1  # every case serves a token
-        batch = lk.LoRABatch.from_ids(ids.to(device), len(ranks))
-        x = torch.randn(T, in_f, generator=gen).to(device, dt)
-        y0 = torch.randn(T, w.out_features, generator=gen).to(device, dt)
-        m = -1 if merged is None else merged
-        got = []
-        for _ in range(2):
-            y = y0.clone()
-            S._decode_(op, y, x, w.a, w.b, w.offsets, w.ranks, w.scales, batch.meta, w.slice_outs, w.max_rank, m,
-                       batch.plan, None)
-            got.append(y)
-        y_tr = y0.clone()
-        with torch.no_grad(), lk.backends.use_backend("triton"):
-            lk.add_lora_(y_tr, x, w, batch, merged=merged)
-        torch.cuda.synchronize(device)
-        if not bool((decode_counters(batch.plan) == 0).all()):
-            return f"counters not reset to zero ({name})"
-        if not torch.equal(got[0].view(torch.int16 if dt != torch.float32 else torch.int32),
-                           got[1].view(torch.int16 if dt != torch.float32 else torch.int32)):
-            return f"two runs differ (not deterministic) ({name})"
-        args = (x.float().cpu(), w.a.float().cpu(), w.b.float().cpu(), w.offsets.cpu(), w.ranks.cpu(),
-                w.scales.cpu(), ids, w.slice_cols, w.slice_outs)
-        want = y0.float().cpu()
-        want = reference.add_lora_(want, *args) if m < 0 else S._reference_mixed_(want, *args, m)
-        keep = ids == (m if m >= 0 else -1)  # rows the op must not touch
-        if not torch.equal(got[0].cpu()[keep], y0.cpu()[keep]):
-            return f"rows it must not touch changed ({name})"
-        err = float((got[0].float().cpu() - want).abs().max())
-        err_tr = float((y_tr.float().cpu() - want).abs().max())
-        bound = 2 * err_tr + torch.finfo(dt).eps * float(want.abs().max())
-        if not err <= bound:
-            return f"error {err:.3g} vs the fp32 reference exceeds {bound:.3g} (Triton path: {err_tr:.3g}) ({name})"
-    return None
+    return _verify_decode_cases(device, ext, "sgmv_decode_", "the extension has no sgmv_decode kernel", 2,
+                                _DECODE_CASES, _check_sgmv_decode_case)
 
 
 # (in, outs, ranks, dtype of x / W0 / adapters, T, merged, bias): decode shapes (T <= 64) incl. fused slices, mixed
@@ -447,66 +501,45 @@ _FUSED_CASES = (
 )
 
 
+def _check_fused_linear_case(op, device: torch.device, case, gen: torch.Generator) -> Optional[str]:
+    """One case of :func:`_verify_fused_linear_cuda`."""
+    from ..plan import fused_counters
+
+    import lora_kernels as lk
+    from lora_kernels.nn import lora_linear as L
+
+    in_f, outs, ranks, dt, T, merged, has_bias = case
+    name = f"in={in_f} outs={outs} ranks={ranks} {dt} T={T} merged={merged} bias={has_bias}"
+    w = _decode_weights(in_f, outs, ranks, dt, device, gen)
+    base = torch.nn.Linear(in_f, w.out_features, bias=has_bias).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(w.out_features, in_f, generator=gen) / in_f**0.5)
+        if has_bias:
+            base.bias.copy_(torch.randn(w.out_features, generator=gen))
+    ids, batch = _decode_batch(T, len(ranks), merged, device, gen)
+    layer = L.LoRALinear(base.to(device, dt), w, batch=batch)
+    x = torch.randn(T, in_f, generator=gen).to(device, dt)
+    m = -1 if merged is None else merged
+    got = [L._fused_(op, layer, x, batch, m) for _ in range(2)]
+    if merged is not None:
+        layer.set_serving_mode("mixed", merged)
+    with torch.no_grad(), lk.backends.use_backend("triton"):  # a forced backend: the unfused path
+        y_tr = layer(x).view(T, -1)
+    torch.cuda.synchronize(device)
+    want = x.float().cpu() @ base.weight.float().cpu().t()
+    if has_bias:
+        want += base.bias.float().cpu()
+    want = _reference_delta_(want, x, w, ids, m)
+    return _decode_verdict(name, got, fused_counters(batch.plan), want, y_tr, "unfused path")
+
+
 def _verify_fused_linear_cuda(device: torch.device, ext) -> Optional[str]:
     """The compiled fused LoRA linear (what LoRALinear runs for T <= 64 once verified: base GEMV + delta in one
     launch) vs the fp32 reference on the CPU (x W0^T + bias + the reference delta, rounded once): per case an error
     at most twice that of the unfused path it replaces (base(x) + add_lora_ on Triton, plus one ulp of the largest
     output), a second run bit-identical to the first (deterministic), and the counters back to zero."""
-    from ..plan import fused_counters
-
-    import lora_kernels as lk
-    from lora_kernels import reference
-    from lora_kernels.nn import lora_linear as L
-    from lora_kernels.ops import sgmv as S
-
-    if device.type != "cuda":
-        return f"needs a CUDA device, got {device}"
-    try:
-        op = ext.fused_lora_linear_
-    except (AttributeError, RuntimeError):
-        return "the extension has no fused_lora_linear kernel"
-    gen = torch.Generator().manual_seed(3)
-    for in_f, outs, ranks, dt, T, merged, has_bias in _FUSED_CASES:
-        name = f"in={in_f} outs={outs} ranks={ranks} {dt} T={T} merged={merged} bias={has_bias}"
-        w = lk.LoRAWeights(in_f, list(outs), max_adapters=len(ranks), max_rank=max(ranks), dtype=dt, device=device)
-        for r in ranks:
-            w.add([torch.randn(r, in_f, generator=gen) / in_f**0.5 for _ in outs],
-                  [torch.randn(o, r, generator=gen) / r**0.5 for o in outs], alpha=2.0 * r)
-        base = torch.nn.Linear(in_f, w.out_features, bias=has_bias).requires_grad_(False)
-        with torch.no_grad():
-            base.weight.copy_(torch.randn(w.out_features, in_f, generator=gen) / in_f**0.5)
-            if has_bias:
-                base.bias.copy_(torch.randn(w.out_features, generator=gen))
-        ids = torch.randint(0, len(ranks), (T,), generator=gen, dtype=torch.int32)
-        ids[torch.rand(T, generator=gen) < 0.25] = -1
-        ids[0] = 0 if merged != 0 else 1  # every case serves a token
-        batch = lk.LoRABatch.from_ids(ids.to(device), len(ranks))
-        layer = L.LoRALinear(base.to(device, dt), w, batch=batch)
-        x = torch.randn(T, in_f, generator=gen).to(device, dt)
-        m = -1 if merged is None else merged
-        got = [L._fused_(op, layer, x, batch, m) for _ in range(2)]
-        if merged is not None:
-            layer.set_serving_mode("mixed", merged)
-        with torch.no_grad(), lk.backends.use_backend("triton"):  # a forced backend: the unfused path
-            y_tr = layer(x).view(T, -1)
-        torch.cuda.synchronize(device)
-        if not bool((fused_counters(batch.plan) == 0).all()):
-            return f"counters not reset to zero ({name})"
-        bits = torch.int16 if dt != torch.float32 else torch.int32
-        if not torch.equal(got[0].view(bits), got[1].view(bits)):
-            return f"two runs differ (not deterministic) ({name})"
-        want = x.float().cpu() @ base.weight.float().cpu().t()
-        if has_bias:
-            want += base.bias.float().cpu()
-        args = (x.float().cpu(), w.a.float().cpu(), w.b.float().cpu(), w.offsets.cpu(), w.ranks.cpu(),
-                w.scales.cpu(), ids, w.slice_cols, w.slice_outs)
-        want = reference.add_lora_(want, *args) if m < 0 else S._reference_mixed_(want, *args, m)
-        err = float((got[0].float().cpu() - want).abs().max())
-        err_tr = float((y_tr.float().cpu() - want).abs().max())
-        bound = 2 * err_tr + torch.finfo(dt).eps * float(want.abs().max())
-        if not err <= bound:
-            return f"error {err:.3g} vs the fp32 reference exceeds {bound:.3g} (unfused path: {err_tr:.3g}) ({name})"
-    return None
+    return _verify_decode_cases(device, ext, "fused_lora_linear_", "the extension has no fused_lora_linear kernel", 3,
+                                _FUSED_CASES, _check_fused_linear_case)
 
 
 # Each compiled kernel that the dispatcher may choose only after verification on the GPU at hand
