@@ -60,10 +60,13 @@ void build_batch_cuda(const at::TensorBase& meta, const at::TensorBase& adapter_
   TORCH_CHECK(T <= max_tokens, "build_batch_: adapter_ids: expected at most max_tokens=", max_tokens, " tokens, got ",
               T);
   const int64_t numel = meta.numel();
-  TORCH_CHECK(numel >= 2 * max_tokens + 4 && numel <= kInt32Max,
+  // META's size is linear in max_active (lora_kernels/layouts.py): invert it.
+  const int64_t meta_base = layouts::MetaLayout{max_tokens, 0}.size();
+  const int64_t meta_per_active = layouts::MetaLayout{max_tokens, 1}.size() - meta_base;
+  TORCH_CHECK(numel >= meta_base && numel <= kInt32Max,
               "build_batch_: meta: expected 2 * max_tokens + 3 * max_active + 4 elements (< 2^31), got ", numel,
               " for max_tokens=", max_tokens);
-  const int64_t max_active = (numel - 4 - 2 * max_tokens) / 3;
+  const int64_t max_active = (numel - meta_base) / meta_per_active;
   TORCH_CHECK(max_active >= std::min(T, max_adapters), "build_batch_: meta: expected room for max_active >= min(T, ",
               "max_adapters) = ", std::min(T, max_adapters), " active adapters, got ", max_active);
 

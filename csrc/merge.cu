@@ -54,7 +54,7 @@ void merge_grouped_cuda(const at::TensorBase& jobs, const at::TensorBase& tile_s
   check_dense(kOp, terms, jobs, "terms", at::kLong);
   check_dense(kOp, coefs, jobs, "coefs", at::kFloat);
   check_dense(kOp, counter, jobs, "counter", at::kInt);
-  TORCH_CHECK(jobs.dim() == 2 && jobs.size(1) == kJobCols, kOp, ": jobs: expected [n_jobs, ", kJobCols,
+  TORCH_CHECK(jobs.dim() == 2 && jobs.size(1) == Job::size, kOp, ": jobs: expected [n_jobs, ", Job::size,
               "], got ", jobs.sizes());
   TORCH_CHECK(tile_start.numel() == jobs.size(0), kOp, ": tile_start: expected ", jobs.size(0),
               " entries, got ", tile_start.numel());

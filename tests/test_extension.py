@@ -461,6 +461,7 @@ def _build_emulator(tmp_path) -> str:
     exe = str(tmp_path / "emu")
     proc = subprocess.run(
         [cxx, "-std=c++20", "-O1", "-pthread", "-I", str(tmp_path / "stub"), "-I", str(tmp_path),
+         "-I", os.path.join(root, "kernels"),  # layouts.h, included by the kernel
          str(tmp_path / "main.cpp"), "-o", exe],
         check=False, capture_output=True, text=True,
     )

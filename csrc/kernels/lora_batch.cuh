@@ -41,6 +41,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "layouts.h"
+
 namespace lora_kernels {
 
 constexpr int kBuildBatchThreads = 1024;
@@ -48,7 +50,7 @@ constexpr int kBuildBatchThreads = 1024;
 constexpr int64_t kBuildBatchSmemReserve = 2048;
 
 struct BuildBatchParams {
-  int32_t* meta;               // [2 * max_tokens + 3 * max_active + 4], contiguous
+  int32_t* meta;               // [layouts::MetaLayout{max_tokens, max_active}.size()], contiguous
   const int32_t* adapter_ids;  // [num_tokens], element stride ids_stride
   int64_t ids_stride;
   const int32_t* ranks;        // [rank_slices, >= max_adapters] with strides (rank_stride0, rank_stride1), or null
@@ -146,12 +148,12 @@ __global__ void __launch_bounds__(kBuildBatchThreads, 1) lora_build_batch_kernel
   const int T = static_cast<int>(p.num_tokens);
   const int N = static_cast<int>(p.max_adapters);
   const int64_t A = p.max_active;
-  int32_t* const tok = p.meta;
-  int32_t* const sorted = p.meta + p.max_tokens;
-  int32_t* const active = p.meta + 2 * p.max_tokens;
-  int32_t* const seg_start = active + A;
-  int32_t* const seg_len = active + 2 * A;
-  int32_t* const scalars = active + 3 * A;
+  const layouts::MetaLayout lay{p.max_tokens, A};  // generated from lora_kernels/layouts.py (META)
+  int32_t* const tok = p.meta + lay.token_adapter();
+  int32_t* const sorted = p.meta + lay.sorted_token_ids();
+  int32_t* const active = p.meta + lay.active_adapters();
+  int32_t* const seg_start = p.meta + lay.seg_start();
+  int32_t* const seg_len = p.meta + lay.seg_len();
 
   // 1. token_adapter, counts. Later phases read token_adapter (contiguous) instead of the strided ids.
   // Token loops count in int64: i + kBuildBatchThreads would overflow int32 for T close to 2^31.
@@ -273,10 +275,10 @@ __global__ void __launch_bounds__(kBuildBatchThreads, 1) lora_build_batch_kernel
       // Inactive adapters contribute 0 (they are masked to 0 in the spec).
       mr = act_base < N ? (rank_max > 0 ? rank_max : 0) : rank_max;
     }
-    scalars[0] = act_base;
-    scalars[1] = mr;
-    scalars[2] = n_valid;
-    scalars[3] = n_invalid;
+    p.meta[lay.num_active()] = act_base;
+    p.meta[lay.max_rank()] = mr;
+    p.meta[lay.num_valid()] = n_valid;
+    p.meta[lay.num_invalid()] = n_invalid;
   }
 }
 

@@ -1,8 +1,8 @@
 // Grouped merge / unmerge of LoRA deltas into base weights (torch-free; launched by csrc/merge.cu).
 //
 // One launch covers every job of a job table built by lora_kernels.ops.merge.build_tables (a job is one slice of
-// one layer: rows [row0, row0 + rows) of a row-major W [out, in]); the int64 table columns are the kJob* constants
-// below, shared with lora_kernels/triton/merge.py. A block is one tile: one row of one job, kMergeCols columns,
+// one layer: rows [row0, row0 + rows) of a row-major W [out, in]); the int64 table columns are layouts::MergeJob's
+// (csrc/kernels/layouts.h, generated from lora_kernels/layouts.py, as the Python and Triton J_* columns are). A block is one tile: one row of one job, kMergeCols columns,
 // 4 consecutive columns per thread (one code byte when in % 4 == 0). Blocks find their job by a binary search of
 // tile_start (first tile of each job, ascending, tile_start[0] == 0).
 //
@@ -21,17 +21,16 @@
 
 #include <cstdint>
 
+#include "layouts.h"
 #include "lora_common.cuh"
 
 namespace lora_kernels {
 
-enum MergeJobCol : int {
-  kJobW = 0, kJobCode, kJobRow0, kJobRows, kJobIn, kJobA, kJobSA, kJobB, kJobSB, kJobT0, kJobNT, kJobTile0,
-  kJobLayer, kJobNTN, kJobPacked, kJobCols = 16
-};
+// Columns of the job table: generated from lora_kernels/layouts.py (MERGE_JOB), as the Python builders' J_* are.
+using Job = layouts::MergeJob;
 
 constexpr int kMergeThreads = 256;
-constexpr int kMergeCols = 4 * kMergeThreads;  // columns per tile (must match _CUDA_TILE_N in ops/merge.py)
+constexpr int kMergeCols = 4 * kMergeThreads;  // columns per tile (must match _CUDA_TILE_N in ops/merge/dispatch.py)
 
 // Bit patterns of the weight types (sign and magnitude): Bits, the integer of the same width, and its sign bit.
 template <typename T>
@@ -75,7 +74,7 @@ struct MergeFmt : LoraFmt<T> {
 };
 
 struct MergeGroupedParams {
-  const int64_t* jobs;        // [n_jobs, kJobCols]
+  const int64_t* jobs;        // [n_jobs, Job::size]
   const int64_t* tile_start;  // [n_jobs]
   int64_t n_jobs;
   const int64_t* terms;  // [n_terms, 2]: storage row offset, rank
@@ -94,19 +93,19 @@ __global__ void __launch_bounds__(kMergeThreads) merge_grouped_kernel(MergeGroup
     const int64_t mid = (lo + hi) / 2;
     if (p.tile_start[mid] <= pid) lo = mid; else hi = mid;
   }
-  const int64_t* job = p.jobs + lo * kJobCols;
-  TW* W = reinterpret_cast<TW*>(static_cast<uintptr_t>(job[kJobW]));
-  uint8_t* code = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(job[kJobCode]));
-  const TAB* A = reinterpret_cast<const TAB*>(static_cast<uintptr_t>(job[kJobA]));
-  const TAB* B = reinterpret_cast<const TAB*>(static_cast<uintptr_t>(job[kJobB]));
-  const int64_t row0 = job[kJobRow0], in = job[kJobIn], sa = job[kJobSA], sb = job[kJobSB];
-  const int64_t t0 = job[kJobT0], nt = job[kJobNT], ntn = job[kJobNTN];
-  const bool packed = job[kJobPacked] != 0;
-  const int64_t t = pid - job[kJobTile0];
+  const int64_t* job = p.jobs + lo * Job::size;
+  TW* W = reinterpret_cast<TW*>(static_cast<uintptr_t>(job[Job::W]));
+  uint8_t* code = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(job[Job::code]));
+  const TAB* A = reinterpret_cast<const TAB*>(static_cast<uintptr_t>(job[Job::A]));
+  const TAB* B = reinterpret_cast<const TAB*>(static_cast<uintptr_t>(job[Job::B]));
+  const int64_t row0 = job[Job::row0], in = job[Job::in_features], sa = job[Job::stride_A], sb = job[Job::stride_B];
+  const int64_t t0 = job[Job::term0], nt = job[Job::n_terms], ntn = job[Job::col_tiles];
+  const bool packed = job[Job::packed] != 0;
+  const int64_t t = pid - job[Job::tile0];
   const int64_t row = t / ntn;
   const int64_t col0 = (t - row * ntn) * kMergeCols + 4 * static_cast<int64_t>(threadIdx.x);
   // row < rows holds when total_tiles is the tables' sum; checked anyway: a larger grid must not write past W.
-  if (col0 >= in || row >= job[kJobRows]) return;
+  if (col0 >= in || row >= job[Job::rows]) return;
   const int64_t base = (row0 + row) * in;
   int byte = 0;
   int n_esc = 0;
@@ -148,7 +147,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_grouped_kernel(MergeGroup
   }
   if (!kUnmerge && p.exact) {
     if (packed) code[(base + col0) >> 2] = static_cast<uint8_t>(byte);
-    if (n_esc) atomicAdd(p.counter + job[kJobLayer], n_esc);
+    if (n_esc) atomicAdd(p.counter + job[Job::layer], n_esc);
   }
 }
 
