@@ -79,7 +79,11 @@ setup(
     packages=find_packages(include=["lora_kernels*"]),
     package_data={"lora_kernels": ["tuning/*.json"]},
     install_requires=["torch", "regex"],  # regex: adapter-config patterns with a timeout
-    entry_points={"console_scripts": ["lora-bench = lora_kernels.cli:main"]},
+    entry_points={
+        "console_scripts": ["lora-bench = lora_kernels.cli:main"],
+        # vLLM loads this in every process; it does nothing unless LORA_KERNELS_VLLM=1 (docs/integrations.md).
+        "vllm.general_plugins": ["lora_kernels = lora_kernels.integrations.vllm_plugin:register"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -4,6 +4,8 @@
   :class:`~lora_kernels.nn.LoRALinear` reading per-request adapter ids (``with lk.adapters(ids):``).
 * :mod:`.peft`: a ``PeftModel`` with several loaded adapters -> batched serving, and export back to PEFT files.
 * :mod:`.vllm`: a PunicaWrapper-like backend (vLLM's method names and metadata layout).
+* :mod:`.vllm_plugin`: the vLLM plugin (entry point ``vllm.general_plugins``, ``LORA_KERNELS_VLLM=1``): a subclass of
+  the installed vLLM 0.33's own ``PunicaWrapperBase`` on :mod:`.vllm`.
 * :mod:`.sglang`: SGLang's LoRA backend interface (``run_lora_a_sgemm`` ... ``prepare_lora_batch``).
 * :mod:`.graphs`: CUDA-graph capture of one decode step with the LoRABatch build inside the graph.
 

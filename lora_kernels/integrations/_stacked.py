@@ -19,7 +19,7 @@ import torch
 
 from ..weights import LoRAWeights
 
-__all__ = ["StackCache", "tensor_key", "padded_weights"]
+__all__ = ["StackCache", "tensor_key", "padded_weights", "slot_ranks"]
 
 
 def tensor_key(t: torch.Tensor) -> Optional[Hashable]:
@@ -91,6 +91,41 @@ def padded_weights(
         shape = (N, r, 1) if S == 1 else (S, N, r, 1)
         a_planes = torch.zeros(shape, dtype=b_t.dtype, device=b_t.device)
     return LoRAWeights.from_padded(a_planes, b_t, ranks=ranks, slice_outs=list(slice_outs))
+
+
+def _live_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """bool: which rank rows of ``t`` hold a non-zero (reducing every dim after ``dim``)."""
+    return t.ne(0).flatten(dim + 1).any(-1)
+
+
+def slot_ranks(a_planes: Optional[torch.Tensor], b_t: Optional[torch.Tensor],
+               slice_outs: Sequence[int]) -> torch.Tensor:
+    """int32 [S, N]: each slot's true rank in padded stacks, ``1 +`` its last rank row that contributes.
+
+    An engine copies an adapter of rank r into rows ``[:r]`` of a zeroed slot (vLLM's ``set_lora`` after
+    ``reset_lora``), so the rows past r are zero. Row k of slot i contributes ``A[i, k]`` (outer) ``B[i, :, k]``:
+    nothing when either side is zero, so the delta with ranks cut there is exactly the padded one. A side that is
+    None (a shrink-only or expand-only conversion) does not constrain the rank.
+
+    One pass over the stacks and one host sync (:meth:`LoRAWeights.from_padded` reads ranks on the host): call
+    it once per conversion (a load event), never per step.
+
+    Args:
+        a_planes: [S, N, r, in] or [N, r, in] (one slice), or None.
+        b_t: [N, r, sum(slice_outs)] (B transposed), or None.
+    """
+    S = len(slice_outs)
+    ref = a_planes if a_planes is not None else b_t
+    live = None
+    if a_planes is not None:
+        live = _live_rows(a_planes if a_planes.ndim == 4 else a_planes.unsqueeze(0), 2)  # [S, N, r]
+    if b_t is not None:
+        cols = torch.split(b_t, list(slice_outs), dim=2)
+        b_live = torch.stack([_live_rows(c, 1) for c in cols])  # [S, N, r]
+        live = b_live if live is None else live & b_live
+    r = live.shape[-1]
+    k = torch.arange(1, r + 1, device=ref.device, dtype=torch.int32)
+    return (live.to(torch.int32) * k).amax(-1).to(torch.int32).reshape(S, -1)
 
 
 def set_scales(w: LoRAWeights, scales: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ from .._validation import check, check_fits, check_real, check_tensor
 from ..batch import LoRABatch
 from ..ops.sgmv import add_lora_, expand_, shrink
 from ..weights import LoRAWeights
-from ._stacked import StackCache, padded_weights
+from ._stacked import StackCache, padded_weights, slot_ranks
 
 __all__ = ["PunicaWrapperLK", "LoRAMapping", "convert_mapping"]
 
@@ -96,10 +96,12 @@ class PunicaWrapperLK:
         max_batches: accepted for signature compatibility (the segment form needs no per-request buffers).
         device: where the metadata lives.
         max_loras: adapter slots (keyword, as in vLLM).
+        detect_ranks: read each slot's true rank from its stacks when they are converted (see
+            :func:`._stacked.slot_ranks`): same results, the kernels skip the zero padding rows.
     """
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: Union[torch.device, str],
-                 **kwargs):
+                 *, detect_ranks: bool = False, **kwargs):
         max_loras = kwargs.get("max_loras")
         check(isinstance(max_loras, int) and max_loras >= 1, "max_loras", "an int >= 1 (keyword)", max_loras)
         check(isinstance(max_num_batched_tokens, int) and max_num_batched_tokens >= 1, "max_num_batched_tokens",
@@ -116,6 +118,9 @@ class PunicaWrapperLK:
         self.is_prefill = False
         self.no_lora = True
         self._cache = StackCache()
+        # Read each slot's true rank (its last non-zero rank row) once per conversion: the kernels then skip the
+        # zero rows a padded stack carries. One host sync per conversion, never per call once cached.
+        self.detect_ranks = bool(detect_ranks)
 
     # ---- metadata ------------------------------------------------------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id: Sequence[Optional[int]], max_loras: int,
@@ -132,13 +137,24 @@ class PunicaWrapperLK:
         for name, v in (("mapping.index_mapping", tok), ("mapping.prompt_mapping", smp)):
             check(len(v) <= self.max_num_batched_tokens, name, f"at most {self.max_num_batched_tokens} entries",
                   len(v))
-        self._token_ids[: len(tok)].copy_(torch.tensor(tok, dtype=torch.int32), non_blocking=True)
-        self._sampler_ids[: len(smp)].copy_(torch.tensor(smp, dtype=torch.int32), non_blocking=True)
-        self._n_tokens, self._n_sampler = len(tok), len(smp)
-        self.token_batch.build(self._token_ids[: len(tok)], validate=False)
-        self.sampler_batch.build(self._sampler_ids[: len(smp)], validate=False)
+        self.load_slot_ids(torch.tensor(tok, dtype=torch.int32), torch.tensor(smp, dtype=torch.int32))
         self.is_prefill = bool(getattr(mapping, "is_prefill", False))
         self.no_lora = all(v < 0 for v in tok)
+
+    def load_slot_ids(self, token_slots: torch.Tensor, sampler_slots: torch.Tensor) -> None:
+        """Build both batches from slot indices (``-1`` = none; any integer dtype, host or device tensors).
+
+        A device-to-device copy into the fixed buffers (no host sync): what a caller that already converted
+        the mapping (vLLM's own ``PunicaWrapperBase``) uses instead of :meth:`update_metadata`.
+        """
+        T, R = int(token_slots.shape[0]), int(sampler_slots.shape[0])
+        for name, n in (("token_slots", T), ("sampler_slots", R)):
+            check(n <= self.max_num_batched_tokens, name, f"at most {self.max_num_batched_tokens} entries", n)
+        self._token_ids[:T].copy_(token_slots, non_blocking=True)
+        self._sampler_ids[:R].copy_(sampler_slots, non_blocking=True)
+        self._n_tokens, self._n_sampler = T, R
+        self.token_batch.build(self._token_ids[:T], validate=False)
+        self.sampler_batch.build(self._sampler_ids[:R], validate=False)
 
     @property
     def token_lora_indices(self) -> torch.Tensor:
@@ -200,7 +216,8 @@ class PunicaWrapperLK:
                     b_t = torch.cat([t.transpose(1, 2) for t in bs], dim=2).contiguous()
                 else:
                     b_t = torch.zeros(N, r, S, dtype=ref.dtype, device=ref.device)
-                return padded_weights(a_pl, b_t, outs)
+                ranks = slot_ranks(a_pl, None if bs is None else b_t, outs) if self.detect_ranks else None
+                return padded_weights(a_pl, b_t, outs, ranks=ranks)
 
         return self._cache.get(list(a or ()) + list(b or ()), ("vllm", a is None, b is None, outs), build)
 
@@ -218,12 +235,17 @@ class PunicaWrapperLK:
     # ---- the PunicaWrapper interface --------------------------------------------------------------------------
     def add_shrink(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: TensorSeq, scale: float, **kwargs) -> None:
         """``y[s] = scale * x @ A_s^T`` per token's slot; y fp32 [S, T, r] (overwritten; 0 for -1 tokens)."""
+        self.shrink_rows(y, x, lora_a_stacked, scale, "token")
+
+    def shrink_rows(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: TensorSeq, scale: float,
+                    which: str = "token") -> None:
+        """:meth:`add_shrink` on the token batch (``which="token"``) or the sampler batch (``"sampler"``)."""
         scale = self._check_scale(scale)
         a = _as_tuple(lora_a_stacked)
         x2 = x.reshape(-1, x.shape[-1])
         w = self._weights(a, None)
         check_tensor("y", y, shape=(len(a), x2.shape[0], w.max_rank), dtypes=(torch.float32,), device=x.device)
-        h = shrink(x2, w, self._batch("token", x2.shape[0]))
+        h = shrink(x2, w, self._batch(which, x2.shape[0]))
         y.copy_(h.mul_(scale) if scale != 1.0 else h)
 
     def add_expand(self, y: torch.Tensor, x: TensorSeq, lora_b_stacked: TensorSeq, output_slices: Sequence[int],
