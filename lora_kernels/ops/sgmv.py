@@ -20,11 +20,13 @@ Host overhead (BENCHMARKS.md: <= 10 us per call outside graphs): in plain eager 
 export / jit tracing, no dispatch or torch-function mode, no functorch transform, no autograd profiler, plain
 tensors; :func:`_eager`) the wrappers call the op's implementation directly instead of going through the
 dispatcher, which is all the custom op would do there (autograd is refused for these ops and y's version
-counter is bumped as the mutating op's ADInplaceOrView kernel would). The arguments are first checked by one
-combined predicate (:func:`_add_lora_args_ok` and friends) that only reads shapes, dtypes, devices, strides and
-data pointers; when it is false, or outside plain eager, the detailed per-argument checks run and raise with the
-argument's name, so every check and message is the same on both paths. Everything else (tracing, compile,
-opcheck, fake tensors) goes through the custom op as before.
+counter is bumped with ``torch.autograd.graph.increment_version``, as the mutating op's ADInplaceOrView kernel
+would). Each op's argument checks are one list of rules (an :class:`~lora_kernels._argspec.ArgSpec`: ``_SHRINK``,
+``_EXPAND``, ``_ADD_LORA``) from which two functions are generated: the combined predicate the fast path runs
+first (``spec.ok``: reads only shapes, dtypes, devices, strides and data pointers, raises nothing) and the
+detailed checks (``spec.check``: the same rules in the same order, raising with the argument's name) that run
+when the predicate is false or outside plain eager, so every check and message is the same on both paths.
+Everything else (tracing, compile, opcheck, fake tensors) goes through the custom op as before.
 
 Outputs never share memory with an input or with storage the library owns (:func:`library_storage`: the
 weights' ``a``, ``b``, ``offsets``, ``ranks``, ``scales``, ``slice_info`` and the batch's ``meta``): an op writing
@@ -40,7 +42,8 @@ from typing import List, Optional
 import torch
 
 from .. import backends, profiling, reference
-from .._validation import FLOAT_DTYPES, check, check_disjoint, check_int, check_tensor
+from .._argspec import ArgSpec, Exact, Let, Rule, tensor
+from .._validation import FLOAT_DTYPES, check, check_disjoint, check_int
 from ..batch import LoRABatch
 from ..plan import decode_counters
 from ..profiling import nvtx_range
@@ -238,37 +241,17 @@ def _reference_mixed_(y, x, a, b, offsets, ranks, scales, token_adapter, cols, o
 
 
 # ---- validation -----------------------------------------------------------------------------------------
+# Every argument check of the three ops is a rule of an argument spec (lora_kernels._argspec) below: the eager
+# fast path runs the spec's generated predicate (``spec.ok``: the rules' conditions as one ``and`` chain, no
+# messages, as cheap as writing them out by hand), and the detailed path (``spec.check``: the same rules in the
+# same order, each raising its TypeError / ValueError naming the argument) runs when the predicate says no and on
+# every call that is not plain eager. One list, so the fast path cannot accept what the detailed checks refuse.
+# The checks cache nothing about a LoRAWeights/LoRABatch between calls: every fact (sizes, devices, capacities,
+# loaded adapters) is re-read on each call, which costs less than validating a cache key would, and cannot go
+# stale after add/remove, a storage swap or a batch rebuilt with other capacities.
 
-
-def _check_common(weights: LoRAWeights, batch: LoRABatch, T: int, dev: torch.device) -> None:
-    check(isinstance(weights, LoRAWeights), "weights", "a LoRAWeights", type(weights).__name__, TypeError)
-    check(isinstance(batch, LoRABatch), "batch", "a LoRABatch", type(batch).__name__, TypeError)
-    check(batch.num_tokens == T, "batch", f"a batch built for {T} tokens (x/y have {T} rows)",
-          f"{batch.num_tokens} tokens")
-    check(batch.max_adapters <= weights.max_adapters, "batch",
-          f"max_adapters <= weights.max_adapters={weights.max_adapters} (ids must name slots of the weights)",
-          batch.max_adapters)
-    check(batch.device == dev or (batch.device.type == dev.type == "cuda" and
-                                  (batch.device.index or 0) == (dev.index or 0)),
-          "batch", f"metadata on {dev}", batch.device)
-    check(weights.device.type == dev.type and (dev.type != "cuda" or (weights.device.index or 0) == (dev.index or 0)),
-          "weights", f"storage on {dev}", weights.device)
-
-
-def _check_x(x: torch.Tensor, weights: LoRAWeights) -> None:
-    check(isinstance(weights, LoRAWeights), "weights", "a LoRAWeights", type(weights).__name__, TypeError)
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, device=weights.device, inner_contiguous=True)
-    check(x.shape[1] == weights.in_features, "x", f"shape (T, {weights.in_features}) (weights.in_features)",
-          tuple(x.shape))
-
-
-def _check_y(y: torch.Tensor, weights: LoRAWeights, T: int, dev: torch.device) -> None:
-    check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES, device=dev, inner_contiguous=True)
-    check(tuple(y.shape) == (T, weights.out_features), "y",
-          f"shape ({T}, {weights.out_features}) (T, sum of the slices' out_features {list(weights.slice_outs)})",
-          tuple(y.shape))
-    check(_rows_disjoint(y), "y", f"rows that do not overlap (row stride >= {y.shape[1]}; e.g. not an expand())",
-          f"strides {y.stride()}")
+_TENSOR = torch.Tensor
+_FLOATS = frozenset(FLOAT_DTYPES)
 
 
 def library_storage(weights, batch, prefix: str = "weights") -> dict:
@@ -344,21 +327,129 @@ def _span(t: torch.Tensor) -> int:
     return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
+def _same_dev(a: torch.device, b: torch.device) -> bool:
+    # the batch's device rule (a CUDA device without an index is device 0: LoRABatch keeps the device it was given)
+    return a == b or (a.type == b.type == "cuda" and (a.index or 0) == (b.index or 0))
+
+
+def _clear_of(y: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Fast form of :func:`_check_out_disjoint` for a non-empty y: True when y's byte span misses every span of
+    ``others``. Conservative (an empty tensor inside y's span, a tensor of another device, meta tensors count as
+    overlapping): False only sends the call through the detailed checks, which decide exactly."""
+    yp = y.data_ptr()
+    ye = yp + (y.nbytes if y.is_contiguous() else _span(y))
+    for t in others:
+        p = t.data_ptr()
+        # a span starting inside y's overlaps it whatever its length; only one starting below y's needs its length
+        if p < ye and (p >= yp or p + (t.nbytes if t.is_contiguous() else _span(t)) > yp):
+            return False
+    return True
+
+
+def _inner_ok(t: torch.Tensor) -> bool:
+    """Unit stride in the last dim (the rule of ``check_tensor(..., inner_contiguous=True)``; ops/lora_linear)."""
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+# The rules. Expressions read the op's arguments and the names bound by Let before them, and may assume every
+# earlier rule holds; the spec's generated functions look up this module's globals when they run.
+_WEIGHTS = Rule("isinstance(weights, LoRAWeights)", "weights",
+                lambda weights: ("a LoRAWeights", type(weights).__name__), TypeError)
+_WDEV = Let("wdev", "weights.a.device")  # weights.device without the property call
+
+# x: [T, in] float, on the weights' device, unit last-dim stride
+_X_RULES = (
+    _WEIGHTS,
+    _WDEV,
+    *tensor("x", ndim=2, dtypes=FLOAT_DTYPES, device="wdev", inner_contiguous=True),
+    Rule("x_d1 == weights.in_features", "x",
+         lambda x, weights: (f"shape (T, {weights.in_features}) (weights.in_features)", tuple(x.shape))),
+)
+_X_LETS = (Let("T", "x_d0"), Let("dev", "x_device"))
+
+
+def _y_tensor(device: str) -> tuple:
+    """y: a 2-D float tensor on ``device`` (an expression) with unit last-dim stride."""
+    return tensor("y", ndim=2, dtypes=FLOAT_DTYPES, device=device, inner_contiguous=True)
+
+
+# y: [T, sum of the slices' widths]; rows that share memory (y = z.expand(T, out), or a row stride < out) would be
+# written by several programs at once on the GPU: a data race, silently wrong sums.
+_Y_SHAPE_RULES = (
+    Rule("y_d0 == T and y_d1 == sum(weights.slice_outs)", "y",
+         lambda y, T, weights: (f"shape ({T}, {weights.out_features}) (T, sum of the slices' out_features "
+                                f"{list(weights.slice_outs)})", tuple(y.shape))),
+    Rule("T <= 1 or y.stride(0) >= y_d1", "y",  # (T: y's row count, by the rule above)
+         lambda y: (f"rows that do not overlap (row stride >= {y.shape[1]}; e.g. not an expand())",
+                    f"strides {y.stride()}")),
+)
+
+# weights and batch vs the call: types, the batch built for these T tokens and for no more adapter slots than
+# the weights have (its ids must name slots of the weights), metadata on the call's device
+_COMMON_RULES = (
+    _WEIGHTS,
+    Rule("isinstance(batch, LoRABatch)", "batch", lambda batch: ("a LoRABatch", type(batch).__name__), TypeError),
+    Rule("batch.num_tokens == T", "batch",
+         lambda batch, T: (f"a batch built for {T} tokens (x/y have {T} rows)", f"{batch.num_tokens} tokens")),
+    Rule("batch.max_adapters <= weights.max_adapters", "batch",
+         lambda batch, weights: (f"max_adapters <= weights.max_adapters={weights.max_adapters} (ids must name "
+                                 "slots of the weights)", batch.max_adapters)),
+    Rule("batch.device == dev or _same_dev(batch.device, dev)", "batch",
+         lambda batch, dev: (f"metadata on {dev}", batch.device)),
+)
+
+# the weights' storage on the call's device: a rule of the weights/batch pair on its own (_COMMON, for lora_linear);
+# the ops' specs leave it out, as their x (shrink, add_lora_) or y (expand_) rule already ties dev to the weights'
+# device (dev is that tensor's device, and a tensor's CUDA device has an index)
+_WEIGHTS_ON_DEV = Rule("wdev == dev or (wdev.type == dev.type and (dev.type != 'cuda' or (wdev.index or 0) == "
+                       "(dev.index or 0)))", "weights", lambda weights, dev: (f"storage on {dev}", weights.device))
+
+# y vs what the op reads while writing it: the input and the library's storage (library_storage; a test keeps the
+# two lists equal). The predicate is _clear_of (conservative); the detailed path decides exactly.
+_STORAGE = ("weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, weights.slice_info, batch.meta, "
+            "batch.plan")
+_Y_CLEAR_OF_X = Exact(f"not T or not y_d1 or _clear_of(y, x, {_STORAGE})",
+                      lambda y, x, weights, batch: _check_out_disjoint(y, {"x": x}, weights, batch))
+_Y_CLEAR_OF_H = Exact(f"not T or not y_d1 or _clear_of(y, h, {_STORAGE})",
+                      lambda y, h, weights, batch: _check_out_disjoint(y, {"h": h}, weights, batch))
+
+# h: fp32 [S, T, max_rank] contiguous, on y's device
+_H_RULES = (
+    *tensor("h", shape=("weights.num_slices", "T", "weights.max_rank"), dtypes=(torch.float32,), device="dev"),
+    Rule("h.is_contiguous()", "h", lambda h: ("a contiguous tensor", f"strides {h.stride()}")),
+)
+
+_SHRINK = ArgSpec("shrink", "x, weights, batch", (*_X_RULES, *_X_LETS, *_COMMON_RULES), globals())
+_ADD_LORA = ArgSpec("add_lora_", "y, x, weights, batch",
+                    (*_X_RULES, *_X_LETS, *_y_tensor("dev"), *_Y_SHAPE_RULES, *_COMMON_RULES, _Y_CLEAR_OF_X),
+                    globals())
+_EXPAND = ArgSpec("expand_", "y, h, weights, batch",
+                  (_WEIGHTS, _WDEV, *_y_tensor("wdev"), Let("T", "y_d0"), Let("dev", "y_device"),
+                   *_Y_SHAPE_RULES, *_COMMON_RULES, *_H_RULES, _Y_CLEAR_OF_H), globals())
+# the parts on their own (ops/lora_linear.py and nn/lora_linear.py check x and the weights/batch pair)
+_X = ArgSpec("x", "x, weights", _X_RULES, globals())
+_Y = ArgSpec("y", "y, weights, T, dev", (*_y_tensor("dev"), *_Y_SHAPE_RULES), globals())
+_COMMON = ArgSpec("common", "weights, batch, T, dev", (*_COMMON_RULES, _WDEV, _WEIGHTS_ON_DEV), globals())
+
+_shrink_args_ok, _add_lora_args_ok, _expand_args_ok = _SHRINK.ok, _ADD_LORA.ok, _EXPAND.ok
+_x_ok, _y_ok, _common_ok = _X.ok, _Y.ok, _COMMON.ok
+_check_x, _check_y, _check_common = _X.check, _Y.check, _COMMON.check
+
+
 # ---- eager fast path ------------------------------------------------------------------------------------
-# Measured with `lora-bench overhead` (CPU, kernels stubbed): the custom op's dispatch cost ~13 us per call and
-# the per-argument checks ~14 us, against a 10 us budget for the whole call. In plain eager mode the dispatcher
-# only forwards to the implementation (no autograd formula: grad is refused; no autocast/functionalization
-# registrations), so the wrappers call the implementation directly there, after one combined predicate over the
-# same facts the detailed checks test. The checks cache nothing about a LoRAWeights/LoRABatch between calls: every
-# fact (sizes, devices, capacities, loaded adapters) is re-read on each call, which costs less than validating a
-# cache key would, and cannot go stale after add/remove, a storage swap or a batch rebuilt with other capacities.
-# The Triton launcher below them does keep a launch record per (weights, batch, x/y layout) (its key holds the
+# Why the wrappers bypass the custom op in plain eager calls: measured with `lora-bench overhead` (CPU, kernels
+# stubbed), the dispatcher costs ~13 us per call against a 10 us budget for the whole call, and in plain eager
+# mode it only forwards to the implementation (no autograd formula: grad is refused; no autocast or
+# functionalization registrations). What it would do besides is replayed by hand: the mutating op's
+# ADInplaceOrView kernel bumps y's version counter, done here with torch.autograd.graph.increment_version (the
+# public API for "a kernel wrote this tensor through its data pointer"), so autograd still sees saved tensors
+# that were modified. Wherever the dispatcher matters (compile, export, tracing, modes, functorch, the profiler,
+# tensor subclasses: _eager) the custom op runs.
+# The Triton launcher below them keeps a launch record per (weights, batch, x/y layout) (its key holds the
 # tensors' identities and version counters, the batch's T and workspace: triton.sgmv._prepared_key), since
 # re-deriving the launch (~40 us of config / plan / workspace Python plus ~25 us of Triton binding) is what costs.
 
-_TENSOR = torch.Tensor
 _PARAMETER = torch.nn.Parameter
-_FLOATS = frozenset(FLOAT_DTYPES)
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
@@ -401,79 +492,6 @@ def _nvtx_on() -> bool:
     return on if on is not None else (backends.env("LORA_KERNELS_NVTX") or "0") not in ("", "0")
 
 
-def _same_dev(a: torch.device, b: torch.device) -> bool:
-    # the device rule of _check_common (a CUDA device without an index is device 0)
-    return a == b or (a.type == b.type == "cuda" and (a.index or 0) == (b.index or 0))
-
-
-def _clear_of(y: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Fast form of :func:`_check_out_disjoint` for a non-empty y: True when y's byte span misses every span of
-    ``others``. Conservative (an empty tensor inside y's span, a tensor of another device, meta tensors count as
-    overlapping): False only sends the call through the detailed checks, which decide exactly."""
-    yp = y.data_ptr()
-    ye = yp + (y.nbytes if y.is_contiguous() else _span(y))
-    for t in others:
-        p = t.data_ptr()
-        # a span starting inside y's overlaps it whatever its length; only one starting below y's needs its length
-        if p < ye and (p >= yp or p + (t.nbytes if t.is_contiguous() else _span(t)) > yp):
-            return False
-    return True
-
-
-def _inner_ok(t: torch.Tensor) -> bool:
-    return t.shape[-1] <= 1 or t.stride(-1) == 1
-
-
-def _common_ok(weights, batch, T: int, dev: torch.device) -> bool:
-    """Every check of :func:`_check_common` (types, batch size and capacity, devices) as one predicate."""
-    return (isinstance(weights, LoRAWeights) and isinstance(batch, LoRABatch) and batch.num_tokens == T
-            and batch.max_adapters <= weights.max_adapters and _same_dev(batch.device, dev)
-            and weights.a.device == dev)
-
-
-def _x_ok(x, weights) -> bool:
-    """:func:`_check_x` as one predicate (x on the weights' device, float, [T, in], unit last-dim stride)."""
-    return (isinstance(x, _TENSOR) and x.dtype in _FLOATS and x.ndim == 2 and x.shape[1] == weights.in_features
-            and _inner_ok(x))
-
-
-def _y_ok(y, weights, T: int, dev: torch.device) -> bool:
-    """:func:`_check_y` as one predicate."""
-    return (isinstance(y, _TENSOR) and y.dtype in _FLOATS and y.ndim == 2 and y.device == dev
-            and y.shape[0] == T and y.shape[1] == sum(weights.slice_outs) and _inner_ok(y) and _rows_disjoint(y))
-
-
-def _rows_disjoint(y: torch.Tensor) -> bool:
-    # rows that share memory (y = z.expand(T, out), or a row stride < out) would be written by several
-    # programs at once on the GPU: a data race, silently wrong sums.
-    return y.ndim != 2 or y.shape[0] <= 1 or y.stride(0) >= y.shape[1]
-
-
-def _add_lora_args_ok(y, x, weights, batch) -> bool:
-    """True when every argument check of :func:`add_lora_` passes (``merged`` and grad are checked apart):
-    :func:`_x_ok`, :func:`_y_ok`, :func:`_common_ok` and :func:`_disjoint`, written out in one function because
-    this runs on every call of the hottest op (each Python call costs ~0.1 us)."""
-    if not (isinstance(weights, LoRAWeights) and isinstance(batch, LoRABatch) and isinstance(x, _TENSOR)
-            and isinstance(y, _TENSOR)):
-        return False
-    xs, ys = x.shape, y.shape
-    if len(xs) != 2 or len(ys) != 2:
-        return False
-    T, n_in, n_out = xs[0], xs[1], ys[1]
-    dev, bdev = x.device, batch.device
-    if not (x.dtype in _FLOATS and y.dtype in _FLOATS and n_in == weights.in_features and ys[0] == T
-            and n_out == sum(weights.slice_outs) and batch.num_tokens == T
-            and batch.max_adapters <= weights.max_adapters and y.device == dev and weights.a.device == dev
-            and (bdev == dev or _same_dev(bdev, dev))
-            and (n_in <= 1 or x.stride(1) == 1) and (n_out <= 1 or y.stride(1) == 1)
-            and (T <= 1 or y.stride(0) >= n_out)):
-        return False
-    if T and n_out:  # y must not overlap x nor the library's storage (the op writes y while reading them)
-        return _clear_of(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales,
-                         weights.slice_info, batch.meta, batch.plan)
-    return True
-
-
 def _add_lora_eager(y, x, weights, batch, m: int) -> None:
     """The eager fast path's call of :func:`_add_lora_impl` (checked arguments, T > 0). With the Triton backend,
     first the launcher's prepared launch (``triton.sgmv.add_lora_prepared_``: the config, plan, workspace views
@@ -491,23 +509,6 @@ def _add_lora_eager(y, x, weights, batch, m: int) -> None:
     _add_lora_impl(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
                    weights.slice_info, batch.max_tokens, weights.max_rank, m, weights.slice_cols, weights.slice_outs,
                    batch.plan, _workspace(y, x, weights, batch, m))
-
-
-def _shrink_args_ok(x, weights, batch) -> bool:
-    return isinstance(weights, LoRAWeights) and _x_ok(x, weights) and _common_ok(weights, batch, x.shape[0],
-                                                                                  x.device)
-
-
-def _expand_args_ok(y, h, weights, batch) -> bool:
-    if not (isinstance(weights, LoRAWeights) and isinstance(y, _TENSOR)):
-        return False
-    dev, T = y.device, (y.shape[0] if y.ndim == 2 else -1)
-    return (_y_ok(y, weights, T, dev) and _common_ok(weights, batch, T, dev) and isinstance(h, _TENSOR)
-            and h.dtype == torch.float32 and h.device == dev and h.ndim == 3 and h.shape[0] == weights.num_slices
-            and h.shape[1] == T and h.shape[2] == weights.max_rank and h.is_contiguous()
-            and (T == 0 or y.shape[1] == 0 or _clear_of(y, h, weights.a, weights.b, weights.offsets,
-                                                         weights.ranks, weights.scales, weights.slice_info,
-                                                         batch.meta, batch.plan)))
 
 
 # ---- public API -----------------------------------------------------------------------------------------
@@ -538,8 +539,7 @@ def shrink(x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch, *, merged: N
             with nvtx_range("lora_kernels.shrink"):
                 return _shrink_impl(*args)
         return _shrink_impl(*args)
-    _check_x(x, weights)
-    _check_common(weights, batch, x.shape[0], x.device)
+    _SHRINK.check(x, weights, batch)
     _check_no_grad(x)
     return torch.ops.lora_kernels.shrink(x, weights.a, weights.offsets, weights.ranks, batch.meta,
                                          batch.max_tokens, weights.max_rank)
@@ -567,18 +567,11 @@ def expand_(
                     _expand_impl(*args)
             else:
                 _expand_impl(*args)
-            _bump_version(y)  # as the mutating custom op's ADInplaceOrView kernel does
+            _bump_version(y)  # the custom op's version bump (see "eager fast path")
         return y
-    check(isinstance(weights, LoRAWeights), "weights", "a LoRAWeights", type(weights).__name__, TypeError)
-    check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES, device=weights.device)
-    T = y.shape[0]
-    _check_y(y, weights, T, y.device)
-    _check_common(weights, batch, T, y.device)
-    check_tensor("h", h, shape=(weights.num_slices, T, weights.max_rank), dtypes=(torch.float32,), device=y.device)
-    check(h.is_contiguous(), "h", "a contiguous tensor", f"strides {h.stride()}")
-    _check_out_disjoint(y, {"h": h}, weights, batch)
+    _EXPAND.check(y, h, weights, batch)
     _check_no_grad(y, h)
-    if T == 0:
+    if y.shape[0] == 0:
         return y
     torch.ops.lora_kernels.expand_(y, h, weights.b, weights.offsets, weights.ranks, weights.scales, batch.meta,
                                    weights.slice_info, batch.max_tokens)
@@ -624,15 +617,11 @@ def add_lora_(
                     _add_lora_eager(y, x, weights, batch, m)
             else:
                 _add_lora_eager(y, x, weights, batch, m)
-            _bump_version(y)  # as the mutating custom op's ADInplaceOrView kernel does
+            _bump_version(y)  # the custom op's version bump (see "eager fast path")
         return y
-    _check_x(x, weights)
-    T = x.shape[0]
-    _check_y(y, weights, T, x.device)
-    _check_common(weights, batch, T, x.device)
-    _check_out_disjoint(y, {"x": x}, weights, batch)
+    _ADD_LORA.check(y, x, weights, batch)
     _check_no_grad(x, y)
-    if T == 0:
+    if x.shape[0] == 0:
         return y
     torch.ops.lora_kernels.add_lora_(y, x, weights.a, weights.b, weights.offsets, weights.ranks, weights.scales,
                                      batch.meta, weights.slice_info, batch.max_tokens, weights.max_rank, m,
