@@ -51,3 +51,5 @@ def __getattr__(name):
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'lora_kernels' has no attribute {name!r}")
+from . import tensor_parallel  # noqa: E402  (issue 17: lk.tensor_parallel.shard_weights and its ops)
+__all__ += ["tensor_parallel"]
