@@ -114,12 +114,14 @@ def offsets_class(layout: Layout):
     """Class decorator: give a frozen dataclass whose fields are ``layout.params`` one read-only property per field
     of ``layout`` (its offset) and ``size``, computed by functions compiled from the description."""
 
+    params = layout.params  # (a tuple of names: the properties close over nothing torch.compile cannot trace)
+
     def bind(cls):
         for name in [f.name for f in layout.fields] + ["size"]:
             fn = layout.offsets_fn(name)
             doc = next((f"offset of ``{f.name}`` [{f.length}]: {f.doc}" for f in layout.fields if f.name == name),
                        "total length")
-            prop = property(lambda self, fn=fn: fn(*(getattr(self, p) for p in layout.params)), doc=doc)
+            prop = property(lambda self, fn=fn: fn(*[getattr(self, p) for p in params]), doc=doc)
             setattr(cls, name, prop)
         cls.LAYOUT = layout
         return cls

@@ -60,6 +60,8 @@ def _from_end(name: str) -> int:
     return off["size"] - off[name]
 
 
+# A tile family's field offsets as compiled functions of n_max (build_plan_ runs per step, also under torch.compile).
+_FAMILY_FIELDS = {f.name: PLAN_FAMILY.offsets_fn(f.name) for f in PLAN_FAMILY.fields}
 _DECODE_FROM_END = _from_end("decode_counters")
 _FUSED_FROM_END = _from_end("fused_counters")
 
@@ -130,7 +132,7 @@ def build_plan_(plan: torch.Tensor, meta: torch.Tensor, layout, T: int) -> None:
         pos0 = torch.where(live, starts[seg_c] + m0, torch.zeros_like(m0))
         ln = torch.where(live, (lens[seg_c] - m0).clamp(max=bm), torch.zeros_like(m0))
         ad = torch.where(live, adapters[seg_c], torch.full_like(adapters[seg_c], -1))
-        f = PLAN_FAMILY.offsets(n_max=n)
+        f = {k: fn(n) for k, fn in _FAMILY_FIELDS.items()}
         plan[off + f["n_real"] : off + f["n_real"] + 1].copy_(cum[A - 1 : A] if A > 0 else cum[:1] * 0)
         plan[off + f["n_all"] : off + f["n_all"] + 1].copy_(cum[A : A + 1])
         plan[off + f["pos0"] : off + f["pos0"] + n].copy_(pos0)
