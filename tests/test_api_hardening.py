@@ -183,6 +183,8 @@ def test_dual_add_alpha_and_scale_types():
 
 
 def test_dual_linear_sharing_one_w_dual_shares_parameters():
+    # seeded: with unseeded draws the gate zeroed every token about one run in four (grad exactly 0)
+    torch.manual_seed(0)
     w = lk.DualLoRAWeights(IN, OUT, 2, 2, dtype=torch.float32)
     a = DualLoRALinear(nn.Linear(IN, OUT), w)
     b = DualLoRALinear(nn.Linear(IN, OUT), w)
