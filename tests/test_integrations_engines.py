@@ -285,3 +285,22 @@ def test_vllm_and_sglang_backends_cuda_bf16():
     out = be.run_qkv_lora(xs.to("cuda", bf), A.to("cuda", bf), B.to("cuda", bf), None, 12,
                           base_output=base.to("cuda", bf), output_offset_cpu=[0, 12, 16, 20])
     _close_bf16(out, ref)
+
+
+def test_stack_cache_does_not_serve_a_freed_stacks_address():
+    """The cache keys hold addresses and versions: a new stack at a freed stack's address, same shape and version,
+    must be converted again, not served the old conversion (the ABA case)."""
+    from lora_kernels.integrations._stacked import StackCache
+
+    cache = StackCache()
+    built = []
+
+    def build():
+        built.append(1)
+        return object()
+
+    t = torch.zeros(4, 8)
+    first = cache.get([t], "x", build)
+    assert cache.get([t], "x", build) is first and len(built) == 1  # same tensor: a hit
+    u = t.view(4, 8)  # another tensor object at the same address, shape, stride and version
+    assert cache.get([u], "x", build) is not first and len(built) == 2

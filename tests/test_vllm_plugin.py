@@ -79,6 +79,19 @@ def _no_pinned_memory(monkeypatch):
         monkeypatch.setattr(tu, "PIN_MEMORY", False)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_vllm_pointer_caches():
+    """vLLM's Triton ops cache the weight stacks' pointer/stride tensors keyed by ``data_ptr`` (an engine allocates
+    its stacks once). Tests free and allocate stacks of other shapes, and the allocator may hand a later test the
+    address of an earlier one's stack: vLLM would then read the stale strides (seen in the full suite, not in
+    this file alone). Start every test from empty caches."""
+    from vllm.lora.ops.triton_ops import utils as vllm_triton_utils
+
+    for name in ("_LORA_A_PTR_DICT", "_LORA_B_PTR_DICT"):
+        getattr(vllm_triton_utils, name).clear()
+    yield
+
+
 def _stacks(g, outs, ranks=RANKS, rank_rows=R):
     """vLLM's layout: A [N, 1, R, in], B [N, 1, out, R] per slice, slot i filled up to ranks[i]."""
     a = [torch.zeros(MAX_LORAS, 1, rank_rows, IN, dtype=DT, device=DEV) for _ in outs]

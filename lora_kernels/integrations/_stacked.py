@@ -13,6 +13,8 @@ call :meth:`StackCache.freeze` to promise they only change through :meth:`StackC
 
 from __future__ import annotations
 
+import weakref
+
 from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
@@ -35,7 +37,7 @@ class StackCache:
     """``get(tensors, extra, build)``: the LoRAWeights built from ``tensors`` (re)built only when needed."""
 
     def __init__(self, max_entries: int = 256):
-        self._cache: Dict[Hashable, LoRAWeights] = {}
+        self._cache: Dict[Hashable, tuple] = {}  # key -> (LoRAWeights, weak references to the source tensors)
         self.max_entries = max_entries
         self.frozen = False
         self.conversions = 0  # how many times a stack was converted (tests and stats)
@@ -62,13 +64,16 @@ class StackCache:
                 k = (t.data_ptr(), tuple(t.shape), t.dtype)
             keys.append(k)
         key = (tuple(keys), extra)
-        w = self._cache.get(key)
-        if w is None:
-            if len(self._cache) >= self.max_entries:
-                self._cache.pop(next(iter(self._cache)))
-            w = build()
-            self.conversions += 1
-            self._cache[key] = w
+        hit = self._cache.get(key)
+        # The key holds addresses: a stack freed and another allocated at the same address with the same shape and
+        # version would match it. The entry's weak references must still point at these very tensors.
+        if hit is not None and all(r is None if t is None else r() is t for r, t in zip(hit[1], tensors)):
+            return hit[0]
+        if hit is None and len(self._cache) >= self.max_entries:
+            self._cache.pop(next(iter(self._cache)))
+        w = build()
+        self.conversions += 1
+        self._cache[key] = (w, [None if t is None else weakref.ref(t) for t in tensors])
         return w
 
 
