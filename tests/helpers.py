@@ -19,6 +19,7 @@ error of at least ``max|ref - base|``, so it can never pass.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -435,3 +436,38 @@ def assert_compiled_cuda_op(op, qualname: str) -> None:
     dump = torch._C._dispatch_dump(qualname)
     cuda = next((ln for ln in dump.splitlines() if ln.startswith("CUDA:")), "")
     assert "bindings.cpp" in cuda, f"{qualname}: its CUDA kernel is not the extension's (csrc/bindings.cpp):\n{dump}"
+
+
+# ---- CUDA kernel emulators (tests/*_emu.cpp) ------------------------------------------------------------------------
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a fp16/bf16/fp32 tensor as integers (bitwise comparisons)."""
+    return t.contiguous().view(_INT_OF_SIZE[t.element_size()])
+
+
+def whole_storage(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage under a view, as a flat tensor of its dtype."""
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+
+
+def build_emulator(tmp_path_factory, cpp: str) -> str:
+    """Compile tests/<cpp> (a CUDA kernel under the CPU emulator) with the host compiler; the executable's path.
+    Skips without g++ (or clang++) or the CUDA headers."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_fp16.h")):
+        pytest.skip("needs g++ and the CUDA headers")
+    exe = str(tmp_path_factory.mktemp(cpp.split(".")[0]) / cpp.split(".")[0])
+    cmd = [cxx, "-std=c++20", "-O1", "-w", "-I", os.path.join(_REPO, "csrc"), "-I", inc,
+           os.path.join(_REPO, "tests", cpp), "-o", exe]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return exe

@@ -20,50 +20,27 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import shutil
 import subprocess
 import types
 
 import pytest
 import torch
-from helpers import check_ptxas_budget
+from helpers import bits, build_emulator, check_ptxas_budget, whole_storage
 
 from lora_kernels import reference
 from lora_kernels.ops.sgmv import _reference_mixed_
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 _KIND = {F16: 0, BF16: 1, F32: 2}
-_INT = {2: torch.int16, 4: torch.int32}
 _UNIT = {F16: 2.0**-11, BF16: 2.0**-8, F32: 2.0**-24}  # unit roundoff
 _CHUNK, _TILE = 256, 8  # kFllChunk, kFllTile
 _REG_BUDGET = 128  # registers per thread for every variant (128 threads per block: no occupancy cliff)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT[t.element_size()])
-
-
 @pytest.fixture(scope="module")
 def emu_binary(tmp_path_factory):
-    """The kernel compiled by the host compiler with the emulation (see the .cpp); skipped without g++ or the CUDA
-    headers."""
-    inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_fp16.h")):
-        pytest.skip("needs g++ and the CUDA headers")
-    exe = str(tmp_path_factory.mktemp("fll_emu") / "fused_lora_linear_emu")
-    cmd = [cxx, "-std=c++20", "-O1", "-w", "-I", os.path.join(REPO, "csrc"), "-I", inc,
-           os.path.join(REPO, "tests", "fused_lora_linear_emu.cpp"), "-o", exe]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return exe
-
-
-def _storage(t: torch.Tensor) -> torch.Tensor:
-    """The whole storage under a view, as a flat tensor of its dtype."""
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+    """The kernel compiled by the host compiler with the emulation (see the .cpp)."""
+    return build_emulator(tmp_path_factory, "fused_lora_linear_emu.cpp")
 
 
 # ---- problems ----------------------------------------------------------------------------------------------------
@@ -122,14 +99,14 @@ def _emulate(exe, tmp_path, layer, w, ids, x, y0, merged):
         assert t.stride(-1) == 1, k
     hdr = [_KIND[x.dtype], _KIND[w.a.dtype], T, S, N, in_f, out, int(w.ranks.max()) if N else 0,
            -1 if merged is None else merged, int(layer.bias is not None),
-           _storage(x).numel(), x.storage_offset(), x.stride(0),
-           _storage(y0).numel(), y0.storage_offset(), y0.stride(0),
-           _storage(layer.w0).numel(), layer.w0.storage_offset(), layer.w0.stride(0),
-           _storage(w.a).numel(), w.a.storage_offset(), w.a.stride(0), w.a.stride(1),
-           _storage(w.b).numel(), w.b.storage_offset(), w.b.stride(0)]
-    stores = [_storage(x), _storage(y0), _storage(layer.w0)]
+           whole_storage(x).numel(), x.storage_offset(), x.stride(0),
+           whole_storage(y0).numel(), y0.storage_offset(), y0.stride(0),
+           whole_storage(layer.w0).numel(), layer.w0.storage_offset(), layer.w0.stride(0),
+           whole_storage(w.a).numel(), w.a.storage_offset(), w.a.stride(0), w.a.stride(1),
+           whole_storage(w.b).numel(), w.b.storage_offset(), w.b.stride(0)]
+    stores = [whole_storage(x), whole_storage(y0), whole_storage(layer.w0)]
     stores += [layer.bias.contiguous()] if layer.bias is not None else []
-    stores += [_storage(w.a), _storage(w.b)]
+    stores += [whole_storage(w.a), whole_storage(w.b)]
     blobs = [torch.tensor(hdr, dtype=torch.int64), torch.tensor(w.slice_cols, dtype=torch.int64),
              torch.tensor(w.slice_outs, dtype=torch.int64), w.offsets, w.ranks.int(), w.scales.float(),
              ids.int()] + stores
@@ -138,7 +115,7 @@ def _emulate(exe, tmp_path, layer, w, ids, x, y0, merged):
     r = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     raw = bytearray(dst.read_bytes())
-    ys = _storage(y0)
+    ys = whole_storage(y0)
     nb = ys.numel() * ys.element_size()
     outs = [torch.frombuffer(raw[k * nb : (k + 1) * nb], dtype=torch.uint8).view(y0.dtype).clone() for k in range(3)]
     views = [s.as_strided(y0.shape, y0.stride(), y0.storage_offset()) for s in outs]
@@ -202,12 +179,12 @@ def _run_and_check(exe, tmp_path, layer, w, ids, x, y0, merged, *, expect_vec, n
     assert vec == expect_vec, f"{name}: host chose vectorized={vec}, expected {expect_vec}"
     assert chunks == math.ceil(x.shape[1] / _CHUNK), name
     assert torch.equal(counters, torch.zeros_like(counters)), f"{name}: counters not reset: {counters.tolist()}"
-    assert torch.equal(_bits(y), _bits(y2)), f"{name}: reverse block order gave other bits"
-    assert torch.equal(_bits(y), _bits(y3)), f"{name}: shuffled block order gave other bits"
+    assert torch.equal(bits(y), bits(y2)), f"{name}: reverse block order gave other bits"
+    assert torch.equal(bits(y), bits(y3)), f"{name}: shuffled block order gave other bits"
     mask = torch.ones(st1.numel(), dtype=torch.bool)
     inside = y.storage_offset() + torch.arange(y.shape[0])[:, None] * y.stride(0) + torch.arange(y.shape[1])[None, :]
     mask[inside.flatten()] = False
-    assert torch.equal(_bits(st1[mask]), _bits(_storage(y0)[mask])), f"{name}: wrote outside the y view"
+    assert torch.equal(bits(st1[mask]), bits(whole_storage(y0)[mask])), f"{name}: wrote outside the y view"
     base, delta = _reference(layer, w, ids, x, merged)
     _check_close(y, base, delta, name)
     # entries without a delta: exactly the plain-GEMV path's bits (same problem, every token -1, no mixed mode)
@@ -215,7 +192,7 @@ def _run_and_check(exe, tmp_path, layer, w, ids, x, y0, merged, *, expect_vec, n
     assert torch.equal(cb, torch.zeros_like(cb)), f"{name}: plain GEMV touched the counters"
     _check_close(yb, base, torch.zeros_like(base), name + " (plain GEMV)")
     keep = ~_touched(w, ids, merged)
-    assert torch.equal(_bits(y[keep]), _bits(yb[keep])), f"{name}: entries without a delta differ from the GEMV"
+    assert torch.equal(bits(y[keep]), bits(yb[keep])), f"{name}: entries without a delta differ from the GEMV"
     assert not bool(keep.all()), f"{name}: the case has no delta at all"
 
 
@@ -272,7 +249,7 @@ def test_no_delta(emu_binary, tmp_path, merged):
     base, delta = _reference(layer, w, ids, x, merged)
     assert not bool(delta.any())
     _check_close(y, base, delta, "no delta")
-    assert torch.equal(_bits(y), _bits(y2))
+    assert torch.equal(bits(y), bits(y2))
     assert torch.equal(counters, torch.zeros_like(counters))
 
 

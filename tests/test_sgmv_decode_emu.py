@@ -20,49 +20,27 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
-import shutil
 import subprocess
 import types
 
 import pytest
 import torch
-from helpers import assert_close_rule, check_ptxas_budget, lowp_expand_, lowp_shrink
+from helpers import (assert_close_rule, bits, build_emulator, check_ptxas_budget, lowp_expand_, lowp_shrink,
+                     whole_storage)
 
 from lora_kernels import reference
 from lora_kernels.ops.sgmv import _reference_mixed_
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 _KIND = {F16: 0, BF16: 1, F32: 2}
-_INT = {2: torch.int16, 4: torch.int32}
 _CHUNK = 256  # kSgmvChunk
 _REG_BUDGET = 128  # registers per thread allowed for every variant (128 threads per block: no occupancy cliff)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT[t.element_size()])
-
-
 @pytest.fixture(scope="module")
 def emu_binary(tmp_path_factory):
-    """The kernel compiled by the host compiler with the emulation (see the .cpp); skipped without g++ or the CUDA
-    headers."""
-    inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None or not os.path.exists(os.path.join(inc, "cuda_fp16.h")):
-        pytest.skip("needs g++ and the CUDA headers")
-    exe = str(tmp_path_factory.mktemp("sgmv_emu") / "sgmv_decode_emu")
-    cmd = [cxx, "-std=c++20", "-O1", "-w", "-I", os.path.join(REPO, "csrc"), "-I", inc,
-           os.path.join(REPO, "tests", "sgmv_decode_emu.cpp"), "-o", exe]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return exe
-
-
-def _storage(t: torch.Tensor) -> torch.Tensor:
-    """The whole storage under a view, as a flat tensor of its dtype."""
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+    """The kernel compiled by the host compiler with the emulation (see the .cpp)."""
+    return build_emulator(tmp_path_factory, "sgmv_decode_emu.cpp")
 
 
 # ---- problems ----------------------------------------------------------------------------------------------------
@@ -118,19 +96,19 @@ def _emulate(exe, tmp_path, w, ids, x, y0, merged):
         assert t.stride(-1) == 1, k
     hdr = [_KIND[x.dtype], _KIND[w.a.dtype], _KIND[y0.dtype], T, S, N, in_f, int(w.ranks.max()) if N else 0,
            -1 if merged is None else merged,
-           _storage(x).numel(), x.storage_offset(), x.stride(0),
-           _storage(y0).numel(), y0.storage_offset(), y0.stride(0),
-           _storage(w.a).numel(), w.a.storage_offset(), w.a.stride(0), w.a.stride(1),
-           _storage(w.b).numel(), w.b.storage_offset(), w.b.stride(0)]
+           whole_storage(x).numel(), x.storage_offset(), x.stride(0),
+           whole_storage(y0).numel(), y0.storage_offset(), y0.stride(0),
+           whole_storage(w.a).numel(), w.a.storage_offset(), w.a.stride(0), w.a.stride(1),
+           whole_storage(w.b).numel(), w.b.storage_offset(), w.b.stride(0)]
     blobs = [torch.tensor(hdr, dtype=torch.int64), torch.tensor(w.slice_cols, dtype=torch.int64),
              torch.tensor(w.slice_outs, dtype=torch.int64), w.offsets, w.ranks.int(), w.scales.float(),
-             ids.int()] + [_storage(t) for t in parts.values()]
+             ids.int()] + [whole_storage(t) for t in parts.values()]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     src.write_bytes(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in blobs))
     r = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     raw = bytearray(dst.read_bytes())
-    ys = _storage(y0)
+    ys = whole_storage(y0)
     nb = ys.numel() * ys.element_size()
     stores = [torch.frombuffer(raw[k * nb : (k + 1) * nb], dtype=torch.uint8).view(y0.dtype).clone() for k in (0, 1)]
     views = [s.as_strided(y0.shape, y0.stride(), y0.storage_offset()) for s in stores]
@@ -191,14 +169,14 @@ def _run_and_check(exe, tmp_path, w, ids, x, y0, merged, *, expect_vec, name):
     assert vec == expect_vec, f"{name}: host chose vectorized={vec}, expected {expect_vec}"
     assert chunks == math.ceil(x.shape[1] / _CHUNK), name
     assert torch.equal(counters, torch.zeros_like(counters)), f"{name}: counters not reset: {counters.tolist()}"
-    assert torch.equal(_bits(y), _bits(y2)), f"{name}: second launch (reverse block order) gave other bits"
+    assert torch.equal(bits(y), bits(y2)), f"{name}: second launch (reverse block order) gave other bits"
     # storage outside the view (padding columns) untouched
     mask = torch.ones(st1.numel(), dtype=torch.bool)
     inside = y.storage_offset() + torch.arange(y.shape[0])[:, None] * y.stride(0) + torch.arange(y.shape[1])[None, :]
     mask[inside.flatten()] = False
-    assert torch.equal(_bits(st1[mask]), _bits(_storage(y0)[mask])), f"{name}: wrote outside the y view"
+    assert torch.equal(bits(st1[mask]), bits(whole_storage(y0)[mask])), f"{name}: wrote outside the y view"
     keep = ~_touched(w, ids, merged)
-    assert torch.equal(_bits(y[keep]), _bits(y0[keep])), f"{name}: entries the op must not write changed"
+    assert torch.equal(bits(y[keep]), bits(y0[keep])), f"{name}: entries the op must not write changed"
     ref = _reference(w, ids, x, y0, merged)
     if bool(keep.all()):
         return
@@ -253,7 +231,7 @@ def test_nothing_to_do(emu_binary, tmp_path, merged):
     w, ids, x, y0 = _problem(1, 264, (16, 8), [(4, 2), (3, 3)], (F16, F16, F16), seed=7)
     ids[0] = -1 if merged is None else merged
     (y, y2), _, counters, _, _ = _emulate(emu_binary, tmp_path, w, ids, x, y0, merged)
-    assert torch.equal(_bits(y), _bits(y0)) and torch.equal(_bits(y2), _bits(y0))
+    assert torch.equal(bits(y), bits(y0)) and torch.equal(bits(y2), bits(y0))
     assert torch.equal(counters, torch.zeros_like(counters))
 
 
