@@ -83,6 +83,8 @@ setup(
         "console_scripts": ["lora-bench = lora_kernels.cli:main"],
         # vLLM loads this in every process; it does nothing unless LORA_KERNELS_VLLM=1 (docs/integrations.md).
         "vllm.general_plugins": ["lora_kernels = lora_kernels.integrations.vllm_plugin:register"],
+        # SGLang runs this in every process: it only registers `--lora-backend lora_kernels` (docs/integrations.md).
+        "sglang.srt.plugins": ["lora_kernels = lora_kernels.integrations.sglang_plugin:register"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -54,6 +54,10 @@
 #                 under memcheck) must give the reference's result with no out-of-range access.
 #     pool        python/many_adapters.py: 1,000 PEFT adapters on disk, a 64-slot AdapterPool, Zipf requests,
 #                 side-stream prefetch; hit rate, prefetch stalls and ms/step in logs/pool.log (and the summary)
+#     engines     the engine conformance tests on the GPU (tests/test_vllm_plugin.py, tests/test_sglang_plugin.py: our
+#                 vLLM wrapper / SGLang backend vs the engines' own Triton kernels, compiled for the GPU instead of
+#                 the CPU interpreter); they skip when vllm / sglang are not installed (pip install --no-deps -r
+#                 requirements-engines.txt adds them in ~1 min)
 #     overhead    lora-bench overhead: host us per call of add_lora_/shrink/expand_/LoRALinear/lora_linear, kernels
 #                 stubbed (CPU tensors) and real eager CUDA launches (T=1, 4096, bf16), fast path vs dispatcher
 #                 (overhead.json inside logs.tar.gz; copy to bench/results/<gpu>/overhead-<date>.json)
@@ -77,7 +81,7 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-560}
 RESERVE=15 # seconds kept for packing the results
 START=$(date +%s)
-STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck synccheck sgmv linear merge backward tune dual serve pool vce overhead"}
+STEPS=${GPU_CHECK_STEPS:-"nvidia-smi build env pytest sanitize memcheck racecheck synccheck sgmv linear merge backward tune dual serve pool vce overhead engines"}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
@@ -85,7 +89,8 @@ export OUT REPO PY LOGS
 
 # Default caps (seconds): maxima; a step that ends early leaves its time to the later ones.
 declare -A CAP=([nvidia-smi]=15 [build]=180 [env]=40 [pytest]=150 [sanitize]=60 [memcheck]=90 [racecheck]=75
-                [synccheck]=30 [sgmv]=130 [linear]=75 [merge]=90 [backward]=60 [tune]=150 [dual]=60 [serve]=90 [pool]=60 [vce]=100 [overhead]=45)
+                [synccheck]=30 [sgmv]=130 [linear]=75 [merge]=90 [backward]=60 [tune]=150 [dual]=60 [serve]=90 [pool]=60 [vce]=100 [overhead]=45
+                [engines]=120)
 SUMMARY=()
 FAILED=()
 
@@ -228,6 +233,10 @@ do_overhead() {  # host overhead per op call (BENCHMARKS.md: <= 10 us); returned
   "$PY" -m lora_kernels overhead --iters 1000 --repeats 5 --out "$LOGS/overhead.json"
 }
 export -f do_overhead
+do_engines() {
+  "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_vllm_plugin.py tests/test_sglang_plugin.py
+}
+export -f do_engines
 export -f sanitizer sanitize_decode time_budget keep_result bench_kept do_nvidia_smi do_build do_env do_pytest do_sanitize do_memcheck do_racecheck do_synccheck do_sgmv do_linear do_merge do_backward do_tune
 
 run_step() {
@@ -277,6 +286,7 @@ run_step dual do_dual
 run_step serve do_serve
 run_step pool do_pool
 run_step vce do_vce
+run_step engines do_engines
 
 # ---- report --------------------------------------------------------------------------------------------------
 print_table() {  # print_table NAME FILE NOTE: the rows of lora-bench NAME's JSON FILE as its own table, if FILE exists

@@ -36,7 +36,8 @@ from ..ops.sgmv import add_lora_, expand_, shrink
 from ..weights import LoRAWeights
 from ._stacked import StackCache, padded_weights, set_scales, slice_bounds
 
-__all__ = ["SGLangLoRABackend", "LoRABatchInfo"]
+__all__ = ["SGLangLoRABackend", "LoRABatchInfo", "pool_a_planes", "pool_b_t",
+           "packed_lora_a", "output_or_zeros"]
 
 
 @dataclass
@@ -71,6 +72,50 @@ def _seq_lens_of(forward_batch) -> List[int]:
             lens = forward_batch.extend_seq_lens.tolist()
         return [int(v) for v in lens]
     return [1] * int(forward_batch.batch_size)  # decode: one token per request
+
+
+def pool_a_planes(a: torch.Tensor, c: int, ranks: Sequence[int], N: int) -> torch.Tensor:
+    """SGLang's A pool stack ``[N, c * r_max, in]`` -> planes ``[c, N, r_max, in]`` (a new tensor).
+
+    Slice s of slot i is rows ``[s r_i, (s + 1) r_i)`` of the stack (packed at the adapter's rank); rows past r_i
+    are zero in the result."""
+    r_max = a.shape[1] // c
+    j = torch.arange(r_max)
+    r_t = torch.tensor(list(ranks), dtype=torch.int64)
+    live = j[None, None, :] < r_t[None, :, None]  # [1, N, r_max]
+    rows = torch.arange(c)[:, None, None] * r_t[None, :, None] + j[None, None, :]
+    rows = torch.where(live, rows, 0).to(a.device)
+    slots = torch.arange(N, device=a.device)[None, :, None].expand_as(rows)
+    return a[slots, rows] * live.to(device=a.device, dtype=a.dtype)[..., None]
+
+
+def pool_b_t(b: torch.Tensor, ranks: Sequence[int], N: int) -> torch.Tensor:
+    """SGLang's B pool stack ``[N, out, r_max]`` -> ``[N, r_max, out]`` (B transposed, contiguous, a new tensor),
+    columns past each slot's rank zeroed."""
+    live = torch.arange(b.shape[2])[None, :] < torch.tensor(list(ranks), dtype=torch.int64)[:, None]
+    return (b[:N] * live.to(device=b.device, dtype=b.dtype)[:, None, :]).transpose(1, 2).contiguous()
+
+
+def packed_lora_a(h: torch.Tensor, tok_rank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """lk.shrink's ``h`` fp32 ``[c, T, r_max]`` -> SGLang's LoRA-A output ``[T, c * r_max]`` in ``dtype``: slice s
+    of a token of rank r in columns ``[s r, (s + 1) r)``, zeros elsewhere (one device scatter, no host sync)."""
+    c, T, r_max = h.shape
+    out = torch.zeros(T, c * r_max + 1, dtype=dtype, device=h.device)
+    if T:
+        r_t = tok_rank[:T]
+        j = torch.arange(r_max, device=h.device)
+        col = torch.arange(c, device=h.device)[:, None, None] * r_t[None, :, None] + j[None, None, :]
+        col = torch.where(j[None, None, :] < r_t[None, :, None], col, c * r_max)  # past the rank: dump column
+        out.scatter_(1, col.permute(1, 0, 2).reshape(T, -1), h.permute(1, 0, 2).reshape(T, -1).to(dtype))
+    return out[:, : c * r_max]
+
+
+def output_or_zeros(x: torch.Tensor, base_output: Optional[torch.Tensor], width: int) -> torch.Tensor:
+    """``base_output`` (checked: ``[T, width]`` on x's device) or a new zero ``[T, width]`` tensor."""
+    if base_output is None:
+        return torch.zeros(x.shape[0], width, dtype=x.dtype, device=x.device)
+    check_tensor("base_output", base_output, shape=(x.shape[0], width), device=x.device)
+    return base_output
 
 
 class SGLangLoRABackend:
@@ -190,17 +235,11 @@ class SGLangLoRABackend:
                 ref = a if a is not None else b
                 a_pl = None
                 if a is not None:
-                    # slice s of slot i: rows s * r_i + j (j < r_i); rows past r_i are masked by the ranks.
-                    j = torch.arange(r_max)
-                    r_t = torch.tensor(rk, dtype=torch.int64)
-                    rows = torch.arange(c)[:, None, None] * r_t[None, :, None] + j[None, None, :]
-                    rows = torch.where(j[None, None, :] < r_t[None, :, None], rows, 0).to(a.device)
-                    slots = torch.arange(N, device=a.device)[None, :, None].expand_as(rows)
-                    a_pl = a[slots, rows].contiguous()  # [c, N, r_max, in]
+                    a_pl = pool_a_planes(a, c, rk, N)
                     if c == 1:
                         a_pl = a_pl[0]
                 if b is not None:
-                    b_t = b[:N].transpose(1, 2).contiguous()
+                    b_t = pool_b_t(b, rk, N)
                 else:
                     b_t = torch.zeros(N, r_max, c, dtype=ref.dtype, device=ref.device)
                 ranks = torch.tensor(rk, dtype=torch.int32).reshape(1, N).expand(c, N).contiguous()
@@ -216,13 +255,6 @@ class SGLangLoRABackend:
               tuple(x.shape))
         return x
 
-    @staticmethod
-    def _out(x: torch.Tensor, base_output: Optional[torch.Tensor], width: int) -> torch.Tensor:
-        if base_output is None:
-            return torch.zeros(x.shape[0], width, dtype=x.dtype, device=x.device)
-        check_tensor("base_output", base_output, shape=(x.shape[0], width), device=x.device)
-        return base_output
-
     # ---- the backend interface ----------------------------------------------------------------------------------
     def run_lora_a_sgemm(self, x: torch.Tensor, weights: torch.Tensor, stack_num: int = 1, *args,
                          **kwargs) -> torch.Tensor:
@@ -230,16 +262,7 @@ class SGLangLoRABackend:
         x = self._x(x)
         c = int(stack_num)
         w = self._weights(weights, None, c, None)
-        h = shrink(x, w, self.batch)  # fp32 [c, T, r_max], zero past each token's rank
-        T, r_max = x.shape[0], w.max_rank
-        out = torch.zeros(T, c * r_max + 1, dtype=x.dtype, device=x.device)
-        if T:
-            r_t = self._tok_rank[:T]
-            j = torch.arange(r_max, device=x.device)
-            col = torch.arange(c, device=x.device)[:, None, None] * r_t[None, :, None] + j[None, None, :]
-            col = torch.where(j[None, None, :] < r_t[None, :, None], col, c * r_max)  # past the rank: dump column
-            out.scatter_(1, col.permute(1, 0, 2).reshape(T, -1), h.permute(1, 0, 2).reshape(T, -1).to(x.dtype))
-        return out[:, : c * r_max]
+        return packed_lora_a(shrink(x, w, self.batch), self._tok_rank, x.dtype)
 
     def run_lora_b_sgemm(self, x: torch.Tensor, weights: torch.Tensor, base_output: Optional[torch.Tensor] = None,
                          *args, **kwargs) -> torch.Tensor:
@@ -247,7 +270,7 @@ class SGLangLoRABackend:
         x = self._x(x)
         w = self._weights(None, weights, 1, None)
         check(x.ndim == 2 and x.shape[1] == w.max_rank, "x", f"[T, r_max={w.max_rank}]", tuple(x.shape))
-        out = self._out(x, base_output, w.out_features)
+        out = output_or_zeros(x, base_output, w.out_features)
         if x.shape[0]:
             expand_(out, x.float().unsqueeze(0).contiguous(), w, self.batch)
         return out
@@ -258,7 +281,7 @@ class SGLangLoRABackend:
             b = torch.cat([p[k] for p in b for k in range(p.shape[0])], dim=1)
         check(sum(outs) == b.shape[1], "output_offset", f"slices covering lora_b's {b.shape[1]} rows", outs)
         w = self._weights(a, b, len(outs), outs)
-        out = self._out(x, base_output, w.out_features)
+        out = output_or_zeros(x, base_output, w.out_features)
         if x.shape[0]:
             add_lora_(out, x, w, self.batch)
         return out

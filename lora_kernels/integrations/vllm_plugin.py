@@ -39,6 +39,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ._engine_pin import installed_version, pin_message
+
 __all__ = ["register", "SUPPORTED_VLLM_VERSIONS", "ENV_SWITCH", "PunicaWrapperLoRAKernels"]
 
 logger = logging.getLogger(__name__)
@@ -56,17 +58,11 @@ def enabled() -> bool:
 
 def installed_vllm_version() -> Optional[str]:
     """The installed vLLM's version (package metadata; vLLM itself is not imported), or None."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("vllm")
-    except PackageNotFoundError:
-        return None
+    return installed_version("vllm")
 
 
 def version_message(found: Optional[str]) -> str:
-    return (f"lora_kernels' vLLM plugin supports vllm {' / '.join(SUPPORTED_VLLM_VERSIONS)} only; found "
-            f"{found or 'no vllm'} (pip install vllm=={SUPPORTED_VLLM_VERSIONS[-1]}, or unset {ENV_SWITCH})")
+    return pin_message("vLLM plugin", "vllm", SUPPORTED_VLLM_VERSIONS, found, f"unset {ENV_SWITCH}")
 
 
 def _choose_ours(original):
