@@ -287,6 +287,44 @@ def test_vllm_and_sglang_backends_cuda_bf16():
     _close_bf16(out, ref)
 
 
+def test_stack_cache_refreshes_in_place_and_holds_sources_weakly():
+    """A refresh (load event) or a version bump rebuilds into the same LoRAWeights and storage (what a captured CUDA
+    graph keeps reading); an entry does not keep its source stacks alive (the build gets them as arguments)."""
+    import gc
+    import weakref
+
+    from lora_kernels.integrations._stacked import StackCache, padded_weights
+
+    cache = StackCache()
+    cache.freeze()
+
+    def build(a, b):
+        return padded_weights(a.clone(), b.transpose(1, 2).contiguous(), [b.shape[1]])
+
+    with torch.inference_mode():  # no version counter: only refresh() can tell
+        a, b = torch.randn(3, 4, 8), torch.randn(3, 6, 4)
+    w = cache.get([a, b], "x", build)
+    ptrs = (w.a.data_ptr(), w.b.data_ptr(), w.ranks.data_ptr())
+    with torch.inference_mode():
+        a[1].fill_(2.0)
+        b[1].fill_(-1.0)
+    assert cache.get([a, b], "x", build) is w and w.a.view(3, 4, 8)[1].ne(2.0).any()  # not seen yet
+    cache.refresh()
+    assert cache.get([a, b], "x", build) is w and (w.a.data_ptr(), w.b.data_ptr(), w.ranks.data_ptr()) == ptrs
+    assert w.a.view(3, 4, 8)[1].eq(2.0).all() and w.b.view(3, 4, 6)[1].eq(-1.0).all()
+    u, v = torch.randn(3, 4, 8), torch.randn(3, 6, 4)  # with version counters: a write is seen at the next use
+    w2 = cache.get([u, v], "x", build)
+    n = cache.conversions
+    u[0].zero_()
+    assert cache.get([u, v], "x", build) is w2 and cache.conversions == n + 1 and not w2.a.view(3, 4, 8)[0].any()
+    ref = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert ref() is None, "the cache kept a source stack alive"
+    cache.refresh()  # drops the dead entry, refreshes the live one
+    assert len(cache._entries) == 1
+
+
 def test_stack_cache_does_not_serve_a_freed_stacks_address():
     """The cache keys hold addresses and versions: a new stack at a freed stack's address, same shape and version,
     must be converted again, not served the old conversion (the ABA case)."""
@@ -295,7 +333,7 @@ def test_stack_cache_does_not_serve_a_freed_stacks_address():
     cache = StackCache()
     built = []
 
-    def build():
+    def build(*sources):
         built.append(1)
         return object()
 

@@ -844,6 +844,29 @@ def test_entry_point_is_declared():
         assert installed.get("lora_kernels") == "lora_kernels.integrations.sglang_plugin:register"
 
 
+def test_sglang_load_plugins_selects_the_backend(sglang_state, monkeypatch):
+    """End to end through SGLang's own plugin loader (what its server and scheduler processes call): the installed
+    entry point runs register(), the hooks are applied, `--lora-backend lora_kernels` parses and LoRAManager's
+    lookup gives our class, and a slot update reaches the backend."""
+    from importlib.metadata import entry_points
+
+    import sglang.srt.plugins as plugins
+
+    if not any(ep.name == "lora_kernels" for ep in entry_points(group=plugins.GENERAL_PLUGINS_GROUP)):
+        pytest.skip("lora_kernels is installed without its sglang.srt.plugins entry point (reinstall: pip install "
+                    "-e .)")
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)
+    monkeypatch.setenv("SGLANG_PLUGINS", "lora_kernels")  # only ours, whatever else is installed
+    plugins.load_plugins()
+    assert lora_registry.get_backend_from_name("lora_kernels") is LoRAKernelsBackend
+    assert _lora_backend_parser().parse_args(["--model-path", "m", "--lora-backend", "lora_kernels"]).lora_backend \
+        == "lora_kernels"
+    assert sglang_plugin.SLOTS_UPDATED_HOOK in HookRegistry._patched
+    be = LoRAKernelsBackend(max_loras_per_batch=N, device=DEV)
+    LoRAManager._notify_lora_slots_updated(types.SimpleNamespace(lora_backend=be, lora_modules=[]), {2})
+    assert be.slot_updates == 1
+
+
 def test_unsupported_version_warns_and_refuses(sglang_state, monkeypatch, caplog):
     monkeypatch.setattr(sglang_plugin, "installed_sglang_version", lambda: "0.5.22")
     with caplog.at_level(logging.WARNING, logger=sglang_plugin.__name__):

@@ -279,6 +279,7 @@ def test_true_ranks_are_read_once_per_load_event():
     assert p.conversions == 1
     w = p.lk._weights(a, b)
     assert w.ranks.tolist() == [RANKS] * len(QKV)
+    storage = (w.a.data_ptr(), w.b.data_ptr(), w.ranks.data_ptr())
 
     # vLLM loads adapter 11 into the empty slot 1 (reset_lora + set_lora, then lora_index_to_id[1] = 11)
     with torch.inference_mode():
@@ -292,6 +293,8 @@ def test_true_ranks_are_read_once_per_load_event():
         p.add_lora_linear(y, x[:3], a, b, 1.0, QKV)
     assert p.conversions == 2
     assert p.lk._weights(a, b).ranks.tolist() == [[3, 2, 8, 5]] * len(QKV)
+    # refreshed in place: the same object and storage (the decode CUDA graphs vLLM captured keep reading it)
+    assert p.lk._weights(a, b) is w and (w.a.data_ptr(), w.b.data_ptr(), w.ranks.data_ptr()) == storage
     want = (x[0].float() @ a[0][1, 0, :2].float().T) @ b[0][1, 0, :, :2].float().T
     torch.testing.assert_close(y[0, : QKV[0]].float(), want, **TOL)
 

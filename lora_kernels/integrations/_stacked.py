@@ -1,21 +1,25 @@
-"""Engine-layout adapter stacks -> :class:`~lora_kernels.LoRAWeights`, cached until the engine rewrites them.
+"""Engine-layout adapter stacks -> :class:`~lora_kernels.LoRAWeights`, converted once and refreshed in place.
 
 vLLM and SGLang keep every adapter slot of a layer in padded stacks (A: [N, r_max, in] per slice, B: [N, out,
 r_max], B not transposed). The library's kernels read the rank-paged layout (``b`` holds B transposed, one
 ``a`` plane per slice), so each distinct stack is converted once (one gather + one transpose on the device)
 and reused while it is unchanged.
 
-"Unchanged" is read from the tensors' version counters (every in-place write, e.g. an engine's ``copy_`` of a
-new adapter into a slot, bumps it): a later call with a bumped counter converts again. Tensors created under
-``torch.inference_mode`` have no version counter: those are converted on every call (correct, not free);
-call :meth:`StackCache.freeze` to promise they only change through :meth:`StackCache.invalidate`.
+A conversion is refreshed **in place**: the same LoRAWeights object and storage get the new contents (and ranks),
+so a CUDA graph that captured kernels reading them replays with the new weights (a new conversion at another
+address would leave the graph reading the old one, or freed memory). A refresh happens when
+:meth:`StackCache.refresh` is called (the engines' load events: vLLM's ``lora_index_to_id`` change, SGLang's slot
+update hook) and, at a use, when a source tensor's version counter moved (an in-place write, e.g. an engine's
+``copy_`` of a new adapter into a slot). Tensors created under ``torch.inference_mode`` have no version counter:
+those are converted on every call (correct, not free) unless :meth:`StackCache.freeze` promises they only change
+through :meth:`StackCache.refresh` (or :meth:`StackCache.invalidate`).
 """
 
 from __future__ import annotations
 
 import weakref
 
-from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,54 +30,94 @@ __all__ = ["StackCache", "tensor_key", "padded_weights", "slot_ranks"]
 
 def tensor_key(t: torch.Tensor) -> Optional[Hashable]:
     """Identity + version of a tensor, or None when it has no version counter (inference tensors)."""
+    v = _version(t)
+    return None if v is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, v)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
     try:
-        v = t._version
-    except RuntimeError:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
         return None
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, v)
+
+
+def _copy_into(w: LoRAWeights, new: LoRAWeights) -> bool:
+    """Copy ``new``'s contents, offsets and ranks into ``w`` (same layout); False when the layouts differ."""
+    same = (w.a.shape == new.a.shape and w.b.shape == new.b.shape and w.ranks.shape == new.ranks.shape
+            and w.a.dtype == new.a.dtype and w.slice_outs == new.slice_outs)
+    if not same:
+        return False
+    with torch.no_grad():
+        for dst, src in ((w.a, new.a), (w.b, new.b)):
+            if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():  # a view of the source: as is
+                dst.copy_(src)
+        w.offsets.copy_(new.offsets)
+        w.ranks.copy_(new.ranks)
+    return True
 
 
 class StackCache:
-    """``get(tensors, extra, build)``: the LoRAWeights built from ``tensors`` (re)built only when needed."""
+    """``get(tensors, extra, build)``: the LoRAWeights ``build(*tensors)`` makes, built once per source tensors and
+    ``extra`` and refreshed in place (the module docstring says when).
+
+    ``build`` is kept for the refreshes and called with the live source tensors: it must not hold them itself (the
+    entry references them weakly, so a freed stack's entry is dropped, not kept alive)."""
 
     def __init__(self, max_entries: int = 256):
-        self._cache: Dict[Hashable, tuple] = {}  # key -> (LoRAWeights, weak references to the source tensors)
+        # key -> [LoRAWeights, weak references to the source tensors, build, the sources' versions]
+        self._entries: Dict[Hashable, list] = {}
         self.max_entries = max_entries
         self.frozen = False
-        self.conversions = 0  # how many times a stack was converted (tests and stats)
+        self.conversions = 0  # how many times a stack was converted or refreshed (tests and stats)
 
     def freeze(self, frozen: bool = True) -> None:
-        """Cache stacks without version counters too (they then change only with :meth:`invalidate`)."""
+        """Cache stacks without version counters too (they then change only with :meth:`refresh`)."""
         self.frozen = frozen
 
     def invalidate(self) -> None:
-        self._cache.clear()
+        """Forget every conversion (the next use converts again, into new storage; not for captured graphs)."""
+        self._entries.clear()
+
+    def refresh(self) -> None:
+        """Rebuild every conversion whose source tensors are alive, in place; drop the others."""
+        for key in list(self._entries):
+            e = self._entries[key]
+            if any(r is not None and r() is None for r in e[1]):
+                del self._entries[key]
+            else:
+                self._refresh(e)
+
+    def rank_capacity(self) -> Optional[int]:
+        """The smallest r_max among the cached conversions (the largest rank a refresh can hold), None if none."""
+        return min((e[0].max_rank for e in self._entries.values()), default=None)
+
+    def _refresh(self, e: list) -> None:
+        new = e[2](*[None if r is None else r() for r in e[1]])
+        if not _copy_into(e[0], new):  # the build changed layout (not for the same sources): a new object
+            e[0] = new
+        e[3] = [None if r is None else _version(r()) for r in e[1]]
+        self.conversions += 1
 
     def get(self, tensors: Sequence[Optional[torch.Tensor]], extra: Hashable,
-            build: Callable[[], LoRAWeights]) -> LoRAWeights:
-        keys = []
-        for t in tensors:
-            if t is None:
-                keys.append(None)
-                continue
-            k = tensor_key(t)
-            if k is None:
-                if not self.frozen:
-                    self.conversions += 1
-                    return build()
-                k = (t.data_ptr(), tuple(t.shape), t.dtype)
-            keys.append(k)
-        key = (tuple(keys), extra)
-        hit = self._cache.get(key)
-        # The key holds addresses: a stack freed and another allocated at the same address with the same shape and
-        # version would match it. The entry's weak references must still point at these very tensors.
-        if hit is not None and all(r is None if t is None else r() is t for r, t in zip(hit[1], tensors)):
-            return hit[0]
-        if hit is None and len(self._cache) >= self.max_entries:
-            self._cache.pop(next(iter(self._cache)))
-        w = build()
+            build: Callable[..., LoRAWeights]) -> LoRAWeights:
+        versions: List[Optional[int]] = [None if t is None else _version(t) for t in tensors]
+        if not self.frozen and any(t is not None and v is None for t, v in zip(tensors, versions)):
+            self.conversions += 1
+            return build(*tensors)
+        key = (tuple(None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+                     for t in tensors), extra)
+        e = self._entries.get(key)
+        # The key holds addresses: a stack freed and another allocated at the same address with the same shape
+        # would match it. The entry's weak references must still point at these very tensors.
+        if e is not None and all(r is None if t is None else r() is t for r, t in zip(e[1], tensors)):
+            if e[3] != versions:
+                self._refresh(e)
+            return e[0]
+        if e is None and len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        w = build(*tensors)
         self.conversions += 1
-        self._cache[key] = (w, [None if t is None else weakref.ref(t) for t in tensors])
+        self._entries[key] = [w, [None if t is None else weakref.ref(t) for t in tensors], build, versions]
         return w
 
 

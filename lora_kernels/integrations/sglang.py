@@ -230,7 +230,7 @@ class SGLangLoRABackend:
         if outs is None:
             outs = (int(b.shape[1]),) if b is not None else (1,) * c
 
-        def build() -> LoRAWeights:
+        def build(a, b) -> LoRAWeights:
             with torch.no_grad():
                 ref = a if a is not None else b
                 a_pl = None

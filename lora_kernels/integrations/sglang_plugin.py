@@ -52,15 +52,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
 from .._validation import check, check_tensor
 from ._engine_pin import installed_version, pin_message
 
-__all__ = ["register", "SUPPORTED_SGLANG_VERSIONS", "BACKEND_NAME", "LoRAKernelsBackend", "ConvertedStacks"]
+__all__ = ["register", "SUPPORTED_SGLANG_VERSIONS", "BACKEND_NAME", "LoRAKernelsBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,81 +141,6 @@ def unregister() -> None:
         hooks[:] = [e for e in hooks if e[1] is not _after_slots_updated]
 
 
-# ---- converted weights -----------------------------------------------------------------------------------------
-def _versions(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[int], ...]:
-    out = []
-    for t in tensors:
-        try:
-            out.append(None if t is None else t._version)
-        except RuntimeError:  # inference tensors have no version counter
-            out.append(None)
-    return tuple(out)
-
-
-class ConvertedStacks:
-    """SGLang pool stacks -> :class:`~lora_kernels.LoRAWeights`, converted once and refreshed in place.
-
-    ``get(sources, layout, build, ranks)``: ``build(ranks) -> (a_planes, b_t)`` converts the stacks; the first call
-    for given source tensors and layout wraps the result (:func:`._stacked.padded_weights`) and keeps it; later
-    calls return the same object. :meth:`refresh` re-runs every ``build`` into the existing storage (and ranks), so
-    pointers captured by a CUDA graph stay valid. An entry whose source tensors were freed is dropped (the entry
-    holds weak references: a new tensor at a freed one's address is never served the old conversion).
-    """
-
-    def __init__(self):
-        self._entries: Dict[tuple, list] = {}  # key -> [weights, weakrefs, build, versions]
-        self.conversions = 0  # conversions run (first builds + refreshes): tests and stats
-
-    @staticmethod
-    def _key(sources, layout) -> tuple:
-        return tuple(None if t is None else (id(t), t.data_ptr(), tuple(t.shape)) for t in sources), layout
-
-    def get(self, sources: Sequence[Optional[torch.Tensor]], layout: tuple, build: Callable, ranks, outs):
-        from ._stacked import padded_weights
-
-        key = self._key(sources, layout)
-        e = self._entries.get(key)
-        if e is not None and all(r is None if t is None else r() is t for r, t in zip(e[1], sources)):
-            if e[3] != _versions(sources):
-                self._refresh_entry(e, ranks)
-            return e[0]
-        with torch.no_grad():
-            a_pl, b_t = build(ranks)
-            w = padded_weights(a_pl, b_t, outs, ranks=ranks)
-        self.conversions += 1
-        self._entries[key] = [w, [None if t is None else weakref.ref(t) for t in sources], build,
-                              _versions(sources)]
-        return w
-
-    def _refresh_entry(self, e: list, ranks: torch.Tensor) -> None:
-        w, refs, build, _ = e
-        sources = [None if r is None else r() for r in refs]
-        with torch.no_grad():
-            a_pl, b_t = build(ranks)
-            if a_pl is not None:  # None: a B-only conversion (its A is a zero stand-in)
-                w.a.copy_(a_pl.reshape(w.a.shape))
-            w.b.copy_(b_t.reshape(w.b.shape))
-            w.ranks.copy_(ranks.to(w.ranks.device).reshape(w.ranks.shape))
-        e[3] = _versions(sources)
-        self.conversions += 1
-
-    def refresh(self, ranks_of: Callable[[tuple], torch.Tensor]) -> None:
-        """Rebuild every live entry in place; ``ranks_of(layout)`` gives the entry's new ranks."""
-        for key in list(self._entries):
-            e = self._entries[key]
-            if any(r is not None and r() is None for r in e[1]):
-                del self._entries[key]
-                continue
-            self._refresh_entry(e, ranks_of(key[1]))
-
-    def rank_capacity(self) -> Optional[int]:
-        """The smallest r_max among the converted stacks (the largest rank a refresh can hold), None if none."""
-        return min((e[0].max_rank for e in self._entries.values()), default=None)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 # ---- the backend -----------------------------------------------------------------------------------------------
 class _Route:
     """One token batch: the LoRABatch, each token's slot rank (LoRA-A output layout), its token count."""
@@ -236,14 +160,13 @@ def _build_class():
     from sglang.srt.lora.utils import (
         LoRABatchInfo,
         generate_sequence_lengths,
-        get_batch_token_counts,
         get_lm_head_pruned_lens,
         merge_and_chunk_segments,
     )
 
     from ..batch import LoRABatch
     from ..ops.sgmv import add_lora_, expand_, shrink
-    from ._stacked import set_scales, slice_bounds
+    from ._stacked import StackCache, padded_weights, set_scales, slice_bounds
     from .sglang import output_or_zeros, packed_lora_a, pool_a_planes, pool_b_t
 
     @dataclasses.dataclass
@@ -278,7 +201,9 @@ def _build_class():
             self._conv_ranks: Tuple[int, ...] = (0,) * N  # the ranks the converted weights hold
             self._ranks = torch.zeros(N, dtype=torch.int32, device=self.device)
             self._scalings = torch.zeros(N, dtype=torch.float32, device=self.device)
-            self._stacks = ConvertedStacks()
+            # converted once per stack, refreshed in place (load events, rank changes, writes): see _stacked
+            self._stacks = StackCache()
+            self._stacks.freeze()  # pool stacks without a version counter change only with a load event
             self._graph = None  # decode graph: (max_bs, tokens per request, request slots buffer)
             self._pending_graph_build = False  # graph mode: the batch is built by the next LoRA call
             self.cuda_graph_batch_info = None
@@ -324,7 +249,7 @@ def _build_class():
             # adapter out); a served slot at another rank than converted needs one.
             if conv != self._conv_ranks:
                 self._conv_ranks = conv
-                self._stacks.refresh(self._layout_ranks)
+                self._stacks.refresh()
 
         def _check_slots(self, weight_indices: Sequence[int], n: int) -> List[int]:
             from .._validation import check_int
@@ -478,7 +403,7 @@ def _build_class():
         def on_lora_slots_updated(self, slot_ids) -> None:
             """SGLang loaded into / cleared these pool slots: refresh every converted stack in place."""
             self.slot_updates += 1
-            self._stacks.refresh(self._layout_ranks)
+            self._stacks.refresh()
 
         @property
         def conversions(self) -> int:
@@ -498,10 +423,6 @@ def _build_class():
                   "layers; use --lora-backend triton for MoE LoRA)", moe[:4])
 
         # ---- weights -----------------------------------------------------------------------------------------
-        def _layout_ranks(self, layout: tuple) -> torch.Tensor:
-            c = layout[1]
-            return torch.tensor(self._conv_ranks, dtype=torch.int32).reshape(1, -1).expand(c, -1).contiguous()
-
         def _weights(self, a: Optional[torch.Tensor], b: Optional[torch.Tensor], c: int,
                      outs: Optional[Tuple[int, ...]]):
             N = self.max_loras_per_batch
@@ -520,20 +441,20 @@ def _build_class():
             check(max(rk, default=0) <= r_max, "lora_ranks", f"ranks <= r_max={r_max} of the weights", rk)
             if outs is None:
                 outs = (int(b.shape[1]),) if b is not None else (1,) * c
-            layout = ("sglang", c, tuple(outs))
 
-            def build(ranks: torch.Tensor):
-                r = ranks[0].tolist()
+            def build(a, b):  # the slots' ranks when it runs: a refresh converts with the ranks of its time
+                rk = self._conv_ranks
                 ref = a if a is not None else b
                 a_pl = None
                 if a is not None:
-                    a_pl = pool_a_planes(a, c, r, N)
+                    a_pl = pool_a_planes(a, c, rk, N)
                     a_pl = a_pl[0] if c == 1 else a_pl
-                b_t = pool_b_t(b, r, N) if b is not None else torch.zeros(N, r_max, c, dtype=ref.dtype,
-                                                                             device=ref.device)
-                return a_pl, b_t
+                b_t = pool_b_t(b, rk, N) if b is not None else torch.zeros(N, r_max, c, dtype=ref.dtype,
+                                                                              device=ref.device)
+                ranks = torch.tensor(rk, dtype=torch.int32).reshape(1, N).expand(c, N).contiguous()
+                return padded_weights(a_pl, b_t, outs, ranks=ranks)
 
-            w = self._stacks.get([a, b], layout, build, self._layout_ranks(layout), outs)
+            w = self._stacks.get([a, b], ("sglang", c, tuple(outs)), build)
             set_scales(w, self._scalings)
             return w
 

@@ -17,9 +17,9 @@ Weights (vLLM's layout, per slice i of a fused projection): ``lora_a_stacked[i]`
 ``lora_b_stacked[i]`` [max_loras, 1, out_i, r] (3-dim [max_loras, r, in] / [max_loras, out_i, r] accepted).
 vLLM bakes each adapter's scaling into its B stack and passes ``scale=1.0``; ``scale`` multiplies every
 adapter. Slots are padded to r with zero rows (what vLLM stores), so the delta is exact. Each distinct stack is
-converted once to the rank-paged :class:`~lora_kernels.LoRAWeights` and reused until the engine writes it
-again (see :mod:`._stacked`: version counters; inference-mode tensors are converted each call unless
-:meth:`PunicaWrapperLK.freeze_weights` is used).
+converted once to the rank-paged :class:`~lora_kernels.LoRAWeights` and refreshed in place when the engine
+writes it again (see :mod:`._stacked`: version counters, :meth:`PunicaWrapperLK.refresh_weights`; inference-mode
+tensors are converted each call unless :meth:`PunicaWrapperLK.freeze_weights` is used).
 
 Semantics (T tokens, ``i_t`` = token t's slot, nothing for ``-1``):
     add_shrink:   ``y[s, t, :] = scale * x[t] @ A_{s,i_t}^T``   (y fp32 [S, T, r]; overwritten, 0 for -1
@@ -179,10 +179,15 @@ class PunicaWrapperLK:
 
     def freeze_weights(self, frozen: bool = True) -> None:
         """Cache converted stacks that have no version counter (inference tensors) too; call
-        :meth:`invalidate_weights` after the engine writes them."""
+        :meth:`refresh_weights` after the engine writes them."""
         self._cache.freeze(frozen)
 
+    def refresh_weights(self) -> None:
+        """Re-convert every cached stack in place (same storage: captured CUDA graphs see the new weights)."""
+        self._cache.refresh()
+
     def invalidate_weights(self) -> None:
+        """Forget the conversions (new storage at the next use: not for captured graphs; see refresh_weights)."""
         self._cache.invalidate()
 
     # ---- weights ---------------------------------------------------------------------------------------------
@@ -207,7 +212,12 @@ class PunicaWrapperLK:
         S = len(bs) if bs is not None else len(As)
         outs = tuple(int(t.shape[1]) for t in bs) if bs is not None else (1,) * S
 
-        def build() -> LoRAWeights:
+        na, has_a, has_b = len(a or ()), a is not None, b is not None
+        detect, dtype, dev = self.detect_ranks, ref.dtype, ref.device
+
+        def build(*stacks) -> LoRAWeights:  # the source stacks (a's slices, then b's): held weakly by the cache
+            As = [_stack3(t, "lora_a_stacked") for t in stacks[:na]] if has_a else None
+            bs = [_stack3(t, "lora_b_stacked") for t in stacks[na:]] if has_b else None
             with torch.no_grad():
                 a_pl = None
                 if As is not None:
@@ -215,8 +225,8 @@ class PunicaWrapperLK:
                 if bs is not None:
                     b_t = torch.cat([t.transpose(1, 2) for t in bs], dim=2).contiguous()
                 else:
-                    b_t = torch.zeros(N, r, S, dtype=ref.dtype, device=ref.device)
-                ranks = slot_ranks(a_pl, None if bs is None else b_t, outs) if self.detect_ranks else None
+                    b_t = torch.zeros(N, r, S, dtype=dtype, device=dev)
+                ranks = slot_ranks(a_pl, None if bs is None else b_t, outs) if detect else None
                 return padded_weights(a_pl, b_t, outs, ranks=ranks)
 
         return self._cache.get(list(a or ()) + list(b or ()), ("vllm", a is None, b is None, outs), build)

@@ -20,12 +20,14 @@ lk.add_lora_ over :class:`~lora_kernels.LoRABatch`) with ``PunicaWrapperGPU``'s 
 early exits. Not covered: the MoE LoRA methods (``add_lora_w13`` / ``add_lora_w2`` / ``add_lora_fused_moe`` /
 ``moe_lora_align_block_size``: they raise NotImplementedError naming the switch to turn off).
 
-Weights: each layer's stacks are converted once per load event and cached (see :mod:`._stacked`). The wrapper
-cannot see vLLM's ``set_lora`` / ``reset_lora`` (they write the layers' stacks directly), but vLLM passes its
-``lora_index_to_id`` to :meth:`update_metadata` after every (de)activation, before the step that uses it: a
-change there drops the cached conversions. Stacks with a version counter are also re-converted when written
-(their version bumps). At conversion each slot's true rank is read from its trailing zero rows
-(:func:`._stacked.slot_ranks`), so the kernels skip the padding of a smaller adapter.
+Weights: each layer's stacks are converted once and refreshed once per load event (see :mod:`._stacked`). The
+wrapper cannot see vLLM's ``set_lora`` / ``reset_lora`` (they write the layers' stacks directly), but vLLM passes
+its ``lora_index_to_id`` to :meth:`update_metadata` after every (de)activation, before the step that uses it: a
+change there re-converts every cached stack at once, **in place** (the same storage, so the decode CUDA graphs
+vLLM captured at start-up read the new adapters; a conversion into new storage would leave them reading the old
+one, or freed memory). Stacks with a version counter are also refreshed when written (their version bumps). At
+each conversion every slot's true rank is read from its trailing zero rows (:func:`._stacked.slot_ranks`), so the
+kernels skip the padding of a smaller adapter.
 
 Supported vLLM versions: :data:`SUPPORTED_VLLM_VERSIONS`. On another version :func:`register` logs a warning and
 does nothing, and importing :class:`PunicaWrapperLoRAKernels` raises ImportError naming the supported versions.
@@ -131,7 +133,7 @@ def _build_class():
             self.lk = PunicaWrapperLK(max_num_batched_tokens, max_batches, device, max_loras=self.max_loras,
                                       detect_ranks=True)
             # vLLM's stacks may be inference tensors (no version counter): conversions are cached anyway and
-            # dropped when lora_index_to_id changes (update_metadata).
+            # refreshed in place when lora_index_to_id changes (update_metadata).
             self.lk.freeze_weights(True)
             self._slot_ids: Optional[list] = None
             self._no_lora_tokens = True
@@ -150,10 +152,11 @@ def _build_class():
             self.no_lora = self._no_lora_tokens
 
         def _note_slots(self, lora_index_to_id: Sequence[Optional[int]]) -> None:
-            """A slot that now holds another adapter (vLLM wrote its stacks): drop the cached conversions."""
+            """A slot that now holds another adapter (vLLM wrote its stacks): re-convert every cached stack now,
+            in place (Python runs here before the step; a CUDA-graph replay of the step runs no Python)."""
             slots = list(lora_index_to_id)
             if slots != self._slot_ids:
-                self.lk.invalidate_weights()
+                self.lk.refresh_weights()
                 self._slot_ids = slots
 
         @property
