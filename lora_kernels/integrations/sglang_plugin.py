@@ -503,7 +503,8 @@ def _build_class():
 
         def run_lora_b_sgemm(self, x: torch.Tensor, weights: torch.Tensor, *args, base_output=None,
                              pruned_batch_info=None, **kwargs) -> torch.Tensor:
-            """LoRA-B: ``base_output[t] += g_i * x[t, :r_i] @ B_i^T`` (a new zero tensor when None); returned."""
+            """LoRA-B: ``base_output[t, :out] += g_i * x[t, :r_i] @ B_i^T`` (a new zero tensor when None; a wider
+            base_output, as the LM head's padded logits, keeps its columns past ``out``); returned."""
             if args:  # SGLang's Triton backend: (x, weights, base_output, pruned_batch_info)
                 base_output = args[0]
                 if len(args) > 1:
@@ -512,10 +513,18 @@ def _build_class():
             route = self._route_for(x, pruned_batch_info)
             w = self._weights(None, weights, 1, None)
             check(x.shape[1] >= w.max_rank, "x", f"[T, >= r_max={w.max_rank}]", tuple(x.shape))
-            out = output_or_zeros(x, base_output, w.out_features)
+            out = y = None
+            if isinstance(base_output, torch.Tensor) and base_output.ndim == 2 \
+                    and base_output.shape[1] > w.out_features:
+                # SGLang's LM head: logits padded past the vocabulary (to a multiple of 64); the delta covers the
+                # first ``out`` columns, as SGLang's kernel writes them
+                check_tensor("base_output", base_output, shape=(x.shape[0], base_output.shape[1]), device=x.device)
+                out, y = base_output, base_output[:, : w.out_features]
+            else:
+                out = y = output_or_zeros(x, base_output, w.out_features)
             if x.shape[0]:
                 h = x[:, : w.max_rank].float().unsqueeze(0).contiguous()
-                expand_(out, h, w, route.batch)
+                expand_(y, h, w, route.batch)
             return out
 
         def _fused(self, x, a, b, outs: Tuple[int, ...], base_output) -> torch.Tensor:
