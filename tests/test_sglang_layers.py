@@ -170,10 +170,10 @@ def layer_results():
         out = os.path.join(tmp, "res.pt")
         p = mp.get_context("fork").Process(target=_child, args=(os.path.join(tmp, "store"), out))
         p.start()
-        p.join(timeout=240)
+        p.join(timeout=420)
         if p.is_alive():
             p.kill()
-            pytest.fail("the SGLang layer worker did not finish in 240 s")
+            pytest.fail("the SGLang layer worker did not finish in 420 s")
         assert p.exitcode == 0 and os.path.exists(out), f"the SGLang layer worker failed (exit code {p.exitcode})"
         yield torch.load(out)
 

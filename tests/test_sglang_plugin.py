@@ -463,6 +463,23 @@ def test_lm_head_pass_batch_infos_chunked_logprobs(monkeypatch):
         _assert_lm_head_same(ref, ours, ri, oi, rows[4 * p: 4 * p + 4], 23 + p)
 
 
+def test_lm_head_routes_are_reused_across_steps():
+    """One backend over several prefill steps: the pruned-row batches are rebuilt in place (grown when a step has
+    more rows) and every step equals SGLang's."""
+    ref, ours = _backends()
+    steps = [(LM_IDS[:3], LM_LENS[:3], None), (LM_IDS, LM_LENS, LM_STARTS), (LM_IDS[2:], LM_LENS[2:], None)]
+    routes = []
+    for k, (ids, lens, starts) in enumerate(steps):
+        for be in (ref, ours):
+            _Manager(be).prepare_lora_batch(_forward_batch(ForwardMode.EXTEND, ids, lens, logprob_starts=starts))
+        pruned = [1] * len(lens) if starts is None else [1 if n == s else n - s for n, s in zip(lens, starts)]
+        rows = [UID_SLOT[u] for u, n in zip(ids, pruned) for _ in range(n)]
+        _assert_lm_head_same(ref, ours, ref.lm_head_batch_info, ours.lm_head_batch_info, rows, 30 + k)
+        routes.append(ours.lm_head_batch_info.lk_route)
+    assert routes[1] is not routes[0], "step 2 has 9 rows, step 1's batch holds 3: it must grow"
+    assert routes[2] is routes[1], "the pruned-row batch was re-allocated, not rebuilt in place"
+
+
 def test_lm_head_pruned_info_is_absent_for_decode():
     (ref, ours), _ = _prepared("decode")
     assert ours.lm_head_batch_info is None and ref.lm_head_batch_info is None

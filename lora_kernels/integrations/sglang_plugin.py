@@ -197,6 +197,7 @@ def _build_class():
             sa = kwargs.get("server_args")
             self._capacity = max(int(getattr(sa, "chunked_prefill_size", 0) or 0), 256)
             self._route_main: Optional[_Route] = None  # the forward batch's route (rebuilt in place)
+            self._lm_routes: List[_Route] = []  # the LM head's pruned-row routes (rebuilt in place per step)
             self._ranks_host: Tuple[int, ...] = (0,) * N  # this batch's slot ranks (0: not served)
             self._conv_ranks: Tuple[int, ...] = (0,) * N  # the ranks the converted weights hold
             self._ranks = torch.zeros(N, dtype=torch.int32, device=self.device)
@@ -383,8 +384,10 @@ def _build_class():
                 return None, None
             total = int(sum(pruned))
 
+            used = iter(range(1 << 30))
+
             def info_of(seg_wi, seg_lens):
-                route = self._new_route(int(sum(seg_lens)))
+                route = self._lm_route(next(used), int(sum(seg_lens)))
                 return self._info(seg_lens, seg_wi, self._segments_route(seg_lens, seg_wi, route))
 
             head = info_of(*merge_and_chunk_segments(list(wi), list(pruned), chunk_size=max(total, 1)))
@@ -393,6 +396,16 @@ def _build_class():
                 passes = [info_of(*merge_and_chunk_segments(p_wi, p_lens, chunk_size=max(sum(p_lens), 1)))
                           for p_wi, p_lens in passes]
             return head, passes
+
+        def _lm_route(self, k: int, T: int) -> _Route:
+            """The k-th LM-head route of this step (the pruned rows, then each logprob pass), reused across steps
+            and re-allocated only when a step needs more rows (the previous step's batch infos are done by then)."""
+            routes = self._lm_routes
+            if k == len(routes):
+                routes.append(self._new_route(T))
+            elif routes[k].batch.max_tokens < T:
+                routes[k] = self._new_route(max(T, 2 * routes[k].batch.max_tokens))
+            return routes[k]
 
         def _new_route(self, T: int) -> _Route:
             cap = max(T, 1)
