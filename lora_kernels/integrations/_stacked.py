@@ -25,13 +25,7 @@ import torch
 
 from ..weights import LoRAWeights
 
-__all__ = ["StackCache", "tensor_key", "padded_weights", "slot_ranks"]
-
-
-def tensor_key(t: torch.Tensor) -> Optional[Hashable]:
-    """Identity + version of a tensor, or None when it has no version counter (inference tensors)."""
-    v = _version(t)
-    return None if v is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, v)
+__all__ = ["StackCache", "padded_weights", "slot_ranks"]
 
 
 def _version(t: torch.Tensor) -> Optional[int]:

@@ -51,6 +51,7 @@ and does nothing, and importing :class:`LoRAKernelsBackend` raises ImportError n
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -215,10 +216,8 @@ def _build_class():
             """The main route, grown (re-allocated) when a batch needs more tokens than it holds."""
             r = self._route_main
             if r is None or r.batch.max_tokens < capacity:
-                cap = max(capacity, self._capacity)
-                r = _Route(LoRABatch(cap, self.max_loras_per_batch, self.device),
-                           torch.zeros(cap, dtype=torch.int64, device=self.device), 0)
-                self._route_main, self._capacity = r, cap
+                r = self._route_main = self._new_route(max(capacity, self._capacity))
+                self._capacity = r.batch.max_tokens
             return r
 
         def _fill(self, route: _Route, ids: torch.Tensor) -> _Route:
@@ -261,7 +260,7 @@ def _build_class():
             check(all(0 <= v < N for v in wi), "weight_indices", f"slots in [0, {N})", wi)
             return wi
 
-        def _info(self, lens: Sequence[int], wi: Sequence[int], route: Optional[_Route], **fields) -> Any:
+        def _info(self, lens: Sequence[int], wi: Sequence[int], route: Optional[_Route]) -> Any:
             """SGLang's batch info for segments ``lens`` of slots ``wi`` (device tensors)."""
             dev = self.device
             seg_lens = torch.tensor(list(lens), dtype=torch.int32)
@@ -273,8 +272,6 @@ def _build_class():
                 weight_indices=torch.tensor(list(wi), dtype=torch.int32).to(dev, non_blocking=True),
                 lora_ranks=self._ranks, scalings=self._scalings, permutation=None,
                 expected_tokens=int(sum(lens)), lk_route=route)
-            for k, v in fields.items():
-                setattr(info, k, v)
             return info
 
         def _segments_route(self, lens: Sequence[int], wi: Sequence[int], route: Optional[_Route] = None) -> _Route:
@@ -384,7 +381,7 @@ def _build_class():
                 return None, None
             total = int(sum(pruned))
 
-            used = iter(range(1 << 30))
+            used = itertools.count()
 
             def info_of(seg_wi, seg_lens):
                 route = self._lm_route(next(used), int(sum(seg_lens)))
