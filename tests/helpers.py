@@ -471,3 +471,24 @@ def build_emulator(tmp_path_factory, cpp: str) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return exe
+
+
+def import_engine_modules(*names: str) -> list:
+    """Import the engine modules ``names`` in order, as the engine conformance tests need them on a CPU machine.
+
+    vLLM (and SGLang, which imports parts of it) decides at import whether its Triton kernels are real: without a
+    GPU driver it stubs them unless ``CUDA_VISIBLE_DEVICES`` is set and empty, as vLLM's own code allows. When torch
+    sees no GPU the variable is set empty for the imports only (then restored); otherwise they import as usual."""
+    import importlib
+
+    if torch.cuda.is_available():
+        return [importlib.import_module(n) for n in names]
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        return [importlib.import_module(n) for n in names]
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved

@@ -20,6 +20,7 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import import_engine_modules
 
 if importlib.util.find_spec("sglang") is None:
     pytest.skip("sglang is not installed (pip install --no-deps -r requirements-engines.txt)", allow_module_level=True)
@@ -29,8 +30,8 @@ from lora_kernels.integrations import sglang_plugin  # noqa: E402  (imports no S
 if sglang_plugin.installed_sglang_version() not in sglang_plugin.SUPPORTED_SGLANG_VERSIONS:
     pytest.skip(sglang_plugin.version_message(sglang_plugin.installed_sglang_version()), allow_module_level=True)
 
-if not torch.cuda.is_available():  # SGLang's modules bind Triton / vLLM's Triton at import (see test_sglang_plugin)
-    import test_sglang_plugin  # noqa: E402,F401  (imports SGLang the way that file does, first)
+# SGLang's LoRA modules bind Triton / vLLM's Triton at import (helpers.import_engine_modules says why)
+import_engine_modules("sglang.srt.lora.backend.triton_backend", "sglang.srt.lora.lora_manager")
 
 N, R_MAX, HIDDEN, VOCAB = 3, 4, 32, 40
 SLOT_RANK = [4, 0, 2]  # slot 1: the base model

@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import logging
 import math
-import os
 import re
 import types
 from collections import defaultdict
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import import_engine_modules
 
 if importlib.util.find_spec("sglang") is None:
     pytest.skip("sglang is not installed (pip install --no-deps -r requirements-engines.txt)", allow_module_level=True)
@@ -49,24 +49,8 @@ if sglang_plugin.installed_sglang_version() not in sglang_plugin.SUPPORTED_SGLAN
     pytest.skip(sglang_plugin.version_message(sglang_plugin.installed_sglang_version()), allow_module_level=True)
 
 
-def _import_sglang():
-    """Import SGLang's LoRA modules (see the module docstring for the empty CUDA_VISIBLE_DEVICES)."""
-    if torch.cuda.is_available():
-        import sglang.srt.lora.lora_manager  # noqa: F401
-        return
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        import sglang.srt.lora.backend.triton_backend  # noqa: F401
-        import sglang.srt.lora.lora_manager  # noqa: F401
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES")
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-
-
-_import_sglang()
+# SGLang's LoRA modules, imported so that vLLM's Triton (which SGLang imports parts of) stays real on a CPU machine
+import_engine_modules("sglang.srt.lora.backend.triton_backend", "sglang.srt.lora.lora_manager")
 
 from sglang.srt.lora.backend import lora_registry  # noqa: E402
 from sglang.srt.lora.backend.base_backend import BaseLoRABackend  # noqa: E402

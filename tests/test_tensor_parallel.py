@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,9 +178,13 @@ def test_shard_refusals():
 # ---- gloo on 2 and 4 processes ----------------------------------------------------------------------------
 
 
-def _scenarios(rank, size, group, out_dir):
-    """Every scheme and op on ``group`` (``size`` processes) against the unsharded add_lora_, then the refusals;
-    results saved per rank for the parent to check."""
+def scheme_runs(rank, size, group, layer_all_reduce=None):
+    """The layer, its batch and this rank's slices of it, and two runners recording into ``res``:
+    ``column(name, fully_sharded=False, merged=None, **kw)`` and ``row(name, reduce, fully_sharded=False,
+    merged=None, **kw)`` run one scheme on ``group`` (this process is ``rank`` of ``size`` there) and keep got / want
+    (the unsharded add_lora_) / before / after / keep (the rows that must stay bit-identical).
+    ``layer_all_reduce(y) -> y`` is the row-parallel layer's own reduce of its partial output (default:
+    torch.distributed.all_reduce on ``group``; an engine's test passes the engine's)."""
     w, ids, x, W0 = layer()
     batch = lk.LoRABatch.from_ids(ids, N_SLOTS)
     n = IN // size
@@ -187,6 +192,12 @@ def _scenarios(rank, size, group, out_dir):
     cols = local_cols(w, rank, size)
     y_full = x @ W0.t()
     res = {}
+
+    def all_reduce(y):
+        dist.all_reduce(y, group=group)
+        return y
+
+    reduce_layer = layer_all_reduce or all_reduce
 
     def column(name, fully_sharded=False, merged=None, **kw):
         sh = tp.shard_weights(w, rank, size, "column", fully_sharded=fully_sharded)
@@ -204,8 +215,19 @@ def _scenarios(rank, size, group, out_dir):
         tp.row_parallel_add_lora_(y, x_k, sh, batch, group=group, reduce=reduce, merged=merged, **kw)
         after = y.clone()
         if reduce == "caller":
-            dist.all_reduce(y, group=group)  # the layer's own all_reduce sums base and LoRA partials
+            y = reduce_layer(y)  # the layer's own all_reduce sums base and LoRA partials
         res[name] = dict(got=y, want=want, before=before, after=after, keep=untouched(ids, merged))
+
+    return SimpleNamespace(w=w, ids=ids, x=x, x_k=x_k, batch=batch, y_full=y_full, cols=cols, res=res,
+                           column=column, row=row)
+
+
+def _scenarios(rank, size, group, out_dir):
+    """Every scheme and op on ``group`` (``size`` processes) against the unsharded add_lora_, then the refusals;
+    results saved per rank for the parent to check."""
+    run = scheme_runs(rank, size, group)
+    w, ids, x, x_k, batch, y_full, cols, res = run.w, run.ids, run.x, run.x_k, run.batch, run.y_full, run.cols, run.res
+    column, row = run.column, run.row
 
     column("column")
     column("column_mixed", merged=MERGED)

@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import lora_kernels as lk
 from lora_kernels import tensor_parallel as tp
 from test_federated_distributed import _join
-from test_tensor_parallel import IN, MERGED, N_SLOTS, layer, local_cols, untouched
+from test_tensor_parallel import MERGED, scheme_runs
 
 TP_SIZE = 2
 
@@ -37,33 +36,8 @@ def _engine_scenarios(rank, size, group, layer_all_reduce, out_dir, tag):
     """Every scheme on the engine's TP group (this process is ``rank`` of ``size`` there) against the unsharded
     add_lora_; ``layer_all_reduce(y) -> y`` is the engine's own reduce of a row-parallel layer's partial output.
     Results saved for the parent to check."""
-    w, ids, x, W0 = layer()
-    batch = lk.LoRABatch.from_ids(ids, N_SLOTS)
-    n = IN // size
-    x_k, W0_k = x[:, rank * n : (rank + 1) * n], W0[:, rank * n : (rank + 1) * n]
-    cols = local_cols(w, rank, size)
-    y_full = x @ W0.t()
-    res = {}
-
-    def column(name, fully_sharded=False, merged=None):
-        sh = tp.shard_weights(w, rank, size, "column", fully_sharded=fully_sharded)
-        want = lk.add_lora_(y_full.clone(), x, w, batch, merged=merged)[:, cols]
-        y = y_full[:, cols].clone()
-        before = y.clone()
-        tp.column_parallel_add_lora_(y, x, sh, batch, group=group, merged=merged)
-        res[name] = dict(got=y, want=want, before=before, after=y, keep=untouched(ids, merged))
-
-    def row(name, reduce, fully_sharded=False, merged=None):
-        sh = tp.shard_weights(w, rank, size, "row", fully_sharded=fully_sharded)
-        want = lk.add_lora_(y_full.clone(), x, w, batch, merged=merged)
-        y = (x_k @ W0_k.t()) if reduce == "caller" else y_full.clone()  # partial (before the reduce) or full
-        before = y.clone()
-        tp.row_parallel_add_lora_(y, x_k, sh, batch, group=group, reduce=reduce, merged=merged)
-        after = y.clone()
-        if reduce == "caller":
-            y = layer_all_reduce(y)  # the engine's own reduce sums the base and the LoRA partials
-        res[name] = dict(got=y, want=want, before=before, after=after, keep=untouched(ids, merged))
-
+    run = scheme_runs(rank, size, group, layer_all_reduce)
+    column, row = run.column, run.row
     column("column")
     column("column_mixed", merged=MERGED)
     column("column_fully_sharded", fully_sharded=True)
@@ -72,14 +46,14 @@ def _engine_scenarios(rank, size, group, layer_all_reduce, out_dir, tag):
     row("row_h", "h")
     row("row_fully_sharded", "caller", fully_sharded=True)
     # a shard made for the other rank is refused on every rank of the engine's group (the header's all_gather)
-    wrong = tp.shard_weights(w, (rank + 1) % size, size, "column", fully_sharded=True)
+    wrong = tp.shard_weights(run.w, (rank + 1) % size, size, "column", fully_sharded=True)
     try:
-        tp.column_parallel_add_lora_(y_full[:, cols].clone(), x, wrong, batch, group=group)
+        tp.column_parallel_add_lora_(run.y_full[:, run.cols].clone(), run.x, wrong, run.batch, group=group)
         refusal = "no error"
     except ValueError as e:
         refusal = str(e)
     row("after_refusal", "h")  # the engine's group still works after it
-    torch.save({"res": res, "refusal": refusal, "rank": rank, "size": size},
+    torch.save({"res": run.res, "refusal": refusal, "rank": rank, "size": size},
                os.path.join(out_dir, f"{tag}_rank{rank}.pt"))
 
 

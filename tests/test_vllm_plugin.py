@@ -9,10 +9,10 @@ import / the tests here, only when torch sees no GPU.
 """
 
 import importlib.util
-import os
 
 import pytest
 import torch
+from helpers import import_engine_modules
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vllm is not installed (pip install --no-deps -r requirements-engines.txt)", allow_module_level=True)
@@ -23,25 +23,8 @@ if vllm_plugin.installed_vllm_version() not in vllm_plugin.SUPPORTED_VLLM_VERSIO
     pytest.skip(vllm_plugin.version_message(vllm_plugin.installed_vllm_version()), allow_module_level=True)
 
 
-def _import_vllm_with_triton():
-    """Import vLLM's LoRA modules so that its Triton kernels are real (see the module docstring)."""
-    if torch.cuda.is_available():
-        import vllm.triton_utils as tu
-        return tu.HAS_TRITON
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        import vllm.triton_utils as tu
-        import vllm.lora.punica_wrapper.punica_gpu  # noqa: F401  (binds lora_shrink / lora_expand now)
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES")
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-    return tu.HAS_TRITON
-
-
-HAS_VLLM_TRITON = _import_vllm_with_triton()
+# vLLM's LoRA modules with real Triton kernels (punica_gpu binds lora_shrink / lora_expand at import)
+HAS_VLLM_TRITON = import_engine_modules("vllm.triton_utils", "vllm.lora.punica_wrapper.punica_gpu")[0].HAS_TRITON
 
 from vllm.config.lora import LoRAConfig  # noqa: E402
 from vllm.lora.layers import LoRAMapping  # noqa: E402
